@@ -1,0 +1,73 @@
+"""Frames (THEORY.md statement 1) and distances from them."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ufm.geometry import frame_distance, frame_gram, orthogonal_frame, simplex_etf
+
+TOL = 1e-12  # float64 round-off on O(1) entries, with room for C up to 60
+
+
+@given(
+    C=st.integers(2, 60), extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1), scale=st.floats(1e-3, 1e3)
+)
+def test_simplex_etf_properties(C, extra, seed, scale):
+    """Statement 1: unit (here: equal to scale) norms, Gram C/(C-1)(I - 11^T/C), cosines -1/(C-1), any p >= C-1."""
+    E = simplex_etf(C, C - 1 + extra, scale=scale, rng=seed)
+    assert E.shape == (C, C - 1 + extra)
+    gram = E @ E.T / scale**2
+    np.testing.assert_allclose(gram, C / (C - 1) * (np.eye(C) - 1.0 / C), atol=TOL)
+    np.testing.assert_allclose(np.linalg.norm(E, axis=1), scale, rtol=TOL)
+    cos = gram[~np.eye(C, dtype=bool)]
+    np.testing.assert_allclose(cos, -1.0 / (C - 1), atol=TOL)
+    np.testing.assert_allclose(E.sum(axis=0), 0.0, atol=TOL * scale * C)
+    assert frame_distance(E) < 1e-6  # sqrt of round-off
+
+
+@given(C=st.integers(2, 40), extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
+def test_orthogonal_frame(C, extra, seed):
+    F = orthogonal_frame(C, C + extra, rng=seed)
+    np.testing.assert_allclose(F @ F.T, np.eye(C), atol=TOL)
+    np.testing.assert_allclose(frame_gram(C, "orthogonal_frame"), np.eye(C))
+    assert frame_distance(F, "orthogonal_frame") < 1e-6
+
+
+@given(C=st.integers(3, 12), seed=st.integers(0, 2**32 - 1))
+def test_frame_distance_is_procrustes(C, seed):
+    """The closed-form distance equals a direct orthogonal-Procrustes solve (second method)."""
+    rng = np.random.default_rng(seed)
+    V = rng.standard_normal((C, C + 2))
+    V /= np.linalg.norm(V)
+    F = simplex_etf(C, C + 2) / np.sqrt(C)
+    u, _, vt = np.linalg.svd(F.T @ V)  # max tr(Q^T F^T V) over orthogonal Q
+    Q = u @ vt
+    direct = np.linalg.norm(V - F @ Q)
+    assert frame_distance(V) == pytest.approx(direct, abs=1e-10)
+    # Any other rotation is no closer.
+    Q2 = np.linalg.qr(rng.standard_normal((C + 2, C + 2)))[0]
+    assert np.linalg.norm(V - F @ Q2) >= direct - 1e-12
+
+
+def test_frames_are_distinct():
+    """An orthogonal frame is not an ETF and vice versa (the distance can fail)."""
+    assert frame_distance(orthogonal_frame(5)) > 0.1
+    assert frame_distance(simplex_etf(5, 5), "orthogonal_frame") > 0.1
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: simplex_etf(5, 3), "p >= C-1"),
+        (lambda: simplex_etf(1), "C must be an integer >= 2"),
+        (lambda: orthogonal_frame(5, 4), "p >= C"),
+        (lambda: frame_distance(np.ones((4, 2))), "p >= C-1"),
+        (lambda: frame_distance(np.zeros((4, 5))), "all zero"),
+        (lambda: frame_distance(np.full((4, 5), np.nan)), "non-finite"),
+        (lambda: frame_distance(np.ones((4, 5)), "hexagon"), "unknown frame"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,88 @@
+"""Input checks shared by every public entry point.
+
+Each check raises a ValueError whose message names the argument and the problem, so that a bad
+call fails at the boundary rather than as a silent NaN deep inside a solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``; otherwise raise a ValueError listing them."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_classes(C: Any) -> int:
+    """Number of classes: an integer C >= 2."""
+    if isinstance(C, bool) or int(C) != C or C < 2:
+        raise ValueError(f"the number of classes C must be an integer >= 2, got {C!r}")
+    return int(C)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """An integer >= 1."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_nonneg(name: str, value: Any) -> float:
+    """A finite real number >= 0 (weight decays, times, tolerances)."""
+    v = float(value)
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_finite(name: str, array: Any) -> np.ndarray:
+    """A float array with no NaN or infinity; reports how many entries are bad."""
+    a = np.asarray(array, dtype=float)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (NaN or inf) out of {a.size}")
+    return a
+
+
+def check_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> np.ndarray:
+    """Check ``array.shape`` against ``shape``; ``None`` entries match any size."""
+    ok = array.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, array.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(array.shape)}")
+    return array
+
+
+def check_labels(labels: Any, n: int, C: int | None = None) -> tuple[np.ndarray, int]:
+    """Integer class labels of length ``n`` in 0..C-1; returns (labels, C).
+
+    With ``C`` None the number of classes is max(label) + 1. Every class must have at least one
+    example, since class means are undefined otherwise.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels must be a 1-D array of length {n} (one per example), got shape {y.shape}")
+    if n == 0:
+        raise ValueError("no examples: labels is empty")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise ValueError("labels must be integers 0..C-1")
+        y = y.astype(np.int64)
+    if y.min() < 0 or (C is not None and y.max() >= C):
+        hi = "C-1" if C is None else str(C - 1)
+        raise ValueError(f"labels out of range: found {y.min()}..{y.max()}, expected 0..{hi}")
+    C = int(y.max()) + 1 if C is None else int(C)
+    counts = np.bincount(y, minlength=C)
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"classes with no examples: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if C < 2:
+        raise ValueError("a single class: neural-collapse measures need at least C = 2 classes")
+    return y.astype(np.int64, copy=False), C
