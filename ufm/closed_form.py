@@ -137,16 +137,25 @@ def _rank_fraction(C: Any, bias: bool) -> Any:
     return (C - 1) * _one(C) / C if bias else _one(C)
 
 
+def ufm_w_scale(N: Any, lam_w: Any, lam_h: Any) -> Any:
+    """s in W_c = s mu_c at the global minimizer: sqrt(lam_h N / lam_w) = delta/(C lam_w)."""
+    return _sqrt(lam_h * N / lam_w)
+
+
+def ufm_norm_product(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
+    """||W_c|| ||mu_c|| = (1 - delta) k/C: the thresholded singular value sqrt(N)(1 - delta) shared
+    between W and H, per class (delta < 1)."""
+    return (1 - ufm_delta(C, N, lam_w, lam_h)) * _rank_fraction(C, bias)
+
+
 def ufm_w_row_norm_sq(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
     """||W_c||^2 = sqrt(lam_h N / lam_w) (1 - delta) k/C at the global minimizer (delta < 1)."""
-    delta = ufm_delta(C, N, lam_w, lam_h)
-    return _sqrt(lam_h * N / lam_w) * (1 - delta) * _rank_fraction(C, bias)
+    return ufm_w_scale(N, lam_w, lam_h) * ufm_norm_product(C, N, lam_w, lam_h, bias)
 
 
 def ufm_h_norm_sq(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
     """||mu_c||^2 = ||h_i||^2 = sqrt(lam_w / (lam_h N)) (1 - delta) k/C (delta < 1)."""
-    delta = ufm_delta(C, N, lam_w, lam_h)
-    return _sqrt(lam_w / (lam_h * N)) * (1 - delta) * _rank_fraction(C, bias)
+    return ufm_norm_product(C, N, lam_w, lam_h, bias) / ufm_w_scale(N, lam_w, lam_h)
 
 
 def ufm_loss(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
@@ -257,20 +266,20 @@ def ufm_optimum(C: int, N: int, lam_w: float, lam_h: float, *, bias: bool = True
     lam_w = check_nonneg("lam_w", lam_w)
     lam_h = check_nonneg("lam_h", lam_h)
     delta = float(ufm_delta(C, N, lam_w, lam_h))
-    k_frac = float(_rank_fraction(C, bias))
     if delta < 1:
-        # The scale ratio sqrt(lam_h/lam_w) is free when both vanish: take the balanced one.
-        lw, lh = (lam_w, lam_h) if lam_w > 0 and lam_h > 0 else (1.0, 1.0)
+        # The scale s = ||W_c||/||mu_c|| is free when both decays vanish: take the balanced one.
+        scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
+        product = float(ufm_norm_product(C, N, lam_w, lam_h, bias))
         return UFMOptimum(
             C, N, lam_w, lam_h, bias, delta,
             eps=float(ufm_eps(C, N, lam_w, lam_h, bias)),
             f_correct=float(1 - ufm_eps(C, N, lam_w, lam_h, bias)),
             f_other=float(ufm_f_other(C, N, lam_w, lam_h, bias)),
-            w_row_norm_sq=float(np.sqrt(lh * N / lw) * (1 - delta) * k_frac),
-            h_norm_sq=float(np.sqrt(lw / (lh * N)) * (1 - delta) * k_frac),
+            w_row_norm_sq=scale * product,
+            h_norm_sq=product / scale,
             cos_w=float(sqi_cosine(C)) if bias else 0.0,
             cos_h=float(sqi_cosine(C)),
-            w_scale=float(np.sqrt(lh * N / lw)),
+            w_scale=scale,
             loss=float(ufm_loss(C, N, lam_w, lam_h, bias)),
             collapsed=True,
             geometry="simplex_etf" if bias else "orthogonal_frame",

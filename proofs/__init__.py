@@ -1,0 +1,15 @@
+"""ufm.proofs: every formula ``ufm`` claims, verified symbolically in SymPy for general C.
+
+Each statement is a ``Proof`` (name, source, assumptions, check) in the registry ``PROOFS``; its check
+evaluates ``ufm.closed_form``'s own functions on SymPy symbols, so changing a closed form makes a
+proof fail. ``run_proofs()`` decides every claim symbolically and spot-checks it at random points.
+
+Modules, in the order of THEORY.md: ``etf`` (statement 1), ``lemma1`` (poster, Lemma 1),
+``lemma2`` (poster, Lemma 2), ``theorem`` (poster, main theorem, NC1-NC4), ``ufm_minimizer``
+(statement 5, the global minimizer of the regularized UFM, derived here).
+"""
+
+from . import etf, lemma1, lemma2, theorem, ufm_minimizer  # noqa: F401  (each module registers its proofs on import)
+from ._core import PROOFS, Claim, Proof, ProofResult, run_proofs, verify
+
+__all__ = ["PROOFS", "Claim", "Proof", "ProofResult", "run_proofs", "verify"]
