@@ -1,0 +1,395 @@
+"""NC1-NC4 measurements (ufm.metrics) against exact collapse, invariances, a naive reference and streaming."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ufm import nc_metrics, simplex_etf
+from ufm.cli import main
+from ufm.metrics import NCAccumulator, nc_metrics_stream
+
+HYP = settings(derandomize=True, deadline=None, max_examples=30)
+
+# Tolerances (float64). Exact collapse: NC1 is a ratio of rounding errors squared; NC2-NC3 carry
+# rounding of norms and cosines. Frame distances are sqrt(2 - 2 x) of a number equal to 1 up to
+# rounding, so they are only accurate to about sqrt(eps).
+TOL_COLLAPSE = 1e-9
+TOL_DISTANCE = 1e-6
+RTOL_INVARIANT = 1e-8
+RTOL_STREAM = 1e-10
+# The test reference inverts Sigma_B with this relative eigenvalue cutoff: far above rounding noise
+# (<= 1e-12 here) and far below the true nonzero eigenvalues of these problems (>= 1e-4).
+REF_RCOND = 1e-8
+
+SQI_FIELDS = ("eps", "sqi_spread", "sqi_correct_std")
+
+
+def _random_problem(seed: int, n: int, p: int, C: int, *, balanced: bool = True, sep: float = 2.0):
+    """Gaussian classes around random means, a random classifier and bias."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C if balanced else np.concatenate([np.arange(C), rng.integers(0, C, n - C)])
+    H = rng.standard_normal((n, p)) + sep * rng.standard_normal((C, p))[y]
+    W = rng.standard_normal((C, p))
+    b = rng.standard_normal(C)
+    return H, y, W, b
+
+
+def _naive(H, y, W=None, b=None):
+    """Reference: p x p covariances and a pseudo-inverse, loops over classes, explicit formulas."""
+    n, p = H.shape
+    C = int(y.max()) + 1
+    mu = np.stack([H[y == c].mean(axis=0) for c in range(C)])
+    mu_G = H.mean(axis=0)
+    M = mu - mu_G
+    D = H - mu[y]
+    Sigma_W = D.T @ D / n
+    Sigma_B = sum(np.outer(m, m) for m in M) / C
+    ref = {"nc1": np.trace(Sigma_W @ np.linalg.pinv(Sigma_B, rcond=REF_RCOND, hermitian=True)) / C}
+
+    def nc2(V):
+        norms = np.array([np.linalg.norm(v) for v in V])
+        cos = [V[i] @ V[j] / (norms[i] * norms[j]) for i in range(C) for j in range(C) if i != j]
+        return np.std(norms) / np.mean(norms), np.std(cos), np.mean(np.abs(np.array(cos) + 1 / (C - 1)))
+
+    ref["nc2_equinorm"], ref["nc2_equiangle"], ref["nc2_maxangle"] = nc2(M)
+    if W is not None:
+        ref["nc2_equinorm_w"], ref["nc2_equiangle_w"], ref["nc2_maxangle_w"] = nc2(W)
+        ref["nc3"] = np.linalg.norm(W.T / np.linalg.norm(W) - M.T / np.linalg.norm(M)) ** 2
+        f = H @ W.T + (0 if b is None else b)  # (n, C)
+        dist = np.array([[np.linalg.norm(h - m) for m in mu] for h in H])
+        ref["nc4"] = np.mean(f.argmax(axis=1) != dist.argmin(axis=1))
+        correct = f[np.arange(n), y]
+        ref["eps"] = 1 - correct.mean()
+        wrong = f[np.arange(C)[None, :] != y[:, None]]
+        ref["sqi_spread"] = np.sqrt(np.mean((wrong - ref["eps"] / (C - 1)) ** 2))
+        ref["sqi_correct_std"] = correct.std()
+        ref["stable_rank_w"] = np.linalg.norm(W) ** 2 / np.linalg.norm(W, 2) ** 2
+    ref["stable_rank_means"] = np.linalg.norm(M) ** 2 / np.linalg.norm(M, 2) ** 2
+    ref["rank_means"] = np.linalg.matrix_rank(Sigma_B, rtol=REF_RCOND, hermitian=True)
+    return ref
+
+
+def _assert_same(a, b, rtol, skip=(), sv_scale=1.0):
+    """Every field of two NCMetrics agrees; singular values compared up to the largest times rtol."""
+    da, db = a.as_dict(), b.as_dict()
+    assert da.keys() == db.keys()
+    for key in da.keys() - set(skip):
+        x, z = da[key], db[key]
+        assert (x is None) == (z is None), key
+        if x is None:
+            continue
+        if key.startswith("sv_"):
+            scale = sv_scale if key == "sv_means" else 1.0
+            x, z = np.asarray(x), np.asarray(z) / scale
+            np.testing.assert_allclose(x, z, rtol=0, atol=rtol * x[0] * 10, err_msg=key)
+        elif key.startswith("rank") or key in ("n", "p", "C"):
+            assert x == z, key
+        elif "distance" in key:
+            np.testing.assert_allclose(x, z, rtol=rtol, atol=TOL_DISTANCE, err_msg=key)
+        else:
+            np.testing.assert_allclose(x, z, rtol=rtol, atol=rtol * 1e-3, err_msg=key)
+
+
+# ---------------------------------------------------------------- exact collapse (THEORY.md NC1-NC4)
+@HYP
+@given(
+    C=st.integers(2, 50),
+    extra=st.integers(0, 6),
+    N=st.integers(1, 3),
+    scale=st.floats(1e-3, 1e3),
+    w_scale=st.floats(1e-2, 1e2),
+    shift=st.floats(-10, 10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_exact_collapse_gives_zero(C, extra, N, scale, w_scale, shift, seed):
+    """Features equal to their class mean on a rotated, scaled, shifted simplex ETF, with a self-dual
+    classifier W = w_scale * ETF rows and bias b = 1/C - W shift, give NC1 = NC2 = NC3 = NC4 = 0."""
+    p = C - 1 + extra
+    rng = np.random.default_rng(seed)
+    etf = simplex_etf(C, p, rng=rng)  # (C, p) unit rows, random rotation
+    t = shift * scale * rng.standard_normal(p)
+    H = np.repeat(scale * etf, N, axis=0) + t  # (N C, p) class-major, no within-class noise
+    y = np.repeat(np.arange(C), N)
+    W = w_scale * etf
+    m = nc_metrics(H, y, W, 1.0 / C - W @ t)
+    for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle", "nc3", "nc4"):
+        assert abs(getattr(m, key)) < TOL_COLLAPSE, (key, getattr(m, key))
+    for key in ("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"):
+        assert abs(getattr(m, key)) < TOL_COLLAPSE, (key, getattr(m, key))
+    assert m.etf_distance < TOL_DISTANCE and m.etf_distance_w < TOL_DISTANCE
+    assert m.rank_means == C - 1 and m.rank_w == C - 1
+    # An ETF has C-1 equal singular values: stable rank C-1.
+    assert m.stable_rank_means == pytest.approx(C - 1, rel=1e-9)
+    # Outputs a + 1/C on the class and 1/C - a/(C-1) elsewhere (a = w_scale scale): they sum to 1,
+    # so SQI holds exactly with eps = (C-1)/C - a.
+    a = w_scale * scale
+    assert m.eps == pytest.approx((C - 1) / C - a, abs=1e-9 * max(a, 1))
+    # An RMS of rounding errors: accurate to about sqrt(eps), like the frame distances.
+    assert m.sqi_spread == pytest.approx(0, abs=TOL_DISTANCE * max(a, 1))
+
+
+# ---------------------------------------------------------------- invariances
+def _orthogonal(p, rng):
+    q, r = np.linalg.qr(rng.standard_normal((p, p)))
+    return q * np.sign(np.diag(r))
+
+
+@HYP
+@given(
+    C=st.integers(2, 8),
+    p=st.integers(1, 12),
+    a=st.floats(1e-2, 1e2),
+    shift=st.floats(-5, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_metrics_invariant_to_rotation_scaling_translation(C, p, a, shift, seed):
+    """h -> a Q h + t with W -> W Q^T and b -> a b - W Q^T t (outputs scale by a): every metric is
+    unchanged except the output statistics, which scale (checked separately for a = 1)."""
+    H, y, W, b = _random_problem(seed, 20 * C, p, C)
+    rng = np.random.default_rng(seed + 1)
+    Q = _orthogonal(p, rng)
+    t = shift * rng.standard_normal(p)
+    W2 = W @ Q.T
+    m0 = nc_metrics(H, y, W, b)
+    m1 = nc_metrics(a * H @ Q.T + t, y, W2, a * b - W2 @ t)
+    _assert_same(m0, m1, RTOL_INVARIANT, skip=SQI_FIELDS, sv_scale=a)
+    m2 = nc_metrics(H @ Q.T + t, y, W2, b - W2 @ t)
+    _assert_same(m0, m2, RTOL_INVARIANT)
+
+
+@HYP
+@given(C=st.integers(2, 8), p=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_metrics_invariant_to_relabelling(C, p, seed):
+    """Permuting class names (labels and the rows of W and b alike) changes no metric."""
+    H, y, W, b = _random_problem(seed, 15 * C, p, C, balanced=False)
+    perm = np.random.default_rng(seed).permutation(C)
+    W2, b2 = np.empty_like(W), np.empty_like(b)
+    W2[perm], b2[perm] = W, b
+    _assert_same(nc_metrics(H, y, W, b), nc_metrics(H, perm[y], W2, b2), RTOL_INVARIANT)
+
+
+# ---------------------------------------------------------------- naive reference
+@pytest.mark.parametrize(
+    ("n", "p", "C", "balanced", "with_w"),
+    [(200, 10, 4, True, True), (300, 30, 7, False, True), (150, 3, 6, False, True), (120, 8, 2, True, False)],
+)
+def test_agrees_with_naive_reference(n, p, C, balanced, with_w):
+    """The span-of-M computation equals p x p covariances with a pseudo-inverse, on random data
+    (balanced and unbalanced; p < C-1 included, where Sigma_B has rank p)."""
+    H, y, W, b = _random_problem(n + p + C, n, p, C, balanced=balanced)
+    W, b = (W, b) if with_w else (None, None)
+    m = nc_metrics(H, y, W, b).as_dict()
+    for key, value in _naive(H, y, W, b).items():
+        np.testing.assert_allclose(m[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+    assert (m["etf_distance"] is None) == (p < C - 1)
+
+
+def test_outputs_override_w_for_sqi_and_nc4_without_w():
+    """Given outputs feed eps/SQI; without W they also define NC4's argmax."""
+    H, y, W, b = _random_problem(3, 200, 6, 4)
+    f = H @ W.T + b
+    with_w = nc_metrics(H, y, W, b)
+    only_out = nc_metrics(H, y, outputs=f)
+    for key in ("nc4",) + SQI_FIELDS:
+        assert getattr(only_out, key) == pytest.approx(getattr(with_w, key), rel=1e-12)
+    assert only_out.nc3 is None and only_out.sv_w is None
+    shifted = nc_metrics(H, y, W, b, outputs=f + 1.0)
+    assert shifted.eps == pytest.approx(with_w.eps - 1.0, rel=1e-12)
+    assert shifted.nc4 == with_w.nc4
+
+
+def test_rho_is_product_of_frobenius_norms():
+    rng = np.random.default_rng(0)
+    layers = [rng.standard_normal((5, 4)), torch.randn(3, 5, dtype=torch.float64)]
+    H, y, _, _ = _random_problem(0, 40, 4, 3)
+    expected = np.linalg.norm(layers[0]) * torch.linalg.norm(layers[1]).item()
+    assert nc_metrics(H, y, layers=layers).rho == pytest.approx(expected, rel=1e-12)
+
+
+def _trap_problem(n, p, C, dtype):
+    """Weakly separated classes with a common offset (like post-ReLU features)."""
+    rng = np.random.default_rng(7)
+    y = np.arange(n) % C
+    H = rng.standard_normal((n, p)) + 0.1 * rng.standard_normal((C, p))[y] + 1.0
+    return H.astype(dtype), y
+
+
+def _nc1_pinv(H, y, rcond):
+    C = int(y.max()) + 1
+    mu = np.stack([H[y == c].mean(axis=0) for c in range(C)])
+    M, D = mu - H.mean(axis=0), H - mu[y]
+    Sigma_W, Sigma_B = D.T @ D / len(y), M.T @ M / C
+    kw = {} if rcond is None else {"rcond": rcond, "hermitian": True}
+    return float(np.trace(Sigma_W @ np.linalg.pinv(Sigma_B, **kw)) / C)
+
+
+def test_pinv_trap_float32_features():
+    """PEERS.md trap: inverting Sigma_B's rounding-noise eigenvalues. Textbook code on float32
+    features (NumPy's default pinv cutoff, float32 means) is wrong by orders of magnitude; the library
+    equals the float64 reference with a correct cutoff."""
+    H, y = _trap_problem(4000, 256, 40, np.float32)
+    lib = nc_metrics(H, y).nc1
+    ref = _nc1_pinv(H.astype(np.float64), y, REF_RCOND)
+    assert lib == pytest.approx(ref, rel=1e-9)
+    textbook = _nc1_pinv(H, y, None)
+    assert not 0.1 < textbook / ref < 10, "the trap no longer shows at this size"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pinv_trap_full_size(dtype):
+    """PEERS.md's size: n = 50,000, p = 2,048, C = 100 (about a minute and 2 GB)."""
+    H, y = _trap_problem(50_000, 2048, 100, dtype)
+    ref = _nc1_pinv(H.astype(np.float64), y, REF_RCOND)
+    assert nc_metrics(H, y).nc1 == pytest.approx(ref, rel=1e-9)
+
+
+# ---------------------------------------------------------------- streaming
+@HYP
+@given(
+    C=st.integers(2, 6),
+    p=st.integers(1, 10),
+    n_extra=st.integers(0, 60),
+    cuts=st.lists(st.integers(0, 100), max_size=6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_streaming_equals_one_shot(C, p, n_extra, cuts, seed):
+    """Random batch splits, in a shuffled order in pass 2, give the one-shot numbers to 1e-10."""
+    n = C + n_extra
+    H, y, W, b = _random_problem(seed, n, p, C, balanced=False)
+    edges = sorted({0, n, *(c % (n + 1) for c in cuts)})
+    batches = [(H[i:j], y[i:j]) for i, j in zip(edges[:-1], edges[1:])]
+    acc = NCAccumulator(W=W, b=b)
+    for batch in batches:
+        acc.update(*batch)
+    acc.end_first_pass()
+    for k in np.random.default_rng(seed).permutation(len(batches)):
+        acc.update(*batches[k])
+    _assert_same(acc.result(), nc_metrics(H, y, W, b), RTOL_STREAM)
+
+
+def test_stream_function_and_torch_batches():
+    """nc_metrics_stream with a callable of torch float32 batches equals one-shot on the float64 values."""
+    H, y, W, b = _random_problem(5, 300, 12, 5)
+    H32 = torch.tensor(H, dtype=torch.float32)
+    f = H32.double().numpy() @ W.T + b
+    batches = lambda: (
+        (H32[i : i + 64], torch.tensor(y[i : i + 64]), f[i : i + 64]) for i in range(0, 300, 64)
+    )
+    streamed = nc_metrics_stream(batches, W=torch.tensor(W), b=b)
+    _assert_same(streamed, nc_metrics(H32.double().numpy(), y, W, b, outputs=f), RTOL_STREAM)
+
+
+def test_accumulator_misuse():
+    H, y, W, b = _random_problem(1, 60, 4, 3)
+    acc = NCAccumulator(3)
+    with pytest.raises(ValueError, match="no examples"):
+        acc.end_first_pass()
+    acc.update(H, y)
+    with pytest.raises(ValueError, match="two passes"):
+        acc.result()
+    acc.end_first_pass()
+    acc.update(H[:30], y[:30])
+    with pytest.raises(ValueError, match="different data"):
+        acc.result()
+    with pytest.raises(ValueError, match="C, or the classifier"):
+        NCAccumulator()
+    out_acc = NCAccumulator(3)
+    out_acc.update(H, y)
+    out_acc.end_first_pass()
+    out_acc.update(H[:30], y[:30], np.zeros((30, 3)))
+    with pytest.raises(ValueError, match="some batches"):
+        out_acc.update(H[30:], y[30:])
+
+
+# ---------------------------------------------------------------- bad input
+def _data():
+    return _random_problem(2, 40, 5, 4)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda H, y, W, b: (H, y, np.vstack([W, W[:1]]), None), "classes with no examples"),
+        (lambda H, y, W, b: (H, np.zeros_like(y), None, None), "single class"),
+        (lambda H, y, W, b: (np.where(np.arange(5) == 2, np.nan, H), y, W, b), "non-finite"),
+        (lambda H, y, W, b: (np.where(np.arange(5) == 0, np.inf, H), y, None, None), "non-finite"),
+        (lambda H, y, W, b: (H, np.where(y == 3, 7, y), W, b), "out of range"),
+        (lambda H, y, W, b: (H, np.where(y == 0, -1, y), None, None), "out of range"),
+        (lambda H, y, W, b: (H, y + 0.5, None, None), "integers"),
+        (lambda H, y, W, b: (H, y[:-1], W, b), "labels must be a 1-D array of length 40"),
+        (lambda H, y, W, b: (H[:, :3], y, W, b), r"W must be \(C, p\)"),
+        (lambda H, y, W, b: (H, y, W, b[:2]), r"b must have shape \(4\)"),
+        (lambda H, y, W, b: (H[0], y, W, b), r"\(n, p\) matrix"),
+        (lambda H, y, W, b: (H, y, np.where(np.arange(5) == 1, np.nan, W), b), "W has 4 non-finite"),
+        (lambda H, y, W, b: (H, y, None, b), "bias b needs the classifier"),
+        (lambda H, y, W, b: (np.ones_like(H), y, None, None), "class means are equal"),
+        (lambda H, y, W, b: (H, y, np.where(np.arange(4)[:, None] == 1, 0.0, W), b), "W has zero vectors"),
+    ],
+)
+def test_bad_input_raises(mutate, match):
+    H, y, W, b = mutate(*_data())
+    with pytest.raises(ValueError, match=match):
+        nc_metrics(H, y, W, b)
+
+
+def test_bad_outputs_and_layers():
+    H, y, W, b = _data()
+    with pytest.raises(ValueError, match="outputs must have shape"):
+        nc_metrics(H, y, W, b, outputs=np.zeros((40, 3)))
+    with pytest.raises(ValueError, match="outputs batch 1 has non-finite"):
+        nc_metrics(H, y, outputs=np.full((40, 4), np.nan))
+    with pytest.raises(ValueError, match="layers is empty"):
+        nc_metrics(H, y, layers=[])
+
+
+def test_frames_skipped_when_p_too_small():
+    """p < C-1: no simplex ETF exists in R^p, so the ETF distances are None; p < C: no orthogonal frame."""
+    H, y, W, b = _random_problem(4, 80, 2, 5)
+    m = nc_metrics(H, y, W, b)
+    assert m.etf_distance is None and m.etf_distance_w is None and m.orth_distance_w is None
+    assert m.rank_means == 2 and m.nc2_maxangle is not None
+    json.dumps(m.as_dict(), allow_nan=False)
+
+
+# ---------------------------------------------------------------- CLI
+@pytest.fixture
+def saved(tmp_path):
+    H, y, W, b = _random_problem(9, 120, 6, 4)
+    path = tmp_path / "feats.npz"
+    np.savez(path, features=H, labels=y, weight=W, bias=b)
+    pt = tmp_path / "feats.pt"
+    torch.save({"features": torch.tensor(H), "labels": torch.tensor(y)}, pt)
+    return path, pt, nc_metrics(H, y, W, b), nc_metrics(H, y)
+
+
+def test_cli_json_and_table(saved, capsys):
+    path, pt, expected, expected_pt = saved
+    assert main(["metrics", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle", "nc3", "nc4", "nc2_equinorm_w"):
+        assert out[key] == pytest.approx(getattr(expected, key), rel=1e-12)
+    assert main(["metrics", str(pt)]) == 0
+    table = capsys.readouterr().out
+    assert "nc1" in table and f"{expected_pt.nc1:.6g}" in table
+
+
+def test_cli_errors(saved, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    missing = tmp_path / "nolabels.npz"
+    np.savez(missing, features=np.zeros((3, 2)))
+    for path, match in [
+        (bad, "cannot read"),
+        (missing, "lacks 'labels'"),
+        (tmp_path / "none.npz", "cannot read"),
+        (tmp_path / "x.csv", "unknown file type"),
+    ]:
+        assert main(["metrics", str(path)]) == 2
+        assert match in capsys.readouterr().err

@@ -1,0 +1,573 @@
+"""Neural-collapse measurements NC1-NC4 (Papyan, Han and Donoho 2020), exact, streaming and cheap.
+
+Conventions (THEORY.md): sample matrices are **rows**, ``features`` (n, p); labels 0..C-1; the
+classifier ``W`` is (C, p) with rows W^c and the bias ``b`` is (C,). THEORY.md's M (p x C, columns
+mu_c - mu_G) is stored here as rows, ``means - mu_G`` (C, p).
+
+How it stays O(n p C) with no p x p matrix
+------------------------------------------
+Sigma_B = M M^T / C has rank at most C-1, so its pseudo-inverse lives in span(M). With the thin SVD
+M = U S V^T (U: p x r orthonormal, r the numerical rank), Sigma_B^+ = C U S^-2 U^T and
+
+    NC1 = Tr(Sigma_W Sigma_B^+) / C = 1/n sum_i || S^-1 U^T (h_i - mu_{y_i}) ||^2,
+
+one projection of the features onto r <= C-1 directions. The nearest class mean needs only the same
+projection: the part of h - mu_c orthogonal to span(M) is the same for every c. So the library makes
+two passes over the data: pass 1 sums the features per class; pass 2 projects each batch onto
+[U | W^T] (one matmul of width r + C) and accumulates NC1, NC4 and the output statistics. Memory is
+O(C p) whatever n is.
+
+The rank cutoff never keeps rounding noise: sum_c n_c (mu_c - mu_G) = 0 exactly, so M has rank at most
+C-1 in exact arithmetic and r = min(C-1, #{s_k > max(C, p) eps s_max}). A plain ``pinv`` of the p x p
+Sigma_B (relative cutoff 1e-15) keeps a noise eigenvalue and inverts it (PEERS.md: NC1 = 5.3e12
+instead of 25.5 at n = 50,000, p = 2,048, C = 100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._validation import check_classes, check_finite, check_labels, check_shape
+from .geometry import frame_distance
+
+# Relative rank tolerance factor, times max(rows, cols) * eps * s_max (NumPy's matrix_rank default):
+# rounding in a product of length max(C, p) grows about that much.
+_RANK_RTOL_FACTOR = 1.0
+
+# One-shot nc_metrics feeds the accumulator chunks of about this many float64 entries (64 MiB), so a
+# large float32 array is never copied whole to float64.
+_CHUNK_ELEMENTS = 2**23
+
+
+@dataclass(frozen=True)
+class NCMetrics:
+    """Neural-collapse measurements of features (n, p) with labels, and optionally a classifier.
+
+    Fields that need something not given (W, outputs, layer weights, p >= C-1 for an ETF) are None.
+    All "std" are population standard deviations (ddof = 0). See :func:`nc_metrics` for the formulas.
+
+    Attributes
+    ----------
+    n, p, C : examples, feature dimension, classes.
+    nc1 : Tr(Sigma_W Sigma_B^+) / C.
+    nc2_equinorm, nc2_equiangle, nc2_maxangle : of the centred class means: std/mean of the norms,
+        std of the pairwise cosines (c != c'), mean of |cos + 1/(C-1)|.
+    etf_distance : Procrustes distance of the unit-Frobenius centred means from the nearest simplex ETF
+        (:func:`ufm.geometry.frame_distance`); None when p < C-1.
+    nc2_equinorm_w, nc2_equiangle_w, nc2_maxangle_w, etf_distance_w : the same for the rows of W.
+    orth_distance_w : distance of W from the nearest orthogonal frame (the bias-free optimum); None
+        when p < C.
+    nc3 : || W^T/||W||_F - M/||M||_F ||_F^2.
+    nc4 : fraction of examples whose argmax_c (W h + b)_c differs from argmin_c ||h - mu_c||.
+    eps : 1 - mean correct-class output (symmetric quasi-interpolation, THEORY.md 4).
+    sqi_spread : root-mean-square deviation of the wrong-class outputs from eps/(C-1).
+    sqi_correct_std : std of the correct-class outputs (0 under exact SQI).
+    sv_means, rank_means, stable_rank_means : singular values of M (descending), its numerical rank
+        (the r used for NC1) and stable rank ||M||_F^2/||M||_2^2.
+    sv_w, rank_w, stable_rank_w : the same for W (rank cutoff max(C, p) eps s_max).
+    rho : product of the Frobenius norms of the layer weights (THEORY.md, normalization).
+    """
+
+    n: int
+    p: int
+    C: int
+    nc1: float
+    nc2_equinorm: float
+    nc2_equiangle: float
+    nc2_maxangle: float
+    etf_distance: float | None
+    sv_means: tuple[float, ...]
+    rank_means: int
+    stable_rank_means: float
+    nc2_equinorm_w: float | None = None
+    nc2_equiangle_w: float | None = None
+    nc2_maxangle_w: float | None = None
+    etf_distance_w: float | None = None
+    orth_distance_w: float | None = None
+    nc3: float | None = None
+    nc4: float | None = None
+    eps: float | None = None
+    sqi_spread: float | None = None
+    sqi_correct_std: float | None = None
+    sv_w: tuple[float, ...] | None = None
+    rank_w: int | None = None
+    stable_rank_w: float | None = None
+    rho: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of Python scalars, lists and None (valid JSON: no NaN can occur)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def table(self) -> str:
+        """Readable two-column table; singular values abbreviated to the leading few."""
+        rows = []
+        for key, value in self.as_dict().items():
+            if value is None:
+                text = "-"
+            elif isinstance(value, list):
+                head = ", ".join(f"{v:.4g}" for v in value[:5])
+                text = f"[{head}{', ...' if len(value) > 5 else ''}] ({len(value)})"
+            elif isinstance(value, int):
+                text = str(value)
+            else:
+                text = f"{value:.6g}"
+            rows.append(f"{key:<18} {text}")
+        return "\n".join(rows)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    # Apple's MPS has no float64; everything else computes in float64 for theory checks.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_tensor(name: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
+    """A float tensor on ``device`` (default: its own; CPU for NumPy), in the compute dtype."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        a = np.asarray(x)
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+        t = torch.from_numpy(a)
+    device = t.device if device is None else device
+    return t.to(device=device, dtype=_compute_dtype(device))
+
+
+def _as_labels(y: Any, b: int, C: int, device: torch.device) -> torch.Tensor:
+    """Integer labels (b,) in 0..C-1 as int64 on ``device``."""
+    t = y.detach() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+    if t.ndim != 1 or t.shape[0] != b:
+        raise ValueError(
+            f"labels must be 1-D with one entry per feature row ({b}), got shape {tuple(t.shape)}"
+        )
+    if t.is_floating_point():
+        if not bool(torch.all(t == torch.round(t))):
+            raise ValueError("labels must be integers 0..C-1")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"labels must be integers 0..C-1, got dtype {t.dtype}")
+    t = t.to(device=device, dtype=torch.int64)
+    if b and (int(t.min()) < 0 or int(t.max()) >= C):
+        raise ValueError(f"labels out of range: found {int(t.min())}..{int(t.max())}, expected 0..{C - 1}")
+    return t
+
+
+def _numpy(name: str, x: Any) -> np.ndarray:
+    """A finite float64 NumPy copy of a small array or tensor (W, b, layer weights)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return check_finite(name, x)
+
+
+def _rank(s: np.ndarray, shape: tuple[int, int]) -> int:
+    """Numerical rank: singular values above max(shape) eps s_max (NumPy's matrix_rank cutoff)."""
+    return int((s > _RANK_RTOL_FACTOR * max(shape) * np.finfo(float).eps * s[0]).sum()) if s[0] > 0 else 0
+
+
+def _nc2(name: str, V: np.ndarray) -> tuple[float, float, float]:
+    """(equinorm, equiangle, maxangle) of the rows of V (C, p); population std (ddof = 0)."""
+    C = V.shape[0]
+    norms = np.linalg.norm(V, axis=1)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise ValueError(f"{name} has zero vectors for classes {zero[:10].tolist()}: cosines undefined")
+    cos = (V @ V.T) / np.outer(norms, norms)  # (C, C)
+    off = cos[~np.eye(C, dtype=bool)]  # the C(C-1) pairs c != c'
+    return (
+        float(norms.std() / norms.mean()),
+        float(off.std()),
+        float(np.abs(off + 1.0 / (C - 1)).mean()),
+    )
+
+
+def _frame_distances(coords: np.ndarray, p: int, frames: Sequence[str]) -> list[float | None]:
+    """Distances of C vectors from the frames, None where the frame does not fit in R^p.
+
+    ``coords`` (C, min(C, p)) are the vectors in an orthonormal basis of their span (A diag(s) of a
+    thin SVD): the Procrustes distance is unchanged, and the SVDs inside stay C x C.
+    """
+    C = coords.shape[0]
+    return [frame_distance(coords, f) if p >= (C - 1 if f == "simplex_etf" else C) else None for f in frames]
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations of a stream of values (Chan et al.'s parallel update).
+
+    Kept as 0-d tensors on the data's device, so a GPU run never waits on a host copy.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.count = 0
+        self.mean = torch.zeros((), device=device, dtype=dtype)
+        self.m2 = torch.zeros((), device=device, dtype=dtype)
+
+    def add(self, count: int, total: torch.Tensor, m2_about: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Merge a batch of ``count`` values with sum ``total``; ``m2_about(m)`` = sum (x - m)^2."""
+        if count == 0:
+            return
+        mean_b = total / count
+        m2_b = m2_about(mean_b)
+        n = self.count + count
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (count / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.count * count / n)
+        self.count = n
+
+    def rms_about(self, value: float) -> float:
+        """sqrt(1/count sum (x - value)^2)."""
+        return float(np.sqrt(float(self.m2) / self.count + (float(self.mean) - value) ** 2))
+
+
+class NCAccumulator:
+    """Two-pass streaming computation of :func:`nc_metrics`, memory O(C p) independent of n.
+
+    Feed every batch once with :meth:`update`, call :meth:`end_first_pass`, feed the **same** batches
+    again (any order, any split), then call :meth:`result`. Batches may be NumPy arrays or torch
+    tensors on any device; the accumulator computes in float64 on the device of the first batch, so a
+    GPU run stays on the GPU. The result equals the one-shot :func:`nc_metrics` up to summation order
+    (about 1e-13 relative).
+
+    Parameters
+    ----------
+    C : number of classes; may be omitted when W is given (C = W.shape[0]).
+    W : (C, p) classifier, optional.
+    b : (C,) bias, optional (needs W).
+    layers : sequence of layer weight matrices for rho = prod_k ||W_k||_F, optional.
+
+    Examples
+    --------
+    >>> acc = NCAccumulator(C=10, W=W, b=b)
+    >>> for x, y in batches: acc.update(x, y)
+    >>> acc.end_first_pass()
+    >>> for x, y in batches: acc.update(x, y)
+    >>> metrics = acc.result()
+    """
+
+    def __init__(
+        self,
+        C: int | None = None,
+        *,
+        W: Any = None,
+        b: Any = None,
+        layers: Sequence[Any] | None = None,
+    ):
+        if W is None and C is None:
+            raise ValueError("give the number of classes C, or the classifier W (C, p)")
+        if b is not None and W is None:
+            raise ValueError("a bias b needs the classifier W")
+        self._W = None if W is None else _numpy("W", W)
+        if self._W is not None:
+            if self._W.ndim != 2:
+                raise ValueError(f"W must be a (C, p) matrix, got shape {self._W.shape}")
+            if C is not None and self._W.shape[0] != C:
+                raise ValueError(f"W must have C = {C} rows, got shape {self._W.shape}")
+            C = self._W.shape[0]
+        self.C = check_classes(C)
+        self._b = None if b is None else check_shape("b", _numpy("b", b), (self.C,))
+        self._rho = None
+        if layers is not None:
+            if len(layers) == 0:
+                raise ValueError("layers is empty: rho needs at least one weight matrix")
+            norms = [np.linalg.norm(_numpy(f"layers[{k}]", A)) for k, A in enumerate(layers)]
+            self._rho = float(np.prod(norms))
+        self.p: int | None = None if self._W is None else self._W.shape[1]
+        self._device: torch.device | None = None
+        self._pass = 1
+        self._batch = 0
+        self._n_pass2 = 0
+
+    @property
+    def pass_number(self) -> int:
+        """1 while class sums are collected, 2 after :meth:`end_first_pass`."""
+        return self._pass
+
+    def _start(self, X: torch.Tensor) -> None:
+        self._device, self._dtype = X.device, X.dtype
+        self.p = X.shape[1] if self.p is None else self.p
+        self._counts = torch.zeros(self.C, dtype=torch.int64, device=X.device)
+        self._sums = torch.zeros(self.C, self.p, dtype=X.dtype, device=X.device)  # (C, p)
+
+    def update(self, features: Any, labels: Any, outputs: Any = None) -> None:
+        """Add a batch: features (b, p), labels (b,), optional network outputs (b, C).
+
+        In pass 1 only features and labels are used; outputs (used in pass 2 for NC4 when W is
+        absent, and for eps and the SQI spread) may be passed in both passes.
+        """
+        X = _as_tensor("features", features, self._device)
+        if X.ndim != 2:
+            raise ValueError(f"features must be a (n, p) matrix of rows, got shape {tuple(X.shape)}")
+        if self._device is None:
+            self._start(X)
+        if X.shape[1] != self.p:
+            raise ValueError(f"features must have p = {self.p} columns, got shape {tuple(X.shape)}")
+        y = _as_labels(labels, X.shape[0], self.C, self._device)
+        self._batch += 1
+        if self._pass == 1:
+            self._update_sums(X, y)
+        else:
+            self._update_projected(X, y, outputs)
+
+    def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        sums = torch.zeros_like(self._sums).index_add_(0, y, X)  # (C, p)
+        if not bool(torch.isfinite(sums).all()):
+            raise ValueError(f"features batch {self._batch} has non-finite entries (NaN or inf)")
+        self._sums += sums
+        self._counts += torch.bincount(y, minlength=self.C)
+
+    def end_first_pass(self) -> None:
+        """Fix the class means and the basis of span(M); the next updates are pass 2."""
+        if self._pass != 1:
+            raise ValueError("end_first_pass called twice")
+        if self._device is None:
+            raise ValueError("no examples: call update with at least one batch first")
+        counts = self._counts.cpu().numpy()
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            raise ValueError(
+                f"classes with no examples: {empty[:10].tolist()}{' ...' if empty.size > 10 else ''}"
+            )
+        self.n = int(counts.sum())
+        sums = self._sums.cpu().double().numpy()
+        self._means = sums / counts[:, None]  # (C, p) class means mu_c
+        self._mu_G = sums.sum(axis=0) / self.n  # (p,) mean over all examples
+        M = self._means - self._mu_G  # (C, p): THEORY.md's M, as rows
+        A, s, Vt = np.linalg.svd(M, full_matrices=False)  # M = A diag(s) Vt
+        if s[0] == 0:
+            raise ValueError("all class means are equal: the between-class covariance is zero")
+        # sum_c n_c M_c = 0 exactly, so rank <= C-1; the C-th singular value is rounding noise.
+        r = min(self.C - 1, _rank(s, M.shape))
+        self._M, self._sv_means, self._r, self._coords = M, s, r, A * s
+        dev = dict(device=self._device, dtype=self._dtype)
+        U = Vt[:r].T  # (p, r) orthonormal basis of span(M)
+        basis = U if self._W is None else np.hstack([U, self._W.T])  # (p, r + C)
+        self._basis = torch.as_tensor(basis, **dev)
+        self._s = torch.as_tensor(s[:r], **dev)
+        self._u_G = torch.as_tensor(self._mu_G @ U, **dev)  # (r,) projected global mean
+        self._Q = torch.as_tensor(A[:, :r] * s[:r], **dev)  # (C, r) = M U, projected centred means
+        self._half_q2 = 0.5 * (self._Q**2).sum(dim=1)  # (C,)
+        self._bias = None if self._b is None else torch.as_tensor(self._b, **dev)
+        self._nc1_sum = torch.zeros((), **dev)
+        self._disagree = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._counts2 = torch.zeros_like(self._counts)
+        self._correct = _Moments(**dev)
+        self._wrong = _Moments(**dev)
+        self._outputs_given: bool | None = None
+        self._pass = 2
+        self._batch = 0
+
+    def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+        r, C = self._r, self.C
+        G = X @ self._basis  # (b, r + C): the only O(b p) work of pass 2
+        Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G)
+        # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
+        Z = (Pc - self._Q[y]) / self._s
+        self._nc1_sum += (Z * Z).sum()
+        # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
+        nearest = (Pc @ self._Q.T - self._half_q2).argmax(dim=1)
+        out = None
+        if outputs is not None:
+            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], C))
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"outputs batch {self._batch} has non-finite entries (NaN or inf)")
+        if self._outputs_given is None:
+            self._outputs_given = out is not None
+        elif self._outputs_given != (out is not None):
+            raise ValueError("outputs were given for some batches of the second pass but not for others")
+        logits = out if self._W is None else G[:, r:] + (0 if self._bias is None else self._bias)  # (b, C)
+        if logits is not None:
+            self._disagree += (logits.argmax(dim=1) != nearest).sum()
+            # eps and the SQI spread use the network's outputs when given, else W h + b.
+            self._add_output_moments(logits if out is None else out, y)
+        self._counts2 += torch.bincount(y, minlength=C)
+        self._n_pass2 += X.shape[0]
+
+    def _add_output_moments(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        b, C = out.shape
+        correct = out.gather(1, y[:, None])[:, 0]  # (b,)
+        mask = torch.ones_like(out, dtype=torch.bool).scatter_(1, y[:, None], False)  # (b, C)
+        wrong = out[mask]  # (b (C-1),)
+        self._correct.add(b, correct.sum(), lambda m: ((correct - m) ** 2).sum())
+        self._wrong.add(wrong.numel(), wrong.sum(), lambda m: ((wrong - m) ** 2).sum())
+
+    def result(self) -> NCMetrics:
+        """The metrics, after both passes."""
+        if self._pass != 2:
+            raise ValueError("result needs two passes: call end_first_pass and feed the batches again")
+        if not torch.equal(self._counts2, self._counts):
+            raise ValueError(
+                f"the second pass saw different data than the first ({self._n_pass2} vs {self.n} examples,"
+                " or different class counts): feed the same batches twice"
+            )
+        C, p, M, W = self.C, self.p, self._M, self._W
+        sv_m = self._sv_means
+        fields: dict[str, Any] = dict(
+            n=self.n,
+            p=p,
+            C=C,
+            nc1=float(self._nc1_sum) / self.n,
+            etf_distance=_frame_distances(self._coords, p, ["simplex_etf"])[0],
+            sv_means=tuple(map(float, sv_m)),
+            rank_means=self._r,
+            stable_rank_means=float((sv_m**2).sum() / sv_m[0] ** 2),
+            rho=self._rho,
+        )
+        fields.update(zip(("nc2_equinorm", "nc2_equiangle", "nc2_maxangle"), _nc2("centred class means", M)))
+        if W is not None:
+            fields.update(zip(("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"), _nc2("W", W)))
+            A_w, sv_w, _ = np.linalg.svd(W, full_matrices=False)  # W = A_w diag(sv_w) V_w^T
+            frames = _frame_distances(A_w * sv_w, p, ["simplex_etf", "orthogonal_frame"])
+            fields.update(etf_distance_w=frames[0], orth_distance_w=frames[1])
+            fields["nc3"] = float(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
+            fields.update(
+                sv_w=tuple(map(float, sv_w)),
+                rank_w=_rank(sv_w, W.shape),
+                stable_rank_w=float((sv_w**2).sum() / sv_w[0] ** 2) if sv_w[0] > 0 else 0.0,
+            )
+        if W is not None or self._outputs_given:
+            fields["nc4"] = int(self._disagree) / self.n
+            eps = 1.0 - float(self._correct.mean)
+            fields.update(
+                eps=eps,
+                sqi_spread=self._wrong.rms_about(eps / (C - 1)),
+                sqi_correct_std=float(np.sqrt(float(self._correct.m2) / self._correct.count)),
+            )
+        return NCMetrics(**fields)
+
+
+def _row_chunks(n: int, p: int) -> Iterable[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(p, 1))
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def nc_metrics(
+    features: Any,
+    labels: Any,
+    W: Any = None,
+    b: Any = None,
+    *,
+    outputs: Any = None,
+    layers: Sequence[Any] | None = None,
+    C: int | None = None,
+) -> NCMetrics:
+    """Neural-collapse measurements NC1-NC4 of features, with optional classifier and outputs.
+
+    Parameters
+    ----------
+    features : (n, p) array or tensor, one example per row (any torch device; computed there in float64).
+    labels : (n,) integers 0..C-1; every class needs at least one example, C >= 2.
+    W : (C, p) classifier with rows W^c, optional; b : (C,) bias, optional (needs W).
+    outputs : (n, C) network outputs, optional. Used for eps and the SQI spread (instead of W h + b),
+        and for NC4 when W is absent.
+    layers : weight matrices W_1..W_L, optional, for rho = prod_k ||W_k||_F.
+    C : number of classes (default: W.shape[0], else max(labels) + 1).
+
+    Returns
+    -------
+    NCMetrics
+        Fields needing W, outputs or layers are None without them. ETF distances are None when
+        p < C-1 and the orthogonal-frame distance when p < C (the frames do not exist there);
+        nc2_* are still defined. A zero centred mean or zero row of W raises ValueError, since its
+        cosines are undefined.
+
+    Notes
+    -----
+    Definitions (Papyan, Han and Donoho 2020, with THEORY.md's statistics), for n_c examples of class c:
+
+    * mu_c = class mean; mu_G = 1/n sum_i h_i, the mean over **all examples** (so each class is
+      weighted by n_c/n when the classes are unbalanced); M_c = mu_c - mu_G.
+    * Sigma_W = 1/n sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (every example weighted equally);
+      Sigma_B = 1/C sum_c M_c M_c^T (every class weighted equally, unweighted by n_c).
+    * NC1 = Tr(Sigma_W Sigma_B^+) / C, computed in span(M) without any p x p matrix (module docstring).
+      The rank of M is r = min(C-1, #{s_k > max(C, p) eps s_max}).
+    * NC2 on the M_c (and on the rows W^c for the ``_w`` variants): equinorm = std_c ||M_c|| /
+      mean_c ||M_c||; equiangle = std over c != c' of cos(M_c, M_c'); maxangle = mean over c != c'
+      of |cos + 1/(C-1)|. Every class counts once regardless of n_c.
+    * NC3 = || W/||W||_F - M/||M||_F ||_F^2 with M as rows (C, p), i.e. THEORY.md's
+      || W^T/||W||_F - M/||M||_F ||_F^2.
+    * NC4 = 1/n #{i : argmax_c (W h_i + b)_c != argmin_c ||h_i - mu_c||}; the bias is included.
+    * SQI (THEORY.md 4) with f the outputs (given, else W h + b): eps = 1 - 1/n sum_i f_{y_i}(x_i);
+      sqi_spread = sqrt(1/(n(C-1)) sum_i sum_{c != y_i} (f_c(x_i) - eps/(C-1))^2);
+      sqi_correct_std = std_i f_{y_i}(x_i).
+    * Singular values, numerical rank (cutoff max(rows, cols) eps s_max) and stable rank
+      ||A||_F^2 / ||A||_2^2 of M and of W.
+
+    Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix.
+    The features are processed in chunks (:class:`NCAccumulator`), so a float32 input is never copied
+    whole.
+    """
+    X = features if isinstance(features, torch.Tensor) else np.asarray(features)
+    if X.ndim != 2:
+        raise ValueError(f"features must be a (n, p) matrix of rows, got shape {tuple(X.shape)}")
+    n, p = X.shape
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if W is not None:
+        W = _numpy("W", W)
+        C = W.shape[0] if C is None and W.ndim == 2 else C
+    y, C = check_labels(y, n, C)
+    if outputs is not None:
+        check_shape("outputs", outputs if isinstance(outputs, torch.Tensor) else np.asarray(outputs), (n, C))
+    acc = NCAccumulator(C, W=W, b=b, layers=layers)
+    if W is not None and acc.p != p:
+        raise ValueError(f"W must be (C, p) = ({C}, {p}) to match the features, got {tuple(W.shape)}")
+    for _ in range(2):
+        for rows in _row_chunks(n, p):
+            acc.update(X[rows], y[rows], None if outputs is None else outputs[rows])
+        if acc.pass_number == 1:
+            acc.end_first_pass()
+    return acc.result()
+
+
+def nc_metrics_stream(
+    batches: Callable[[], Iterable[tuple]] | Iterable[tuple],
+    C: int | None = None,
+    *,
+    W: Any = None,
+    b: Any = None,
+    layers: Sequence[Any] | None = None,
+) -> NCMetrics:
+    """:func:`nc_metrics` over a stream of ``(features, labels[, outputs])`` batches, in two passes.
+
+    ``batches`` is a re-iterable (a list, a DataLoader without shuffling... any split works, but both
+    passes must see the same examples) or a zero-argument callable returning a fresh iterable.
+    """
+    acc = NCAccumulator(C, W=W, b=b, layers=layers)
+    for _ in range(2):
+        for batch in batches() if callable(batches) else batches:
+            acc.update(*batch)
+        if acc.pass_number == 1:
+            acc.end_first_pass()
+    return acc.result()
+
+
+FILE_KEYS = ("features", "labels")
+OPTIONAL_FILE_KEYS = ("weight", "bias", "outputs")
+
+
+def load_features(path: str) -> dict[str, Any]:
+    """Read ``features``, ``labels`` and optional ``weight``, ``bias``, ``outputs`` from a file.
+
+    ``path`` is a NumPy ``.npz`` or a torch ``.pt``/``.pth`` file holding a dict of arrays or tensors
+    (read with ``weights_only=True``: no code is executed). Raises ValueError naming the file when it
+    cannot be read or lacks a required key.
+    """
+    suffix = str(path).rsplit(".", 1)[-1].lower()
+    if suffix not in ("npz", "pt", "pth"):
+        raise ValueError(f"{path}: unknown file type; expected .npz or .pt")
+    try:
+        if suffix == "npz":
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt archives raise zipfile, pickle or runtime errors alike
+        raise ValueError(f"cannot read {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a dict of arrays, got {type(data).__name__}")
+    missing = [k for k in FILE_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(map(repr, missing))}; it holds {sorted(map(str, data))}")
+    return {k: data[k] for k in FILE_KEYS + OPTIONAL_FILE_KEYS if k in data}
