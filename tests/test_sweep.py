@@ -1,0 +1,281 @@
+"""Sweeps (ufm.sweep): grid expansion and validation, the results table, failures, resumption, Dask.
+
+The sweep mechanics (failures, resumption, CLI) are tested with a toy runner whose result has an
+exact answer (y = x^2) and which leaves one marker file per call, so calls are counted across worker
+processes. The flow sweep is checked against the closed-form minimizer ``ufm_optimum`` (an
+independent route to the same numbers), on a local process pool and on a real Dask LocalCluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ufm import sweep
+from ufm.cli import main
+from ufm.sweep import RUNNERS, Runner, expand_grid, read_table, run_sweep
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_flow.toml"
+
+# The flow is integrated to stationarity; its end point must match the closed form to this
+# (issue 5 promises 1e-6 for eps, loss and cosines).
+FLOW_RTOL = 1e-6
+
+
+def toy_run(settings: dict) -> dict:
+    """y = x^2; a negative x raises. Leaves a marker file per call in the directory ``log``."""
+    (Path(settings["log"]) / uuid.uuid4().hex).touch()
+    if settings["x"] < 0:
+        raise ArithmeticError(f"negative x = {settings['x']}")
+    return {"y": settings["x"] ** 2, "label": f"x={settings['x']:g}", "even": settings["x"] % 2 == 0}
+
+
+def toy_check(settings: dict) -> None:
+    if math.isnan(settings["x"]):
+        raise ValueError("x is NaN")
+
+
+@pytest.fixture
+def toy(monkeypatch, tmp_path):
+    """Register the toy runner as kind "toy"; returns a config factory and a call counter."""
+    log = tmp_path / "calls"
+    log.mkdir()
+    monkeypatch.setitem(
+        RUNNERS, "toy", Runner(toy_run, {"x": ((float,), 0.0), "log": ((str,), "")}, toy_check)
+    )
+
+    def config(xs, out="toy.csv"):
+        return {"kind": "toy", "grid": {"x": xs}, "fixed": {"log": str(log)}, "out": str(tmp_path / out)}
+
+    return config, lambda: len(list(log.iterdir()))
+
+
+def test_failed_run_is_recorded_and_the_others_finish(toy):
+    config, calls = toy
+    res = run_sweep(config([-1.0, 1.0, 2.0, 3.0]), workers=2, progress=False)
+    assert (res.n_total, res.n_done, res.n_failed, res.n_skipped) == (4, 3, 1, 0)
+    assert not res.success
+    assert calls() == 4
+    rows = {r["x"]: r for r in read_table(res.table)}
+    assert rows[-1.0]["status"] == "failed"
+    assert rows[-1.0]["error"].startswith("ArithmeticError: negative x = -1.0")
+    assert rows[-1.0]["y"] is None
+    for x in (1.0, 2.0, 3.0):
+        assert rows[x]["status"] == "ok" and rows[x]["error"] is None
+        assert rows[x]["y"] == x**2 and rows[x]["even"] is (x % 2 == 0)
+        assert rows[x]["seconds"] >= 0
+
+
+def test_rerun_skips_finished_runs_and_retries_failed_ones(toy):
+    config, calls = toy
+    first = run_sweep(config([-1.0, 1.0, 2.0]), workers=1, progress=False)
+    assert calls() == 3
+    again = run_sweep(config([-1.0, 1.0, 2.0]), workers=1, progress=False)
+    assert (again.n_skipped, again.n_done, again.n_failed) == (2, 0, 1)
+    assert calls() == 4  # only the failed run ran again
+    rows = read_table(first.table)
+    assert len(rows) == 3  # the retried run's old row was replaced, not duplicated
+    assert {r["run_id"] for r in rows} == {r["run_id"] for r in first.rows}
+    # A wider grid runs only the new point.
+    wider = run_sweep(config([-1.0, 1.0, 2.0, 5.0]), workers=1, progress=False)
+    assert (wider.n_skipped, wider.n_done, wider.n_failed) == (2, 1, 1)
+    assert calls() == 6
+
+
+def test_interrupted_sweep_resumes_from_the_rows_written(toy):
+    """Rows are appended as runs finish: a table cut after its first row (an interruption) resumes."""
+    config, calls = toy
+    res = run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
+    lines = res.table.read_text().splitlines()
+    assert len(lines) == 4  # header + 3 rows
+    res.table.write_text("\n".join(lines[:2]) + "\n")
+    resumed = run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
+    assert (resumed.n_skipped, resumed.n_done) == (1, 2)
+    assert calls() == 5
+    assert sorted(r["y"] for r in read_table(res.table)) == [1.0, 4.0, 9.0]
+
+
+def test_run_id_is_stable_and_depends_on_every_setting():
+    base = {"kind": "flow", "fixed": {"classes": 3, "dim": 3}, "out": "t.csv"}
+    a = expand_grid(base | {"grid": {"lam_w": [1, 2]}})  # ints are floats for lam_w: same runs as 1.0, 2.0
+    b = expand_grid(base | {"grid": {"lam_w": [1.0, 2.0]}})
+    assert a == b
+    assert sweep.run_id("flow", a[0]) == sweep.run_id("flow", b[0])
+    assert sweep.run_id("flow", a[0]) != sweep.run_id("flow", a[1])
+    assert sweep.run_id("flow", a[0]) != sweep.run_id("train", a[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": 1}, "unknown configuration key(s) 'colour'"),
+        ({"kind": "ode"}, "unknown kind 'ode'"),
+        ({"grid": {"lam": [1.0]}}, "unknown flow parameter(s) in 'grid': 'lam'"),
+        ({"fixed": {"classes": 3, "width": 8}}, "unknown flow parameter(s) in 'fixed': 'width'"),
+        ({"grid": {"lam_w": [0.1, "big"]}}, "grid.lam_w[1] must be float"),
+        ({"grid": {"bias": [1]}}, "grid.bias[0] must be bool"),
+        ({"grid": {"lam_w": 0.1}}, "grid.lam_w must be a non-empty list"),
+        ({"grid": {"lam_w": [0.1, 0.1]}}, "grid.lam_w repeats a value"),
+        ({"grid": {"lam_w": [0.1, -1.0]}}, "bad flow run (lam_w=-1.0): lam_w must be a finite number >= 0"),
+        ({"grid": {"dim": [1]}}, "dim = 1 is below 2 (C-1)"),
+        ({"grid": {"classes": [3]}, "fixed": {"classes": 3}}, "appear in both 'grid' and 'fixed'"),
+        ({"out": "table.xlsx"}, "unknown table format"),
+        ({"workers": 0}, "workers must be an integer >= 1"),
+    ],
+)
+def test_bad_config_is_a_value_error_naming_the_problem(tmp_path, change, message):
+    config = {
+        "kind": "flow",
+        "grid": {"lam_w": [0.1]},
+        "fixed": {"classes": 3},
+        "out": str(tmp_path / "t.csv"),
+    }
+    with pytest.raises(ValueError) as info:
+        run_sweep(config | change, progress=False)
+    assert message in str(info.value)
+    assert not (tmp_path / "t.csv").exists()  # nothing ran, nothing was written
+
+
+def test_train_grid_is_checked_against_train_config(tmp_path):
+    config = {"kind": "train", "grid": {"wd": [0.0, 5e-3], "depth": [2, 0]}, "out": str(tmp_path / "t.csv")}
+    with pytest.raises(ValueError, match=r"depth must be an integer >= 1, got 0"):
+        run_sweep(config, progress=False)
+    with pytest.raises(ValueError, match=r"unknown train parameter\(s\) in 'grid': 'method'"):
+        run_sweep(config | {"grid": {"method": ["sgd"]}}, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler_is_a_clear_error(toy, monkeypatch):
+    config, calls = toy
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 1)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler at 'tcp://127.0.0.1:"):
+        run_sweep(config([1.0]), scheduler=address, progress=False)
+    assert calls() == 0
+    assert not Path(config([1.0])["out"]).exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_table_round_trip_keeps_values_and_types(tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    path = tmp_path / f"t{suffix}"
+    rows = [
+        {"run_id": "a", "x": 0.1 + 0.2, "n": 3, "flag": True, "name": "mnist:/data", "err": None},
+        {"run_id": "b", "x": -1e-300, "n": -7, "flag": False, "name": "default", "err": "ValueError: x, y"},
+    ]
+    sweep._TableWriter(path, rows[:1], ["run_id"]).add(rows[1])
+    assert read_table(path) == rows
+    # A row with a new column widens the table; earlier rows get an empty cell.
+    writer = sweep._TableWriter(path, read_table(path), ["run_id"])
+    writer.add({"run_id": "c", "x": 2.5, "extra": 1})
+    back = read_table(path)
+    assert [r["extra"] for r in back] == [None, None, 1]
+    assert back[:2] == [r | {"extra": None} for r in rows]
+
+
+def test_cli_sweep_json_summary_and_exit_codes(toy, capsys, tmp_path):
+    config, calls = toy
+    cfg = tmp_path / "toy.json"
+    cfg.write_text(json.dumps(config([2.0, -3.0])))
+    assert main(["sweep", str(cfg), "--json", "--workers", "1"]) == 1  # one run failed
+    out = json.loads(capsys.readouterr().out)
+    assert (out["n_total"], out["n_done"], out["n_failed"]) == (2, 1, 1)
+    assert out["failed"][0]["error"].startswith("ArithmeticError: negative x = -3.0")
+    cfg.write_text(json.dumps(config([2.0]) | {"grid": {"x": [2.0], "z": [1]}}))
+    assert main(["sweep", str(cfg)]) == 2
+    assert "ufm sweep: error: unknown toy parameter(s) in 'grid': 'z'" in capsys.readouterr().err
+
+
+def test_example_config_is_valid():
+    data, root = sweep.load_config(EXAMPLE)
+    runs = expand_grid(data)
+    assert len(runs) == math.prod(len(v) for v in data["grid"].values())
+    assert root == EXAMPLE.parent
+
+
+def test_train_sweep_rows_equal_direct_training(tmp_path):
+    """Second route: each row of a train sweep equals ``train`` called directly with its settings."""
+    from ufm.training import TrainConfig, train
+
+    tiny = dict(
+        per_class=5, test_per_class=2, width=8, depth=2, batch_size=10, lr=0.02, epochs=2, device="cpu"
+    )
+    config = {"kind": "train", "grid": {"wd": [0.0, 5e-3]}, "fixed": tiny, "out": str(tmp_path / "train.csv")}
+    res = run_sweep(config, workers=1, progress=False)
+    assert (res.n_done, res.n_failed) == (2, 0)
+    assert [r["wd"] for r in res.rows] == [0.0, 5e-3] and all(r["nsteps"] == 2 * 5 for r in res.rows)
+    row = res.rows[1]
+    direct = train(TrainConfig(**(tiny | {"wd": row["wd"]})), progress=False)
+    assert row["success"] is True and row["final_lr"] == direct.final["lr"]
+    for key in ("train_loss", "objective", "nc1", "nc3", "eps", "rho"):
+        assert row[key] == pytest.approx(direct.final[key], rel=1e-5), key
+
+
+# Both sides of the collapse threshold lam < 1/(C sqrt(N)) = 0.236 at C = 3, N = 2, with and without bias;
+# DOP853 reaches ||grad|| < 1e-8 on these in well under a second each.
+FLOW_SWEEP = {
+    "kind": "flow",
+    "grid": {"lam_w": [0.1, 0.5], "bias": [True, False]},
+    "fixed": {
+        "classes": 3,
+        "per_class": 2,
+        "dim": 3,
+        "lam_h": 0.1,
+        "method": "DOP853",
+        "t_max": 2e3,
+        "tol": 1e-8,
+    },
+}
+
+
+def _assert_flow_rows_match_closed_form(rows):
+    from ufm.closed_form import ufm_optimum
+
+    assert len(rows) == 4
+    for r in rows:
+        assert r["status"] == "ok" and r["success"] is True and r["flow_status"] == 1, r
+        opt = ufm_optimum(3, 2, r["lam_w"], r["lam_h"], bias=r["bias"])  # the independent reference
+        assert r["cf_eps"] == opt.eps and r["cf_geometry"] == opt.geometry
+        assert r["eps"] == pytest.approx(opt.eps, abs=FLOW_RTOL)
+        assert r["final_loss"] == pytest.approx(opt.loss, rel=FLOW_RTOL)
+        if opt.collapsed:
+            assert r["cos_w"] == pytest.approx(opt.cos_w, abs=FLOW_RTOL)  # -1/2 with bias, 0 without
+            assert r["cos_h"] == pytest.approx(-0.5, abs=FLOW_RTOL)
+
+
+def test_flow_sweep_on_pool_and_dask_cluster_agree_with_the_closed_form(tmp_path):
+    from dask.distributed import LocalCluster
+
+    local = run_sweep(FLOW_SWEEP | {"out": str(tmp_path / "pool.csv")}, workers=2, progress=False)
+    _assert_flow_rows_match_closed_form(local.rows)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        dask = run_sweep(
+            FLOW_SWEEP | {"out": str(tmp_path / "dask.parquet")},
+            scheduler=cluster.scheduler_address,
+            progress=False,
+        )
+    assert (dask.n_done, dask.n_failed) == (4, 0)
+    _assert_flow_rows_match_closed_form(read_table(dask.table))
+    for a, b in zip(local.rows, dask.rows):
+        assert a["run_id"] == b["run_id"]
+        assert b["eps"] == pytest.approx(a["eps"], abs=1e-12) and b["nfev"] == a["nfev"]
+    # Smoke test of the sweep figures on these rows (the claims: flow end point = closed form).
+    from ufm.plots import plot_sweep, plot_theory_vs_measurement
+
+    assert plot_theory_vs_measurement(local.table, tmp_path / "scatter.png").stat().st_size > 0
+    assert (
+        plot_sweep(dask.rows, tmp_path / "phase.png", x="lam_w", y="eps", theory="cf_eps").stat().st_size > 0
+    )
+    with pytest.raises(ValueError, match="no column 'nc9'"):
+        plot_sweep(dask.rows, tmp_path / "bad.png", y="nc9")

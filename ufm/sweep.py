@@ -1,0 +1,686 @@
+"""Parameter sweeps: a grid of gradient-flow or training runs, on a process pool or a Dask cluster.
+
+A sweep is described by a TOML (or JSON) file::
+
+    kind = "flow"                      # a runner in RUNNERS: "flow" or "train"
+    out = "flow_sweep.csv"             # the results table, .csv or .parquet (relative to the file)
+    workers = 2                        # optional: local worker processes (default min(2, CPUs))
+
+    [grid]                             # every combination of these lists is one run
+    lam_w = [1e-3, 1e-2]
+    lam_h = [1e-3, 1e-2]
+    bias = [true, false]
+    seed = [0, 1]
+
+    [fixed]                            # settings shared by every run
+    classes = 4
+    per_class = 5
+    dim = 6
+
+The keys of ``grid`` and ``fixed`` are the runner's parameters (``RUNNERS[kind].parameters``); any
+other key, a value of the wrong type, or a run that its runner rejects (e.g. ``dim`` below the
+minimizer's rank) is a ValueError raised before anything runs.
+
+Every run becomes one row of a tidy table: ``run_id`` (a hash of the run's full configuration, the
+defaults included), ``kind``, one column per parameter, ``status`` ("ok" or "failed"), ``error`` (the
+exception of a failed run), ``seconds``, then the runner's result columns (one named like a setting gets the prefix ``final_``). Rows are appended as runs
+finish, so an interrupted sweep loses nothing; running the same sweep again skips the runs already
+"ok" in the table and retries the failed ones.
+
+Execution: a local :class:`concurrent.futures.ProcessPoolExecutor` (processes from a fork server, which
+are safe with torch), or with ``scheduler="tcp://HOST:8786"`` a Dask distributed cluster. On an HPC batch
+system start the cluster with ``dask-jobqueue``, e.g.::
+
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(cores=4, memory="16GB", walltime="02:00:00")
+    cluster.scale(jobs=10)
+    run_sweep("sweep.toml", scheduler=cluster.scheduler_address)
+
+or ``dask scheduler`` plus ``dask worker ADDRESS`` on the nodes. The workers need ``ufm`` installed;
+the client (this process) writes the table, so it needs no shared file system.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._validation import check_choice, check_positive_int
+from .closed_form import ufm_optimum
+from .dynamics import METHODS, cos_w, gradient_flow, record_state
+from .model import UFMParams, UFMProblem, last_features
+from .training import TrainConfig, train
+
+__all__ = ["RUNNERS", "Runner", "SweepResult", "expand_grid", "load_config", "read_table", "run_sweep"]
+
+CONFIG_KEYS = ("kind", "grid", "fixed", "out", "workers")
+TABLE_FORMATS = (".csv", ".parquet")
+
+# Columns every row has, before the parameters; the status columns follow the parameters.
+ID_COLUMNS = ("run_id", "kind")
+STATUS_COLUMNS = ("status", "error", "seconds")
+
+# A scheduler that is up answers within a second; ten seconds also covers a busy one, and a wrong
+# address fails fast instead of hanging on distributed's default of 30 s.
+CONNECT_TIMEOUT_S = 10
+
+# Hex digits of sha256 kept in run_id: a collision among 1e6 runs has probability ~1e-8.
+RUN_ID_DIGITS = 16
+
+# The last lines of a failed run's traceback kept in its ``error`` column (where it failed, not the
+# whole call stack of the worker).
+ERROR_TRACEBACK_LINES = 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runners: settings dict -> flat dict of scalar results. Top-level functions, so workers can unpickle them.
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One kind of run a sweep can grid over.
+
+    Attributes
+    ----------
+    run : callable(settings dict) -> dict of str -> scalar (None, bool, int, float or str)
+        A top-level (picklable) function: it is shipped to worker processes by reference.
+    parameters : dict of str -> (types, default)
+        Every setting ``run`` accepts, the Python types its value may have and its default.
+    check : callable(settings dict) -> None
+        Raises ValueError for a run that cannot succeed; called on every run before any runs.
+    """
+
+    run: Callable[[dict[str, Any]], dict[str, Any]]
+    parameters: Mapping[str, tuple[tuple[type, ...], Any]]
+    check: Callable[[dict[str, Any]], None]
+
+
+# Flow runs: the plain or deep UFM (ufm.model.UFMProblem) integrated by ufm.dynamics.gradient_flow from a
+# seeded random start (UFMParams.random), measured at its end (ufm.dynamics.record_state) and set beside
+# the closed-form minimizer ufm.closed_form.ufm_optimum (depth 1, square loss only). The integrator's
+# settings take gradient_flow's own defaults.
+_FLOW_DEFAULTS = inspect.signature(gradient_flow).parameters
+FLOW_PARAMETERS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "classes": ((int,), 4),
+    "per_class": ((int,), 5),
+    "dim": ((int,), 4),
+    "lam_w": ((float,), 1e-3),
+    "lam_h": ((float,), 1e-3),
+    "bias": ((bool,), True),
+    "loss": ((str,), "mse"),
+    "depth": ((int,), 1),
+    "activation": ((str,), "linear"),
+    "init_scale": ((float,), 1.0),
+    "seed": ((int,), 0),
+    **{name: ((type(_FLOW_DEFAULTS[name].default),), _FLOW_DEFAULTS[name].default)
+       for name in ("method", "t_max", "tol", "rtol", "atol")},
+}  # fmt: skip
+
+
+def _flow_problem(settings: dict[str, Any]) -> UFMProblem:
+    s = settings
+    return UFMProblem(
+        s["classes"], s["per_class"], s["lam_w"], s["lam_h"], bias=s["bias"], loss=s["loss"],
+        depth=s["depth"], activation=s["activation"],
+    )  # fmt: skip
+
+
+def _check_flow(settings: dict[str, Any]) -> None:
+    problem = _flow_problem(settings)
+    check_choice("method", settings["method"], METHODS)
+    min_dim = problem.C - 1 if problem.bias else problem.C  # UFMOptimum.min_dim: the minimizer's rank
+    if settings["dim"] < min_dim:
+        raise ValueError(
+            f"dim = {settings['dim']} is below {min_dim} ({'C-1' if problem.bias else 'C'}), the minimizer's rank"
+        )
+    for name in ("t_max", "tol", "rtol", "atol", "init_scale"):
+        if not (math.isfinite(settings[name]) and settings[name] > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {settings[name]!r}")
+
+
+def run_flow(settings: dict[str, Any]) -> dict[str, Any]:
+    """One gradient flow of the UFM, measured at its end and set beside the closed form.
+
+    Parameters
+    ----------
+    settings : dict with the keys of ``FLOW_PARAMETERS``: the problem (classes C, per_class N, dim p,
+        lam_w, lam_h, bias, loss, depth, activation), the start (init_scale, seed: ``UFMParams.random``)
+        and the integrator (method, t_max, tol, rtol, atol: ``gradient_flow``).
+
+    Returns
+    -------
+    dict
+        From the flow: ``t`` (final time), ``grad_norm``, ``nfev``, ``success``, ``flow_status``,
+        ``message``. At its end point (``record_state``): ``final_loss`` (the setting ``loss`` names the
+        loss function), ``eps``, ``cos_w``, ``nc1``,
+        ``nc2_*``, ``nc3``, ``nc4``, ... and ``cos_h``, the mean pairwise cosine of the centred class
+        means; None where undefined (directions of the zero solution). For the depth-1 square-loss UFM
+        the closed form of ``ufm_optimum``: ``cf_eps``, ``cf_loss``, ``cf_cos_w``, ``cf_cos_h``,
+        ``cf_geometry``, and the gaps ``eps_err`` = eps - cf_eps and ``loss_rel_err`` =
+        (final_loss - cf_loss)/cf_loss; None for other models, which have no closed form here.
+    """
+    problem = _flow_problem(settings)
+    start = UFMParams.random(problem, settings["dim"], scale=settings["init_scale"], rng=settings["seed"])
+    flow = gradient_flow(
+        problem, start, metrics=False, n_records=2,
+        **{k: settings[k] for k in ("method", "t_max", "tol", "rtol", "atol")},
+    )  # fmt: skip
+    row = {
+        "t": flow.t_final, "grad_norm": flow.grad_norm, "nfev": flow.nfev, "success": flow.success,
+        "flow_status": flow.status, "message": flow.message,
+    }  # fmt: skip
+    row |= record_state(problem, flow.params)
+    row["cos_h"] = cos_w(_centred_class_means(problem, flow.params))
+    cf = dict.fromkeys(
+        ("cf_eps", "cf_loss", "cf_cos_w", "cf_cos_h", "cf_geometry", "eps_err", "loss_rel_err")
+    )
+    if problem.depth == 1 and problem.loss == "mse":
+        opt = ufm_optimum(problem.C, problem.N, settings["lam_w"], settings["lam_h"], bias=problem.bias)
+        cf = {
+            "cf_eps": opt.eps, "cf_loss": opt.loss, "cf_cos_w": opt.cos_w, "cf_cos_h": opt.cos_h,
+            "cf_geometry": opt.geometry, "eps_err": row["eps"] - opt.eps,
+            "loss_rel_err": (row["loss"] - opt.loss) / opt.loss if opt.loss else row["loss"],
+        }  # fmt: skip
+    return row | cf
+
+
+def _centred_class_means(problem: UFMProblem, params: UFMParams) -> np.ndarray:
+    """M = [mu_c - mu_G] as rows, (C, p), of the features entering the classifier."""
+    Z = last_features(problem, params)  # (p, n), class-major
+    mu = Z.reshape(Z.shape[0], problem.C, problem.N).mean(axis=2).T  # (C, p)
+    return mu - mu.mean(axis=0)
+
+
+def _train_parameters() -> dict[str, tuple[tuple[type, ...], Any]]:
+    """The fields of ufm.training.TrainConfig with their annotated types and defaults."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in fields(TrainConfig):
+        types = typing.get_args(hints[f.name]) or (hints[f.name],)
+        out[f.name] = (tuple(types), f.default)
+    return out
+
+
+def _check_train(settings: dict[str, Any]) -> None:
+    TrainConfig(**settings)
+
+
+def run_train(settings: dict[str, Any]) -> dict[str, Any]:
+    """One network training run (:func:`ufm.training.train`), reduced to its last measurement.
+
+    Parameters
+    ----------
+    settings : dict with the fields of :class:`ufm.training.TrainConfig`.
+
+    Returns
+    -------
+    dict
+        ``TrainResult.final`` (the last measured epoch: losses, accuracies, NC1-NC4, eps, norms, ranks,
+        the theorem's predictions beside the measurements, SGD-noise measures; ``lr`` becomes
+        ``final_lr``, the schedule's last value) plus ``success``,
+        ``train_status``, ``message``, ``nsteps`` and ``wall_s``.
+    """
+    result = train(TrainConfig(**settings), progress=False)
+    return dict(result.final) | {
+        "success": result.success,
+        "train_status": result.status,
+        "message": result.message,
+        "nsteps": result.nsteps,
+        "wall_s": result.wall_s,
+    }
+
+
+RUNNERS: dict[str, Runner] = {
+    "flow": Runner(run_flow, FLOW_PARAMETERS, _check_flow),
+    "train": Runner(run_train, _train_parameters(), _check_train),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class _Plan:
+    kind: str
+    runs: list[dict[str, Any]]  # full settings of each run, defaults included, in grid order
+    run_ids: list[str]
+    out: Path
+    workers: int
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Read a sweep configuration (TOML or JSON file, or an already parsed dict).
+
+    Returns the dict and the directory that a relative ``out`` is taken from (the file's directory, or
+    the working directory for a dict).
+    """
+    if isinstance(config, Mapping):
+        return dict(config), Path.cwd()
+    path = Path(config)
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the configuration must be a table/object, got {type(data).__name__}")
+    return data, path.resolve().parent
+
+
+def _coerce(where: str, value: Any, types: tuple[type, ...]) -> Any:
+    """``value`` as one of ``types``: an int is accepted for a float (so 1 and 1.0 hash alike)."""
+    if value is None and type(None) in types:
+        return None
+    if isinstance(value, bool):
+        if bool in types:
+            return value
+    elif isinstance(value, int) and int in types:
+        return value
+    elif isinstance(value, int | float) and float in types:
+        return float(value)
+    elif isinstance(value, str) and str in types:
+        return value
+    names = " or ".join(t.__name__ if t is not type(None) else "null" for t in types)
+    raise ValueError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def expand_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The full settings of every run of a sweep configuration, in grid order (last key fastest).
+
+    Checks the configuration's keys, the grid's and fixed settings' names and types against
+    ``RUNNERS[kind].parameters``, and every run with the runner's ``check``; raises a ValueError naming
+    the first problem.
+    """
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown configuration key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(CONFIG_KEYS)}"
+        )
+    if "kind" not in config:
+        raise ValueError(f"the configuration needs 'kind', one of {', '.join(map(repr, RUNNERS))}")
+    kind = check_choice("kind", config["kind"], RUNNERS)
+    runner = RUNNERS[kind]
+    grid, fixed = config.get("grid", {}), config.get("fixed", {})
+    for name, table in (("grid", grid), ("fixed", fixed)):
+        if not isinstance(table, Mapping):
+            raise ValueError(f"'{name}' must be a table of settings, got {table!r}")
+        bad = sorted(set(table) - set(runner.parameters))
+        if bad:
+            raise ValueError(
+                f"unknown {kind} parameter(s) in '{name}': {', '.join(map(repr, bad))}; "
+                f"valid: {', '.join(runner.parameters)}"
+            )
+    both = sorted(set(grid) & set(fixed))
+    if both:
+        raise ValueError(f"parameter(s) {', '.join(map(repr, both))} appear in both 'grid' and 'fixed'")
+    base = {name: default for name, (_, default) in runner.parameters.items()}
+    for name, value in fixed.items():
+        base[name] = _coerce(f"fixed.{name}", value, runner.parameters[name][0])
+    axes = []
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid.{name} must be a non-empty list of values, got {values!r}")
+        coerced = [_coerce(f"grid.{name}[{i}]", v, runner.parameters[name][0]) for i, v in enumerate(values)]
+        if len({json.dumps(v) for v in coerced}) < len(coerced):
+            raise ValueError(f"grid.{name} repeats a value: {values!r}")
+        axes.append([(name, v) for v in coerced])
+    runs = [base | dict(combo) for combo in itertools.product(*axes)]
+    for settings in runs:
+        try:
+            runner.check(settings)
+        except ValueError as err:
+            shown = ", ".join(f"{k}={settings[k]!r}" for k in grid) or "the fixed settings"
+            raise ValueError(f"bad {kind} run ({shown}): {err}") from None
+    return runs
+
+
+def run_id(kind: str, settings: Mapping[str, Any]) -> str:
+    """Stable identity of a run: sha256 of its kind and full settings as canonical JSON."""
+    text = json.dumps({"kind": kind, "settings": dict(settings)}, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_DIGITS]
+
+
+def _plan(config, workers: int | None) -> _Plan:
+    data, root = load_config(config)
+    runs = expand_grid(data)
+    kind = data["kind"]
+    if "out" not in data or not isinstance(data["out"], str):
+        raise ValueError(
+            f"the configuration needs 'out', the path of the results table ({' or '.join(TABLE_FORMATS)})"
+        )
+    out = root / Path(data["out"]).expanduser()
+    check_choice("table format (suffix of 'out')", out.suffix, TABLE_FORMATS)
+    if workers is None:
+        workers = data.get("workers", min(2, os.cpu_count() or 1))
+    workers = check_positive_int("workers", workers)
+    return _Plan(kind, runs, [run_id(kind, s) for s in runs], out, workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The results table
+
+
+def _csv_value(text: str) -> Any:
+    """Inverse of the CSV encoding of ``_write_csv``: '' -> None, then bool, int, float, else str."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _csv_text(value: Any) -> str:
+    # repr keeps every float digit, so a number read back equals the one written.
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a sweep table (.csv or .parquet) as dicts; missing values are None."""
+    path = Path(path)
+    check_choice("table format", path.suffix, TABLE_FORMATS)
+    if path.suffix == ".parquet":
+        return _pyarrow_parquet().read_table(path).to_pylist()
+    with path.open(newline="") as f:
+        return [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise ValueError("Parquet tables need pyarrow (pip install pyarrow); or use a .csv path") from None
+    return pq
+
+
+def _columns(rows: list[dict[str, Any]], first: list[str]) -> list[str]:
+    seen = dict.fromkeys(first)
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+class _TableWriter:
+    """The results table on disk, extended one row at a time.
+
+    A CSV row whose columns the header already has is appended (and flushed); a new column rewrites
+    the file with the wider header. Parquet cannot be appended to, so it is rewritten after every row.
+    Every rewrite goes through a temporary file and ``os.replace``, so a crash leaves the old table.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]], first: list[str]):
+        self.path, self.rows, self.first = path, rows, first
+        self.columns = _columns(rows, first)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._rewrite()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.path.suffix == ".csv" and set(row) <= set(self.columns):
+            with self.path.open("a", newline="") as f:
+                csv.writer(f).writerow([_csv_text(row.get(c)) for c in self.columns])
+        else:
+            self.columns = _columns(self.rows, self.columns)
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        full = [{c: row.get(c) for c in self.columns} for row in self.rows]
+        if self.path.suffix == ".parquet":
+            import pyarrow as pa
+
+            try:
+                table = pa.Table.from_pylist(full) if full else pa.table({c: [] for c in self.columns})
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+                raise ValueError(
+                    f"results do not fit one Parquet column type: {err}; use a .csv table"
+                ) from None
+            _pyarrow_parquet().write_table(table, tmp)
+        else:
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(self.columns)
+                writer.writerows([_csv_text(r[c]) for c in self.columns] for r in full)
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Execution
+
+
+def _scalar(key: str, value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        # A table cell never holds NaN: an undefined measurement is an empty cell (None).
+        return value if math.isfinite(value) else None
+    raise TypeError(f"result {key!r} is a {type(value).__name__}, not a scalar")
+
+
+def _execute(run: Callable[[dict[str, Any]], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration on a worker; an exception becomes a failed row instead of a lost task."""
+    t0 = time.perf_counter()
+    try:
+        # A result named like a setting is its value at the end (the flow's loss value beside the
+        # setting loss = "mse", the schedule's last lr beside the initial lr): prefix it.
+        results = {
+            (f"final_{k}" if k in settings else k): _scalar(k, v) for k, v in run(dict(settings)).items()
+        }
+        clash = sorted(set(results) & {*ID_COLUMNS, *STATUS_COLUMNS})
+        if clash:
+            raise ValueError(f"the runner returned result(s) named like table columns: {', '.join(clash)}")
+        status, error = "ok", None
+    except Exception as err:
+        results, status = {}, "failed"
+        error = _describe(err)
+    return {"status": status, "error": error, "seconds": time.perf_counter() - t0} | results
+
+
+def _describe(err: BaseException) -> str:
+    where = traceback.format_tb(err.__traceback__)[-ERROR_TRACEBACK_LINES:] if err.__traceback__ else []
+    last = where[-1].strip().splitlines()[0] if where else ""
+    return f"{type(err).__name__}: {err}" + (f" [{last}]" if last else "")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Outcome of :func:`run_sweep`.
+
+    Attributes
+    ----------
+    table : Path of the results table (it also holds rows of earlier sweeps into the same file).
+    n_total : runs in the grid.
+    n_done : runs that ran now and succeeded.
+    n_skipped : runs already "ok" in the table, not run again.
+    n_failed : runs that ran now and failed (their rows hold the error).
+    rows : this grid's rows of the table, in grid order.
+    """
+
+    table: Path
+    n_total: int
+    n_done: int
+    n_skipped: int
+    n_failed: int
+    rows: list[dict[str, Any]]
+
+    @property
+    def success(self) -> bool:
+        """True when every run of the grid is "ok" in the table."""
+        return self.n_done + self.n_skipped == self.n_total
+
+
+def _connect(address: str):
+    from dask.distributed import Client
+
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S)
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address!r}: {err}") from None
+
+
+def run_sweep(
+    config: str | os.PathLike | Mapping[str, Any],
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every combination of a sweep configuration (module docstring) into one results table.
+
+    Parameters
+    ----------
+    config : path of a TOML/JSON file, or the parsed dict (a relative ``out`` is then relative to the
+        working directory).
+    scheduler : address of a Dask distributed scheduler (``tcp://HOST:PORT``); default: a local
+        process pool. An unreachable address raises ConnectionError after CONNECT_TIMEOUT_S seconds.
+    workers : local worker processes (default: the config's ``workers``, else min(2, CPUs)); ignored
+        with a scheduler, whose cluster decides.
+    progress : show a tqdm bar on stderr.
+
+    Returns
+    -------
+    SweepResult
+
+    Notes
+    -----
+    The whole grid is validated before anything runs. Runs whose ``run_id`` is "ok" in an existing
+    table are skipped; failed ones are run again and their old rows replaced. A run that raises is
+    recorded with ``status = "failed"`` and its error while the others go on.
+    """
+    from contextlib import ExitStack, closing
+
+    from tqdm.auto import tqdm
+
+    plan = _plan(config, workers)
+    runner = RUNNERS[plan.kind]
+    old = read_table(plan.out) if plan.out.exists() else []
+    other_kinds = sorted({r.get("kind") for r in old} - {plan.kind})
+    if other_kinds:
+        raise ValueError(
+            f"{plan.out} holds {', '.join(map(str, other_kinds))} runs; a sweep table holds one kind"
+        )
+    done = {r["run_id"] for r in old if r.get("status") == "ok"}
+    todo = [i for i, rid in enumerate(plan.run_ids) if rid not in done]
+    with ExitStack() as stack:
+        # Connect before touching the table, so a wrong address changes nothing on disk.
+        client = stack.enter_context(_connect(scheduler)) if scheduler is not None and todo else None
+        retried = {plan.run_ids[i] for i in todo}
+        # Rows of failed runs about to be retried are dropped; everything else (also other grids) is kept.
+        kept = [r for r in old if not (r.get("status") != "ok" and r["run_id"] in retried)]
+        table = _TableWriter(plan.out, kept, [*ID_COLUMNS, *runner.parameters, *STATUS_COLUMNS])
+        bar = stack.enter_context(
+            tqdm(
+                total=len(todo), desc=f"sweep {plan.kind}", unit="run", file=sys.stderr, disable=not progress
+            )
+        )
+        # closing(): an interruption (Ctrl-C) shuts the pool down or cancels the Dask tasks at once.
+        finished = stack.enter_context(
+            closing(_run_dask(client, runner, plan, todo) if client else _run_pool(runner, plan, todo))
+        )
+        counts = {"ok": 0, "failed": 0}
+        for i, outcome in finished:
+            table.add({"run_id": plan.run_ids[i], "kind": plan.kind, **plan.runs[i], **outcome})
+            counts[outcome["status"]] += 1
+            bar.update()
+            bar.set_postfix(failed=counts["failed"])
+    by_id = {r["run_id"]: r for r in table.rows}
+    return SweepResult(
+        plan.out,
+        n_total=len(plan.runs),
+        n_done=counts["ok"],
+        n_skipped=len(plan.runs) - len(todo),
+        n_failed=counts["failed"],
+        rows=[by_id[rid] for rid in plan.run_ids if rid in by_id],
+    )
+
+
+def _lost(err: BaseException) -> dict[str, Any]:
+    """The row of a run whose worker died (the task itself never returned)."""
+    return {"status": "failed", "error": f"worker lost: {_describe(err)}", "seconds": None}
+
+
+def _worker_context():
+    """Start method of the local workers: forkserver where available, else spawn.
+
+    Not fork: a forked child inherits the caller's threads (tqdm, Dask, torch's pools) and their locks
+    in an unknown state. The fork server is a clean process started once per session with ufm already
+    imported, so each pool's workers start in milliseconds instead of re-importing NumPy and SymPy.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _run_pool(runner: Runner, plan: _Plan, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (run index, outcome) as the runs finish on a local process pool."""
+    from concurrent.futures import as_completed
+
+    if not todo:
+        return
+    pool = ProcessPoolExecutor(max_workers=plan.workers, mp_context=_worker_context())
+    try:
+        futures = {pool.submit(_execute, runner.run, plan.runs[i]): i for i in todo}
+        for fut in as_completed(futures):
+            try:
+                outcome = fut.result()
+            except Exception as err:  # BrokenProcessPool: the worker crashed or was killed
+                outcome = _lost(err)
+            yield futures[fut], outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_dask(client, runner: Runner, plan: _Plan, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (run index, outcome) as the runs finish on the Dask cluster behind ``client``."""
+    from dask.distributed import as_completed
+
+    futures = {
+        client.submit(_execute, runner.run, plan.runs[i], key=f"ufm-sweep-{plan.run_ids[i]}", pure=False): i
+        for i in todo
+    }
+    try:
+        for fut in as_completed(futures):
+            try:
+                outcome = fut.result()
+            except Exception as err:  # KilledWorker and the like: the task never returned
+                outcome = _lost(err)
+            yield futures[fut], outcome
+    finally:
+        client.cancel(list(futures))
