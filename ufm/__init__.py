@@ -2,41 +2,55 @@
 
 The unconstrained-features model (UFM) of THEORY.md checked three ways: closed forms verified in
 SymPy, gradient-flow dynamics, and measurements on trained networks.
+
+The public names below are imported on first use (PEP 562), so ``import ufm`` and the ``ufm``
+command start without loading torch, SymPy or SciPy until a function needs them.
 """
 
-from .closed_form import (
-    UFMOptimum,
-    lemma1_alpha_star,
-    lemma1_loss,
-    sqi_cosine,
-    sqi_w_row_norm_sq,
-    sqi_w_scale,
-    ufm_optimum,
-)
-from .geometry import frame_distance, orthogonal_frame, simplex_etf
-from .model import LOSSES, UFMParams, UFMProblem, loss, loss_and_grad, outputs, torch_loss
-from .optimize import MinimizeResult, minimize_loss
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LOSSES",
-    "MinimizeResult",
-    "UFMOptimum",
-    "UFMParams",
-    "UFMProblem",
-    "frame_distance",
-    "lemma1_alpha_star",
-    "lemma1_loss",
-    "loss",
-    "loss_and_grad",
-    "minimize_loss",
-    "orthogonal_frame",
-    "outputs",
-    "simplex_etf",
-    "sqi_cosine",
-    "sqi_w_row_norm_sq",
-    "sqi_w_scale",
-    "torch_loss",
-    "ufm_optimum",
-]
+# Submodule -> the public names it defines.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "closed_form": (
+        "lemma1_alpha_star",
+        "lemma1_loss",
+        "sqi_cosine",
+        "sqi_w_row_norm_sq",
+        "sqi_w_scale",
+        "ufm_optimum",
+        "UFMOptimum",
+    ),
+    "collect": ("collect_features", "CollectedFeatures", "model_nc_metrics"),
+    "datasets": ("Dataset", "DATASETS", "load_dataset"),
+    "discrete": ("DescentResult", "gradient_descent", "normalized_flow", "sgd"),
+    "dynamics": ("FlowResult", "gradient_flow"),
+    "geometry": ("frame_distance", "orthogonal_frame", "simplex_etf"),
+    "metrics": ("load_features", "nc_metrics", "nc_metrics_stream", "NCAccumulator", "NCMetrics"),
+    "model": ("loss", "loss_and_grad", "LOSSES", "outputs", "torch_loss", "UFMParams", "UFMProblem"),
+    "networks": ("ARCHITECTURES", "build_network", "HomogeneousNet"),
+    "optimize": ("check_optimum", "minimize_loss", "MinimizeResult", "OptimumCheck"),
+    "proofs": ("Proof", "ProofResult", "run_proofs"),
+    "reduced": ("reduced_flow", "ReducedFlowResult"),
+    "sweep": ("read_table", "run_sweep", "RUNNERS", "SweepResult"),
+    "training": ("train", "TrainConfig", "TrainResult", "weight_decay_experiment", "WeightDecayExperiment"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ufm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -100,3 +100,273 @@ def _run_metrics(args: argparse.Namespace) -> int:
         print(f"# {args.file}")
         print(result.table())
     return 0
+
+
+@command
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    from .training import TrainConfig as D  # defaults only; cheap (no torch work at import)
+
+    p = sub.add_parser(
+        "train",
+        help="train a bias-free homogeneous ReLU network with the square loss and measure NC1-NC4",
+        description="Train with SGD on 1/(2NC) sum ||y - f(x)||^2 + lambda/2 sum_k ||W_k||^2 and record "
+        "NC1-NC4, norms, ranks, SQI residuals and the theorem's predictions every epoch.",
+    )
+    p.add_argument("--dataset", default=D.dataset, help="default | mnist:DIR | fashion:DIR | cifar10:DIR")
+    p.add_argument("--arch", default=D.arch, choices=("mlp", "cnn"))
+    p.add_argument("--depth", type=int, default=D.depth, help="number of weight layers L")
+    p.add_argument("--width", type=int, default=D.width, help="hidden units (mlp) or channels (cnn)")
+    p.add_argument("--wd", type=float, default=D.wd, metavar="LAMBDA", help="weight decay on every layer")
+    p.add_argument("--lr", type=float, default=D.lr, metavar="ETA", help="initial learning rate")
+    p.add_argument("--epochs", type=int, default=D.epochs)
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument(
+        "--per-class", type=int, default=D.per_class, metavar="N", help="training examples per class"
+    )
+    p.add_argument("--weight-norm", action="store_true", help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)")
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import sys
+
+    from .training import TrainConfig, format_theory_table, train
+
+    config = TrainConfig(
+        dataset=args.dataset,
+        arch=args.arch,
+        depth=args.depth,
+        width=args.width,
+        wd=args.wd,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        per_class=args.per_class,
+        weight_norm=args.weight_norm,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = train(config, out=args.out, resume=args.resume, progress=not args.json)
+    summary = result.final | {
+        "status": result.status,
+        "nsteps": result.nsteps,
+        "wall_s": round(result.wall_s, 2),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(result.message)
+        print(format_theory_table([summary | {"wd": config.wd}]))
+        if result.out is not None:
+            print(f"history and checkpoint in {result.out}")
+    if result.status != 0:
+        print(f"ufm train: {result.message}", file=sys.stderr)
+    return result.status
+
+
+@command
+def _register_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of gradient-flow or training runs into one results table",
+        description="Run every combination of a sweep CONFIG (TOML or JSON: kind, grid, fixed, out, "
+        "workers; see ufm.sweep) on a local process pool or a Dask cluster. Rows are appended to the "
+        "table as runs finish; a re-run skips the runs already ok and retries the failed ones.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="sweep configuration, .toml or .json")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://HOST:PORT)")
+    p.add_argument("--workers", type=int, help="local worker processes (default: config, else min(2, CPUs))")
+    p.add_argument("--json", action="store_true", help="print one JSON summary instead of text")
+    p.set_defaults(run=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    res = run_sweep(args.config, scheduler=args.scheduler, workers=args.workers, progress=not args.json)
+    failed = [r for r in res.rows if r["status"] != "ok"]
+    if args.json:
+        print_json({
+            "table": str(res.table), "n_total": res.n_total, "n_done": res.n_done,
+            "n_skipped": res.n_skipped, "n_failed": res.n_failed,
+            "failed": [{"run_id": r["run_id"], "error": r["error"]} for r in failed],
+        })  # fmt: skip
+    else:
+        print(f"{res.n_total} runs: {res.n_done} done, {res.n_skipped} skipped (already done), "
+              f"{res.n_failed} failed -> {res.table}")  # fmt: skip
+        for r in failed:
+            print(f"  failed {r['run_id']}: {r['error']}")
+    return 0 if res.success else 1
+
+
+@command
+def _prove(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prove", help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)")
+    p.add_argument("names", nargs="*", help="proof keys to run (default: all)")
+    p.add_argument("--points", type=int, default=3, help="random points per symbolic claim (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random points (default 0)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of results")
+
+    def run(args: argparse.Namespace) -> int:
+        from .proofs import run_proofs
+
+        results = run_proofs(args.names or None, numeric_points=args.points, seed=args.seed)
+        if args.json:
+            print_json([r.as_dict() for r in results])
+        else:
+            width = max(len(r.key) for r in results)
+            print(f"{'proof':<{width}}  {'status':<8}  {'seconds':>7}  statement [source]")
+            for r in results:
+                print(f"{r.key:<{width}}  {r.status:<8}  {r.seconds:7.2f}  {r.name} [{r.source}]")
+                if not r.success:
+                    print(f"{'':<{width}}  {r.message}; residual: {r.residual}")
+            n_ok = sum(r.success for r in results)
+            print(f"{n_ok}/{len(results)} verified in {sum(r.seconds for r in results):.1f} s")
+        return 0 if all(r.success for r in results) else 1
+
+    p.set_defaults(run=run)
+
+
+@command
+def _reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the main job: proofs, flows, phase diagram, network; figures + report")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--out", default="figures", help="output directory (default: figures/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random starts and training (default 0)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress bars")
+    p.set_defaults(run=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    res = reproduce(args.out, quick=args.quick, seed=args.seed, progress=not args.json)
+    summary = {
+        "report": str(res.report),
+        "figures": [str(f) for f in res.figures],
+        "tables": [str(t) for t in res.tables],
+        "proofs_verified": res.proofs_verified,
+        "proofs_total": res.proofs_total,
+        "flows_agree": res.flows_agree,
+        "seconds": round(res.seconds, 1),
+        "success": res.success,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"proofs: {res.proofs_verified}/{res.proofs_total} verified")
+        print(f"flows reach the closed form: {'yes' if res.flows_agree else 'NO'}")
+        print(f"report: {res.report}  ({res.seconds:.0f} s)")
+        for f in res.figures:
+            print(f"figure: {f}")
+    return 0 if res.success else 1
+
+
+@command
+def _register_flow(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("flow", help="integrate gradient flow of the UFM from a random start to stationarity")
+    p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
+    p.add_argument("--per-class", "-N", type=int, required=True, help="examples per class N")
+    p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
+    p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
+    p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
+    p.add_argument("--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)")
+    p.add_argument("--loss", choices=["mse", "ce"], default="mse", help="square loss (default) or cross-entropy")
+    p.add_argument("--method", default="DOP853", help="integrator, one of ufm.dynamics.METHODS (default DOP853)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random start (default 0)")
+    p.add_argument("--t-max", type=float, default=1e6, help="final time if not stationary before (default 1e6)")
+    p.add_argument("--tol", type=float, default=1e-8, help="stationarity threshold on ||grad L|| (default 1e-8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="directory for trajectory.csv and flow.png")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.set_defaults(run=_run_flow)
+
+
+def _run_flow(args: argparse.Namespace) -> int:
+    import math
+
+    from .closed_form import ufm_optimum
+    from .dynamics import gradient_flow
+    from .model import UFMParams, UFMProblem
+
+    bias = not args.no_bias
+    problem = UFMProblem(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias, loss=args.loss)
+    start = UFMParams.random(problem, args.dim, rng=args.seed)
+    # Tolerances 1e4x below the stationarity threshold, so integration noise does not floor ||grad L||.
+    rtol = min(1e-8, args.tol * 1e-4)
+    r = gradient_flow(problem, start, method=args.method, t_max=args.t_max, tol=args.tol, rtol=rtol,
+                      atol=rtol * 1e-2, progress=args.progress)  # fmt: skip
+    opt = ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias) if args.loss == "mse" else None
+
+    def final(name: str):
+        v = float(r.metrics[name][-1])
+        return None if math.isnan(v) else v
+
+    out = {
+        "success": r.success, "status": r.status, "message": r.message, "method": r.method,
+        "t": r.t_final, "n_grad_evals": r.nfev, "grad_norm": r.grad_norm, "loss": float(r.loss[-1]),
+        "eps": final("eps"), "nc1": final("nc1"), "cos_w": final("cos_w"),
+        "nc2_equinorm_w": final("nc2_equinorm_w") if "nc2_equinorm_w" in r.metrics else None,
+        "nc3": final("nc3") if "nc3" in r.metrics else None,
+        "closed_form": None if opt is None else {
+            "eps": opt.eps, "loss": opt.loss, "cos_w": opt.cos_w, "w_row_norm_sq": opt.w_row_norm_sq,
+            "geometry": opt.geometry, "delta": opt.delta,
+        },
+        "closed_form_note": None if opt is not None else "no closed form for cross-entropy",
+    }  # fmt: skip
+    if args.out:
+        out["files"] = _write_flow_outputs(args.out, r, opt)
+    if args.json:
+        print_json(out)
+        return 0 if r.success else 1
+    print(f"gradient flow ({r.method}): {r.message}; {r.nfev} gradient evaluations")
+    print(f"  {'':<12} {'flow':>16} {'closed form':>16}")
+    cf = out["closed_form"] or {}
+    for name in ("loss", "eps", "cos_w", "nc1", "grad_norm"):
+        v, c = out[name], cf.get(name)
+        shown = "-" if v is None else f"{v:.10g}"
+        print(f"  {name:<12} {shown:>16} {'-' if c is None else format(c, '.10g'):>16}")
+    if opt is None:
+        print("  (no closed form for cross-entropy)")
+    for path in out.get("files", []):
+        print(f"  wrote {path}")
+    return 0 if r.success else 1
+
+
+def _write_flow_outputs(directory: str, r, opt) -> list[str]:
+    """trajectory.csv (t, loss, measures) and flow.png (measures and eps against t, closed form dashed)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    names = ["loss", *r.metrics]
+    table = np.column_stack([r.t, r.loss, *[r.metrics[k] for k in r.metrics]])
+    csv = d / "trajectory.csv"
+    np.savetxt(csv, table, delimiter=",", header=",".join(["t", *names]), comments="", fmt="%.10g")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    t = np.maximum(r.t, r.t[r.t > 0].min() if (r.t > 0).any() else 1.0)  # log axis: t = 0 drawn at the first t > 0
+    for k in ("nc1", "nc2_equinorm", "nc2_maxangle_w", "nc3", "eps"):
+        if k in r.metrics and np.isfinite(r.metrics[k]).any():
+            (line,) = ax.plot(t, np.abs(r.metrics[k]), label=k)
+            if k == "eps" and opt is not None and opt.eps > 0:
+                ax.axhline(opt.eps, ls="--", color=line.get_color(), label="eps (closed form)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("t (flow time)")
+    ax.set_title("gradient flow of the UFM: NC measures and eps")
+    ax.legend(fontsize=8)
+    png = d / "flow.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [str(csv), str(png)]

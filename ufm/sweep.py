@@ -65,6 +65,7 @@ from ._validation import check_choice, check_positive_int
 from .closed_form import ufm_optimum
 from .dynamics import METHODS, cos_w, gradient_flow, record_state
 from .model import UFMParams, UFMProblem, last_features
+from .tables import cell_text, columns_of, read_csv, write_csv
 from .training import TrainConfig, train
 
 __all__ = ["RUNNERS", "Runner", "SweepResult", "expand_grid", "load_config", "read_table", "run_sweep"]
@@ -387,33 +388,13 @@ def _plan(config, workers: int | None) -> _Plan:
 # The results table
 
 
-def _csv_value(text: str) -> Any:
-    """Inverse of the CSV encoding of ``_write_csv``: '' -> None, then bool, int, float, else str."""
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _csv_text(value: Any) -> str:
-    # repr keeps every float digit, so a number read back equals the one written.
-    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
-
-
 def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a sweep table (.csv or .parquet) as dicts; missing values are None."""
     path = Path(path)
     check_choice("table format", path.suffix, TABLE_FORMATS)
     if path.suffix == ".parquet":
         return _pyarrow_parquet().read_table(path).to_pylist()
-    with path.open(newline="") as f:
-        return [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return read_csv(path)
 
 
 def _pyarrow_parquet():
@@ -422,13 +403,6 @@ def _pyarrow_parquet():
     except ModuleNotFoundError:
         raise ValueError("Parquet tables need pyarrow (pip install pyarrow); or use a .csv path") from None
     return pq
-
-
-def _columns(rows: list[dict[str, Any]], first: list[str]) -> list[str]:
-    seen = dict.fromkeys(first)
-    for row in rows:
-        seen.update(dict.fromkeys(row))
-    return list(seen)
 
 
 class _TableWriter:
@@ -441,7 +415,7 @@ class _TableWriter:
 
     def __init__(self, path: Path, rows: list[dict[str, Any]], first: list[str]):
         self.path, self.rows, self.first = path, rows, first
-        self.columns = _columns(rows, first)
+        self.columns = columns_of(rows, first)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._rewrite()
 
@@ -449,13 +423,12 @@ class _TableWriter:
         self.rows.append(row)
         if self.path.suffix == ".csv" and set(row) <= set(self.columns):
             with self.path.open("a", newline="") as f:
-                csv.writer(f).writerow([_csv_text(row.get(c)) for c in self.columns])
+                csv.writer(f).writerow([cell_text(row.get(c)) for c in self.columns])
         else:
-            self.columns = _columns(self.rows, self.columns)
+            self.columns = columns_of(self.rows, self.columns)
             self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         full = [{c: row.get(c) for c in self.columns} for row in self.rows]
         if self.path.suffix == ".parquet":
             import pyarrow as pa
@@ -466,13 +439,11 @@ class _TableWriter:
                 raise ValueError(
                     f"results do not fit one Parquet column type: {err}; use a .csv table"
                 ) from None
+            tmp = self.path.with_name(self.path.name + ".tmp")
             _pyarrow_parquet().write_table(table, tmp)
+            os.replace(tmp, self.path)
         else:
-            with tmp.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(self.columns)
-                writer.writerows([_csv_text(r[c]) for c in self.columns] for r in full)
-        os.replace(tmp, self.path)
+            write_csv(self.path, full, self.columns)
 
 
 # ----------------------------------------------------------------------------------------------------

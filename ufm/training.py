@@ -33,8 +33,6 @@ message, leaving the last good checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
 import sys
@@ -50,6 +48,7 @@ from . import closed_form
 from ._validation import check_choice, check_nonneg, check_positive_int
 from .datasets import Dataset, load_dataset
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
+from .tables import write_csv, write_json
 
 __all__ = [
     "SCHEDULES",
@@ -421,27 +420,6 @@ class _Welford:
         return math.sqrt(float(self.m2.sum()) / self.count) / float(self.mean.norm())
 
 
-def _write_csv(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {
-                    k: ("" if v is None or (isinstance(v, float) and np.isnan(v)) else repr(v))
-                    for k, v in row.items()
-                }
-            )
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _jsonable(row: dict) -> dict:
     return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in row.items()}
 
@@ -543,7 +521,7 @@ def train(
     elif resume:
         note = " (no checkpoint to resume from: started from scratch)"
     if out is not None:
-        _write_json(out / CONFIG, config.as_dict())
+        write_json(out / CONFIG, config.as_dict())
 
     def save_checkpoint(epoch: int) -> None:
         nonlocal saved_epoch
@@ -567,7 +545,7 @@ def train(
         row |= measure_network(model, x_train, y_train, x_test, y_test, config.wd)
         history.append(row)
         if out is not None:
-            _write_csv(out / HISTORY, history)
+            write_csv(out / HISTORY, history)
         return row
 
     if start_epoch == 0 and not history:
@@ -642,7 +620,7 @@ def train(
     # A diverged model holds non-finite weights: its singular values are not reported.
     svals = () if status else tuple(_singular_values(W) for W in model.weights())
     if out is not None and status == 0:
-        _write_json(
+        write_json(
             out / FINAL,
             final | {"singular_values": [s.tolist() for s in svals], "status": status, "message": message},
         )
@@ -780,7 +758,7 @@ def weight_decay_experiment(
         from .plots import plot_nc_training
 
         figure = plot_nc_training(_labelled_histories(results), out / "nc_weight_decay.png")
-        _write_csv(out / "theory_vs_measurement.csv", list(table))
+        write_csv(out / "theory_vs_measurement.csv", list(table))
     return WeightDecayExperiment(results=results, table=table, figure=figure)
 
 

@@ -1,0 +1,98 @@
+"""Gradient evaluations and wall time to reach 1e-6 relative error in the closed-form loss: ODE vs GD.
+
+GD runs at its largest stable step 2/lambda_max, with lambda_max the top Hessian eigenvalue at the
+closed-form minimizer, estimated by power iteration on Hessian-vector products by central finite
+differences of the analytic gradient (``top_hessian_eigenvalue``); we use 0.95 * 2/lambda_max so
+the top mode still contracts. lambda_max = 1 + lam_b (the bias block) with a bias.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_flow.py [--sizes small|large|both]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from ufm.closed_form import ufm_optimum
+from ufm.discrete import gradient_descent
+from ufm.dynamics import gradient_flow
+from ufm.model import UFMParams, UFMProblem, loss_and_grad
+
+REL_TARGET = 1e-6
+SIZES = {"small": [(10, 100, 64)], "large": [(100, 50, 256)]}
+SIZES["both"] = SIZES["small"] + SIZES["large"]
+LAM = 5e-4
+STEP_MARGIN = 0.95  # below 2/lambda_max: at exactly 2/lambda_max the top mode does not contract
+
+
+def top_hessian_eigenvalue(problem, params, *, iters=60, h=1e-6, seed=0) -> float:
+    """Power iteration on H v = (grad(x + h v) - grad(x - h v)) / 2h."""
+    x = params.ravel()
+
+    def grad(theta):
+        return loss_and_grad(problem, UFMParams.unravel(params, theta))[1].ravel()
+
+    v = np.random.default_rng(seed).standard_normal(x.size)
+    v /= np.linalg.norm(v)
+    lam = 0.0
+    for _ in range(iters):
+        hv = (grad(x + h * v) - grad(x - h * v)) / (2 * h)
+        lam = float(v @ hv)
+        v = hv / np.linalg.norm(hv)
+    return lam
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", choices=list(SIZES), default="small")
+    ap.add_argument("--methods", default="DOP853,ETD2,BDF")
+    args = ap.parse_args()
+    rows = []
+    for C, N, p in SIZES[args.sizes]:
+        problem = UFMProblem(C, N, LAM, LAM)
+        opt = ufm_optimum(C, N, LAM, LAM)
+        target = opt.loss * (1 + REL_TARGET)
+        start = UFMParams.random(problem, p, rng=0)
+        lam_max = top_hessian_eigenvalue(problem, opt.build(p, rng=0))
+        lr = STEP_MARGIN * 2 / lam_max
+        t0 = time.perf_counter()
+        gd = gradient_descent(problem, start, lr=lr, n_steps=200_000, target_loss=target, metrics=False,
+                              record_every=10**9)  # fmt: skip
+        rows.append(
+            (
+                C,
+                N,
+                p,
+                f"GD lr={lr:.3f}",
+                gd.nfev,
+                time.perf_counter() - t0,
+                gd.loss[-1] / opt.loss - 1,
+                gd.message,
+            )
+        )
+        for m in args.methods.split(","):
+            rtol = 1e-8 if m == "DOP853" else 1e-5
+            t0 = time.perf_counter()
+            r = gradient_flow(problem, start, method=m, target_loss=target, tol=0.0, rtol=rtol, atol=rtol * 1e-2,
+                              t_max=1e6, metrics=False, n_records=2)  # fmt: skip
+            rows.append(
+                (
+                    C,
+                    N,
+                    p,
+                    f"{m} rtol={rtol:g}",
+                    r.nfev,
+                    time.perf_counter() - t0,
+                    r.loss[-1] / opt.loss - 1,
+                    r.message,
+                )
+            )
+    print(f"{'C':>4} {'N':>4} {'p':>4}  {'method':<18} {'grad evals':>10} {'wall s':>8} {'rel err':>9}  stop")
+    for C, N, p, name, nfev, wall, err, msg in rows:
+        print(f"{C:>4} {N:>4} {p:>4}  {name:<18} {nfev:>10d} {wall:>8.2f} {err:>9.2e}  {msg}")
+
+
+if __name__ == "__main__":
+    main()

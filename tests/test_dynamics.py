@@ -1,0 +1,130 @@
+"""Gradient flow (ufm.dynamics) against the closed form, an independent reference solver and exact invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ufm.closed_form import ufm_optimum
+from ufm.dynamics import METHODS, gradient_flow
+from ufm.model import UFMParams, UFMProblem, outputs
+
+# Stationarity at ||grad|| < 1e-9 puts the state within ~1e-9/lam_min of the minimizer (lam_min
+# >= 1e-2 here), far inside the 1e-6 we assert. The reference solver runs at rtol 1e-10.
+TOL_CLOSED = 1e-6
+REF = {"method": "DOP853", "rtol": 1e-12, "atol": 1e-14}
+
+# (C, N, p, lam_w, lam_h, bias): both sides of the collapse threshold delta = C sqrt(N lam_w lam_h) = 1.
+CASES = [
+    (3, 4, 5, 0.02, 0.02, True),  # delta = 0.12
+    (4, 3, 6, 0.05, 0.01, True),  # unequal decays, delta = 0.16
+    (3, 4, 5, 0.02, 0.03, False),  # no bias: orthogonal frame, delta = 0.147
+    (3, 2, 4, 0.5, 0.5, True),  # delta = 2.1 > 1: the zero solution
+    (3, 2, 4, 0.4, 0.6, False),  # delta = 2.08 > 1, no bias
+]
+
+
+@pytest.mark.parametrize(("C", "N", "p", "lam_w", "lam_h", "bias"), CASES)
+def test_flow_reaches_closed_form(C, N, p, lam_w, lam_h, bias):
+    """THEORY.md 5: from a random start the flow's limit is the closed-form global minimizer."""
+    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias)
+    opt = ufm_optimum(C, N, lam_w, lam_h, bias=bias)
+    r = gradient_flow(problem, UFMParams.random(problem, p, rng=1), tol=1e-9, **REF, n_records=5)
+    assert r.success and r.status == 1, r.message
+    assert r.loss[-1] == pytest.approx(opt.loss, rel=TOL_CLOSED)
+    assert r.metrics["eps"][-1] == pytest.approx(opt.eps, abs=TOL_CLOSED)
+    if opt.collapsed:
+        assert r.metrics["cos_w"][-1] == pytest.approx(opt.cos_w, abs=TOL_CLOSED)
+        assert np.sum(r.params.W**2, axis=1) == pytest.approx(opt.w_row_norm_sq, rel=TOL_CLOSED)
+        assert r.metrics["nc1"][-1] < TOL_CLOSED
+    else:
+        assert np.abs(r.params.W).max() < TOL_CLOSED and np.abs(r.params.H).max() < TOL_CLOSED
+
+
+@pytest.mark.parametrize("method", ["RK45", "BDF", "LSODA"])
+def test_methods_agree_with_reference_at_the_limit(method):
+    """Every integrator converges to the same closed form (ETD2 and BDF keep fixed points exactly)."""
+    problem = UFMProblem(3, 3, 0.05, 0.05)
+    opt = ufm_optimum(3, 3, 0.05, 0.05)
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=2), method=method, tol=1e-8, rtol=1e-11,
+                      atol=1e-13, metrics=False, n_records=3)  # fmt: skip
+    assert r.success and r.status == 1, r.message
+    assert r.loss[-1] == pytest.approx(opt.loss, rel=TOL_CLOSED)
+
+
+def test_zero_decay_interpolates():
+    """lam = 0: the flow fits the targets, W H + b -> Y (no minimizer with lam = 0 is collapsed-only)."""
+    problem = UFMProblem(3, 4, 0.0, 0.0)
+    r = gradient_flow(problem, UFMParams.random(problem, 6, rng=3), tol=1e-9, **REF, metrics=False)
+    assert r.status == 1, r.message
+    assert np.abs(outputs(problem, r.params) - problem.Y).max() < 1e-6
+
+
+def test_t_zero_returns_start():
+    problem = UFMProblem(3, 2, 0.1, 0.1)
+    x0 = UFMParams.random(problem, 4, rng=4)
+    r = gradient_flow(problem, x0, t_max=0.0)
+    assert r.t.tolist() == [0.0] and r.status == 0
+    assert np.array_equal(r.params.ravel(), x0.ravel())
+
+
+@pytest.mark.parametrize("method", ["DOP853", "ETD2"])
+def test_balancedness_decays_exactly(method):
+    """With lam_w = lam_h = lam, d/dt (W^T W - H H^T) = -2 lam (W^T W - H H^T) exactly (depth 1)."""
+    lam = 0.03
+    problem = UFMProblem(3, 4, lam, lam)
+    x0 = UFMParams.random(problem, 5, rng=5)
+    D0 = x0.W.T @ x0.W - x0.H @ x0.H.T
+    times = np.array([0.0, 1.0, 5.0, 20.0, 60.0])
+    rtol = 1e-10 if method == "DOP853" else 1e-7
+    r = gradient_flow(problem, x0, method=method, t_max=60.0, t_eval=times, tol=0.0, rtol=rtol, atol=rtol * 1e-2,
+                      dense_output=True, metrics=False)  # fmt: skip
+    for t in times:
+        P = UFMParams.unravel(x0, r.sol(t))
+        D = P.W.T @ P.W - P.H @ P.H.T
+        np.testing.assert_allclose(D, np.exp(-2 * lam * t) * D0, atol=1e-6 * np.abs(D0).max())
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10_000), C=st.integers(2, 4), N=st.integers(1, 3), bias=st.booleans())
+def test_loss_never_increases(seed, C, N, bias):
+    """Gradient flow is a descent flow: dL/dt = -||grad L||^2 <= 0 (checked on a dense record)."""
+    problem = UFMProblem(C, N, 0.05, 0.02, bias=bias)
+    r = gradient_flow(problem, UFMParams.random(problem, C + 1, rng=seed), t_max=200.0, tol=0.0,
+                      t_eval=np.linspace(0, 200, 101), **REF, metrics=False)  # fmt: skip
+    assert np.all(np.diff(r.loss) <= 1e-12 * np.abs(r.loss[:-1]) + 1e-14)
+
+
+@pytest.mark.slow
+def test_deep_and_cross_entropy_flows_descend():
+    """The flow runs for a deep ReLU UFM and for cross-entropy, and the loss decreases along it."""
+    for problem in (
+        UFMProblem(3, 2, 0.05, 0.05, depth=2, activation="relu"),
+        UFMProblem(3, 2, 0.05, 0.05, loss="ce"),
+    ):
+        r = gradient_flow(problem, UFMParams.random(problem, 4, rng=6), t_max=300.0, tol=1e-7, rtol=1e-10,
+                          atol=1e-12, n_records=10)  # fmt: skip
+        assert r.success, r.message
+        assert np.all(np.diff(r.loss) <= 1e-12)
+
+
+def test_overflowing_start_is_refused():
+    """A start whose gradient overflows is a ValueError/FloatingPointError naming it, never a NaN result."""
+    problem = UFMProblem(2, 1, 0.1, 0.1)
+    x0 = UFMParams.random(problem, 2, rng=7)
+    with pytest.raises((ValueError, FloatingPointError)):
+        gradient_flow(problem, UFMParams(x0.H * 1e200, tuple(W * 1e200 for W in x0.Ws), x0.b))
+
+
+def test_bad_input():
+    problem = UFMProblem(3, 2, 0.1, 0.1)
+    x0 = UFMParams.random(problem, 4, rng=8)
+    with pytest.raises(ValueError, match="valid choices"):
+        gradient_flow(problem, x0, method="Euler")
+    with pytest.raises(ValueError, match="t_max"):
+        gradient_flow(problem, x0, t_max=-1.0)
+    with pytest.raises(ValueError, match="t_eval"):
+        gradient_flow(problem, x0, t_max=1.0, t_eval=[0.0, 2.0])
+    assert set(METHODS) >= {"RK45", "DOP853", "LSODA", "BDF", "Radau", "ETD2"}

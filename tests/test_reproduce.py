@@ -1,0 +1,69 @@
+"""The main job in quick mode: every part runs, and the report's numbers come from its CSV tables."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ufm.closed_form import ufm_optimum
+from ufm.reproduce import FLOW_AGREEMENT, reproduce
+from ufm.tables import read_csv
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    return reproduce(tmp_path_factory.mktemp("figures"), quick=True, progress=False)
+
+
+def test_parts_succeed(result):
+    assert result.proofs_verified == result.proofs_total > 0
+    assert result.flows_agree
+    for f in result.figures:
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for t in result.tables:
+        assert read_csv(t), t
+
+
+def test_flows_match_an_independent_closed_form(result):
+    """Each flow's end point against ufm_optimum recomputed here (not the value stored beside it)."""
+    for row in read_csv(result.out / "flows.csv"):
+        opt = ufm_optimum(row["C"], row["N"], row["lam"], row["lam"], bias=row["bias"])
+        assert row["loss_flow"] == pytest.approx(opt.loss, rel=FLOW_AGREEMENT)
+        assert row["eps_flow"] == pytest.approx(opt.eps, rel=FLOW_AGREEMENT)
+        if opt.collapsed:
+            assert row["cos_w_flow"] == pytest.approx(opt.cos_w, abs=1e-6)
+
+
+def test_phase_diagram_crosses_the_threshold(result):
+    rows = read_csv(result.out / "phase.csv")
+    below = [r for r in rows if r["lam_over_lam_star"] < 1]
+    above = [r for r in rows if r["lam_over_lam_star"] > 1]
+    assert below and above
+    assert all(r["w_row_norm_sq_flow"] > 1e-3 for r in below)
+    assert all(r["w_row_norm_sq_flow"] < 1e-8 for r in above)
+
+
+def test_report_numbers_come_from_the_tables(result):
+    text = result.report.read_text()
+    for name in ("flows.png", "phase.png", "network/nc_weight_decay.png"):
+        assert f"]({name})" in text
+    for row in read_csv(result.out / "flows.csv"):
+        assert f"{row['eps_flow']:.4g}" in text
+        assert f"{row['loss_theory']:.4g}" in text
+    for row in read_csv(result.out / "network" / "theory_vs_measurement.csv"):
+        assert f"{row['nc3']:.4g}" in text
+    n = len(read_csv(result.out / "proofs.csv"))
+    assert re.search(rf"{n}/{n} verified", text)
+
+
+@pytest.mark.slow
+def test_cli_quick(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ufm", "reproduce", "--quick", "--json", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["success"] and summary["proofs_verified"] == summary["proofs_total"]

@@ -1,0 +1,304 @@
+"""Discrete dynamics of the UFM (GD, SGD, momentum) and the journal paper's normalized flow.
+
+GD and SGD
+----------
+theta_{k+1} = theta_k - lr v_k with v_k = mu v_{k-1} + g_k (heavy ball, PyTorch's convention;
+mu = 0 is plain GD). GD uses g_k = grad L, so GD with small lr is the Euler method for the flow
+(first order in lr; ``tests/test_discrete.py`` measures it). Time is t = k lr.
+
+SGD samples class-balanced mini-batches of examples (columns of H): every step takes B/C examples of
+each class (a fresh permutation of each class every epoch), matching the balanced setting of the theory.
+Its g_k is the data gradient of the batch, (1/B) sum_{i in B} grad l_i, **plus the exact gradient of
+the weight decay of every parameter**. Choice and reason: the penalty is not a sum over examples, so
+it is not sampled; each feature column h_i gets a data gradient only from its own term l_i, i.e. only
+when i is in the batch, with weight 1/B, and since P(i in B) = B/n that is (1/n) grad l_i in
+expectation. So E[g_k] = grad L exactly (an unbiased SGD for the same L), and SGD with B = n is GD.
+
+Normalized dynamics (Xu, Rangamani, Galanti, Liao, Poggio, Research 2023)
+--------------------------------------------------------------------------
+Each layer W_k = rho_k V_k with ||V_k||_F = 1, the constraint kept by a Lagrange multiplier nu_k.
+Chain rule with G_k = dL/dW_k (the full regularized gradient): dL/drho_k = <V_k, G_k> and
+dL/dV_k = rho_k G_k. Gradient flow in (rho_k, V_k) under the constraint:
+
+    V_k'   = -rho_k G_k - nu_k V_k,   nu_k from d||V_k||^2/dt = 2 <V_k, V_k'> = 0:  nu_k = -rho_k <V_k, G_k>
+           = -rho_k (G_k - <V_k, G_k> V_k)            (tangential projection of the gradient)
+    rho_k' = -<V_k, G_k>                               (weight decay enters as lam_k rho_k through G_k)
+
+H and b follow plain gradient flow. The induced W_k' = -[rho_k^2 G_k + (1 - rho_k^2) <V_k, G_k> V_k]
+is a preconditioned gradient flow: dL/dt = -sum_k (<V_k, G_k>^2 + rho_k^2 ||G_k - <V_k, G_k> V_k||^2)
+- ||G_H||^2 - ||G_b||^2 <= 0, and its fixed points with rho_k != 0 are exactly those of the gradient
+flow (G_k = 0), so it converges to the same closed form. ||V_k|| = 1 is invariant exactly; numerically
+it drifts by the integrator's error, recorded as ``v_norm_err``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ._validation import check_nonneg, check_positive_int
+from .dynamics import FlowResult, _integrate, _Progress, _stack_records, _System, linear_part, record_state
+from .model import UFMParams, UFMProblem, check_params, loss_and_grad
+
+
+@dataclass(frozen=True)
+class DescentResult:
+    """A run of GD or SGD.
+
+    Attributes
+    ----------
+    steps : (k,) recorded step numbers; t : (k,) = steps * lr, the flow time they approximate.
+    loss : (k,) full loss; metrics : name -> (k,) as in ``FlowResult.metrics``.
+    params : final state; grad_norm : ||grad L|| there (full gradient).
+    nfev : gradient evaluations (full gradients for GD, mini-batch gradients for SGD).
+    success : False on divergence; status : -1 diverged, 0 ran n_steps, 1 ||grad L|| < tol,
+    2 reached the target loss; message : with the cause and last good step/time on divergence.
+    """
+
+    steps: np.ndarray
+    t: np.ndarray
+    loss: np.ndarray
+    metrics: dict[str, np.ndarray]
+    params: UFMParams
+    grad_norm: float
+    nfev: int
+    success: bool
+    status: int
+    message: str
+
+
+def _batch_gradient(problem: UFMProblem, params: UFMParams, idx: np.ndarray, per_class: int) -> UFMParams:
+    """(1/B) sum_{i in idx} grad l_i plus the full weight-decay gradient (module docstring).
+
+    ``idx`` lists the batch class-major (per_class examples of each class), so the batch is itself a
+    balanced UFMProblem with N = per_class; its decays are zeroed and the exact decays added after.
+    """
+    sub = replace(problem, N=per_class, lam_w=(0.0,) * problem.depth, lam_h=0.0, lam_b=0.0)
+    _, g = loss_and_grad(sub, UFMParams(params.H[:, idx], params.Ws, params.b))
+    dH = problem.lam_h * params.H
+    dH[:, idx] += g.H
+    dWs = tuple(gw + lam * Wk for gw, lam, Wk in zip(g.Ws, problem.lam_layers, params.Ws))
+    db = None if params.b is None else g.b + problem.lam_b * params.b
+    return UFMParams(dH, dWs, db)
+
+
+def _descend(
+    problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler
+):
+    """Shared loop of GD and SGD: ``sampler(k, params) -> gradient`` (or None for the full gradient)."""
+    check_params(problem, start)
+    lr = check_nonneg("lr", lr)
+    n_steps = check_positive_int("n_steps", n_steps)
+    record_every = check_positive_int("record_every", record_every)
+    momentum = check_nonneg("momentum", momentum)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    theta = start.ravel().copy()
+    vel = np.zeros_like(theta)
+    steps, records = [], []
+    status, msg, nfev, k = 0, "", 0, 0
+    last_good = (0, theta.copy())
+    bar = _Progress(n_steps, progress, "descent")
+    try:
+        while True:
+            params = UFMParams.unravel(start, theta)
+            try:
+                with np.errstate(over="raise", invalid="raise", divide="raise"):
+                    value, full = loss_and_grad(problem, params)
+                    gnorm = float(np.linalg.norm(full.ravel()))
+                    if not (np.isfinite(value) and np.isfinite(gnorm)):
+                        raise FloatingPointError(f"non-finite loss {value} or gradient norm {gnorm}")
+            except FloatingPointError as err:
+                s_good = last_good[0]
+                status = -1
+                msg = f"diverged at step {k}: {err}; last good step {s_good} (t = {s_good * lr:.6g})"
+                theta = last_good[1]
+                break
+            last_good = (k, theta.copy())
+            stop = gnorm < tol or (target_loss is not None and value <= target_loss) or k >= n_steps
+            if k % record_every == 0 or stop:
+                steps.append(k)
+                rec = record_state(problem, params) if metrics else {"loss": value}
+                rec["grad_norm"] = gnorm
+                records.append(rec)
+            if stop:
+                status = 1 if gnorm < tol else 2 if (target_loss is not None and value <= target_loss) else 0
+                msg = {0: "ran n_steps", 1: "stationary: ||grad L|| < tol", 2: "reached the target loss"}[
+                    status
+                ]
+                msg += f" at step {k} (t = {k * lr:.6g})"
+                break
+            g = sampler(k, params)
+            if g is None:
+                g = full  # GD: the gradient computed above
+            else:
+                nfev += 1
+            with np.errstate(over="ignore", invalid="ignore"):  # checked at the next step
+                vel = momentum * vel + g.ravel()
+                theta = theta - lr * vel
+            k += 1
+            bar.update(k)
+    finally:
+        bar.close()
+    if sampler is _full:
+        nfev = last_good[0] + 1  # one full gradient per step taken, and one at the end
+    stacked = _stack_records(records) if records else {"loss": np.array([])}
+    loss_t = stacked.pop("loss")
+    final = UFMParams.unravel(start, theta)
+    gfinal = float(np.linalg.norm(loss_and_grad(problem, final)[1].ravel())) if status >= 0 else float("nan")
+    steps_a = np.array(steps, dtype=int)
+    return DescentResult(
+        steps=steps_a, t=steps_a * lr, loss=loss_t, metrics=stacked, params=final, grad_norm=gfinal,
+        nfev=int(nfev), success=status >= 0, status=status, message=msg,
+    )  # fmt: skip
+
+
+def _full(k: int, params: UFMParams) -> None:
+    return None
+
+
+def gradient_descent(
+    problem: UFMProblem,
+    start: UFMParams,
+    *,
+    lr: float,
+    n_steps: int,
+    momentum: float = 0.0,
+    tol: float = 0.0,
+    target_loss: float | None = None,
+    record_every: int = 100,
+    metrics: bool = True,
+    progress: bool = False,
+) -> DescentResult:
+    """Full-batch gradient descent (heavy-ball momentum optional; module docstring).
+
+    Parameters
+    ----------
+    problem, start : model and theta_0; lr : step size (flow time per step); n_steps : maximum steps;
+    momentum : mu in [0, 1); tol : stop when ||grad L|| < tol; target_loss : stop when the loss is
+    <= this; record_every : record loss and measures every so many steps (and at the end);
+    metrics : record NC measures; progress : tqdm bar on stderr.
+    """
+    return _descend(
+        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, _full
+    )
+
+
+def sgd(
+    problem: UFMProblem,
+    start: UFMParams,
+    *,
+    lr: float,
+    n_steps: int,
+    batch_size: int,
+    momentum: float = 0.0,
+    seed: int | None = 0,
+    tol: float = 0.0,
+    target_loss: float | None = None,
+    record_every: int = 100,
+    metrics: bool = True,
+    progress: bool = False,
+) -> DescentResult:
+    """SGD over class-balanced mini-batches of examples (module docstring for the gradient estimate).
+
+    ``batch_size`` must be a multiple of C and at most n; the stopping rules look at the full loss
+    and gradient, evaluated every step (not counted in ``nfev``, which counts mini-batch gradients).
+    """
+    C, N = problem.C, problem.N
+    batch_size = check_positive_int("batch_size", batch_size)
+    if batch_size % C or batch_size > problem.n:
+        raise ValueError(
+            f"batch_size must be a multiple of C = {C} and at most n = {problem.n}, got {batch_size}"
+        )
+    per_class = batch_size // C
+    per_epoch = N // per_class
+    rng = np.random.default_rng(seed)
+    offsets = np.arange(C)[:, None] * N  # (C, 1) first column of each class
+    order = np.empty((C, N), dtype=int)
+
+    def sampler(k: int, params: UFMParams) -> UFMParams:
+        j = k % per_epoch
+        if j == 0:
+            order[:] = rng.permuted(np.tile(np.arange(N), (C, 1)), axis=1)
+        idx = (offsets + order[:, j * per_class : (j + 1) * per_class]).ravel()  # class-major
+        return _batch_gradient(problem, params, idx, per_class)
+
+    return _descend(
+        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler
+    )
+
+
+def _normalized_system(problem: UFMProblem, start: UFMParams) -> _System:
+    """State y = (H, rho_1..rho_L, V_1..V_L, b) flat; field of the module docstring."""
+    norms = [float(np.linalg.norm(Wk)) for Wk in start.Ws]
+    if min(norms) == 0:
+        raise ValueError("the normalized flow needs every ||W_k||_F > 0 at the start (V_k = W_k/rho_k)")
+    L = len(start.Ws)
+    Vs0 = [Wk / r for Wk, r in zip(start.Ws, norms)]
+    like = UFMParams(start.H, tuple(Vs0), start.b)  # layout of (H, V_k, b)
+    nH = start.H.size
+
+    def split(y: np.ndarray) -> tuple[np.ndarray, UFMParams]:
+        rho = y[nH : nH + L]
+        rest = np.concatenate([y[:nH], y[nH + L :]])
+        return rho, UFMParams.unravel(like, rest)
+
+    def to_params(y: np.ndarray) -> UFMParams:
+        rho, pv = split(np.asarray(y, dtype=float))
+        return UFMParams(pv.H, tuple(r * V for r, V in zip(rho, pv.Ws)), pv.b)
+
+    def field(y: np.ndarray) -> tuple[float, np.ndarray, float]:
+        rho, pv = split(y)
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            value, g = loss_and_grad(problem, to_params(y))
+            drho = np.array([-float(np.vdot(V, G)) for V, G in zip(pv.Ws, g.Ws)])
+            # V' = -rho (G - <V, G> V): the Lagrange multiplier removes the radial part.
+            dVs = [-r * (G + d * V) for r, V, G, d in zip(rho, pv.Ws, g.Ws, drho)]
+            parts = [-g.H.ravel(), drho, *[dV.ravel() for dV in dVs]]
+            if g.b is not None:
+                parts.append(-g.b)
+            dy = np.concatenate(parts)
+        return value, dy, float(np.linalg.norm(dy))
+
+    def extra(y: np.ndarray) -> dict[str, float]:
+        rho, pv = split(y)
+        out = {f"rho_{k + 1}": float(r) for k, r in enumerate(rho)}
+        out["rho"] = float(np.prod(rho))
+        out["v_norm_err"] = max(abs(float(np.linalg.norm(V)) - 1) for V in pv.Ws)
+        return out
+
+    full_lin = linear_part(problem, start)
+    lin = np.concatenate([full_lin[:nH], np.zeros(L), full_lin[nH:]])  # rho and V are not split off
+    y0 = np.concatenate(
+        [start.H.ravel(), norms, *[V.ravel() for V in Vs0]] + ([start.b] if start.b is not None else [])
+    )
+    return _System(problem=problem, y0=y0, field=field, to_params=to_params, linear=lin, extra=extra)
+
+
+def normalized_flow(
+    problem: UFMProblem,
+    start: UFMParams,
+    *,
+    method: str = "DOP853",
+    t_max: float = 1e6,
+    tol: float = 1e-8,
+    rtol: float = 1e-8,
+    atol: float = 1e-10,
+    t_eval: np.ndarray | None = None,
+    n_records: int = 60,
+    metrics: bool = True,
+    progress: bool = False,
+) -> FlowResult:
+    """The normalized dynamics (module docstring), integrated like ``ufm.dynamics.gradient_flow``.
+
+    The stationarity event compares ||(H', rho', V', b')|| with ``tol``; ``metrics`` gain ``rho_k``,
+    ``rho`` = prod_k rho_k and ``v_norm_err`` = max_k | ||V_k|| - 1 |. ``params`` is W_k = rho_k V_k.
+    The ``ETD2`` method runs on the host only (the field is NumPy).
+    """
+    check_params(problem, start)
+    return _integrate(
+        _normalized_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
+        t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=None, dense_output=False,
+        progress=progress, device="cpu",
+    )  # fmt: skip

@@ -1,0 +1,80 @@
+"""Tables on disk: CSV rows written and read back without losing a digit, and JSON records.
+
+Every table ``ufm`` writes (training histories, sweep results, the report's tables) goes through
+these functions, so one encoding holds everywhere: None and NaN are empty cells, floats are written
+with ``repr`` (read back bit for bit), and files are replaced atomically, so an interrupted run leaves
+the previous file whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def cell_text(value: Any) -> str:
+    """One CSV cell: '' for None or NaN, ``repr`` for floats (exact round trip), ``str`` otherwise."""
+    if value is None:
+        return ""
+    if isinstance(value, float) or type(value).__module__ == "numpy" and hasattr(value, "dtype"):
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float):
+            return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def cell_value(text: str) -> Any:
+    """Inverse of ``cell_text``: '' -> None, then bool, int, float, else the string."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def columns_of(rows: Iterable[dict[str, Any]], first: Sequence[str] = ()) -> list[str]:
+    """Column names in first-seen order, ``first`` leading."""
+    seen = dict.fromkeys(first)
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], first: Sequence[str] = ()) -> Path:
+    """Write ``rows`` as a CSV table, atomically (through a temporary file and ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns_of(rows, first))
+        writer.writeheader()
+        writer.writerows({k: cell_text(v) for k, v in row.items()} for row in rows)
+    os.replace(tmp, path)
+    return path
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a CSV table written by ``write_csv``, with typed cells (None where empty)."""
+    with Path(path).open(newline="") as fh:
+        return [{k: cell_value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically; NaN is refused (it is not JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
