@@ -18,7 +18,9 @@ def _solve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
     p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
     p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
-    p.add_argument("--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)")
+    p.add_argument(
+        "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
+    )
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
     p.add_argument("--starts", type=int, default=4, help="random starts for --verify (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for --verify (default 0)")
@@ -33,7 +35,9 @@ def _run_solve(args: argparse.Namespace) -> int:
     bias = not args.no_bias
     opt = ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias)
     if args.dim < opt.min_dim:
-        raise ValueError(f"--dim {args.dim} is below {opt.min_dim} ({'C-1' if bias else 'C'}), the minimizer's rank")
+        raise ValueError(
+            f"--dim {args.dim} is below {opt.min_dim} ({'C-1' if bias else 'C'}), the minimizer's rank"
+        )
     out = {"p": args.dim, **opt.as_dict()}
     if args.verify:
         chk = check_optimum(
@@ -234,7 +238,9 @@ def _prove(sub: argparse._SubParsersAction) -> None:
 
 @command
 def _reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the main job: proofs, flows, phase diagram, network; figures + report")
+    p = sub.add_parser(
+        "reproduce", help="the main job: proofs, flows, phase diagram, network; figures + report"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 CPU cores)")
     p.add_argument("--out", default="figures", help="output directory (default: figures/)")
     p.add_argument("--seed", type=int, default=0, help="seed of random starts and training (default 0)")
@@ -275,12 +281,22 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
     p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
     p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
-    p.add_argument("--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)")
-    p.add_argument("--loss", choices=["mse", "ce"], default="mse", help="square loss (default) or cross-entropy")
-    p.add_argument("--method", default="DOP853", help="integrator, one of ufm.dynamics.METHODS (default DOP853)")
+    p.add_argument(
+        "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
+    )
+    p.add_argument(
+        "--loss", choices=["mse", "ce"], default="mse", help="square loss (default) or cross-entropy"
+    )
+    p.add_argument(
+        "--method", default="DOP853", help="integrator, one of ufm.dynamics.METHODS (default DOP853)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random start (default 0)")
-    p.add_argument("--t-max", type=float, default=1e6, help="final time if not stationary before (default 1e6)")
-    p.add_argument("--tol", type=float, default=1e-8, help="stationarity threshold on ||grad L|| (default 1e-8)")
+    p.add_argument(
+        "--t-max", type=float, default=1e6, help="final time if not stationary before (default 1e6)"
+    )
+    p.add_argument(
+        "--tol", type=float, default=1e-8, help="stationarity threshold on ||grad L|| (default 1e-8)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="directory for trajectory.csv and flow.png")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
@@ -301,7 +317,11 @@ def _run_flow(args: argparse.Namespace) -> int:
     rtol = min(1e-8, args.tol * 1e-4)
     r = gradient_flow(problem, start, method=args.method, t_max=args.t_max, tol=args.tol, rtol=rtol,
                       atol=rtol * 1e-2, progress=args.progress)  # fmt: skip
-    opt = ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias) if args.loss == "mse" else None
+    opt = (
+        ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias)
+        if args.loss == "mse"
+        else None
+    )
 
     def final(name: str):
         v = float(r.metrics[name][-1])
@@ -355,7 +375,9 @@ def _write_flow_outputs(directory: str, r, opt) -> list[str]:
     csv = d / "trajectory.csv"
     np.savetxt(csv, table, delimiter=",", header=",".join(["t", *names]), comments="", fmt="%.10g")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    t = np.maximum(r.t, r.t[r.t > 0].min() if (r.t > 0).any() else 1.0)  # log axis: t = 0 drawn at the first t > 0
+    t = np.maximum(
+        r.t, r.t[r.t > 0].min() if (r.t > 0).any() else 1.0
+    )  # log axis: t = 0 drawn at the first t > 0
     for k in ("nc1", "nc2_equinorm", "nc2_maxangle_w", "nc3", "eps"):
         if k in r.metrics and np.isfinite(r.metrics[k]).any():
             (line,) = ax.plot(t, np.abs(r.metrics[k]), label=k)
