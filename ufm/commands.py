@@ -10,9 +10,8 @@ import argparse
 from .cli import command, print_json  # noqa: F401
 
 
-@command
-def _solve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("solve", help="closed-form global minimizer of the regularized square-loss UFM")
+def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
+    """The UFM problem's flags, shared by ``solve`` and ``flow``."""
     p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
     p.add_argument("--per-class", "-N", type=int, required=True, help="examples per class N")
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
@@ -21,6 +20,12 @@ def _solve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
     )
+
+
+@command
+def _solve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("solve", help="closed-form global minimizer of the regularized square-loss UFM")
+    _add_problem_arguments(p)
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
     p.add_argument("--starts", type=int, default=4, help="random starts for --verify (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for --verify (default 0)")
@@ -276,20 +281,11 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 @command
 def _register_flow(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("flow", help="integrate gradient flow of the UFM from a random start to stationarity")
-    p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
-    p.add_argument("--per-class", "-N", type=int, required=True, help="examples per class N")
-    p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
-    p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
-    p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
-    p.add_argument(
-        "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
-    )
+    _add_problem_arguments(p)
     p.add_argument(
         "--loss", choices=["mse", "ce"], default="mse", help="square loss (default) or cross-entropy"
     )
-    p.add_argument(
-        "--method", default="DOP853", help="integrator, one of ufm.dynamics.METHODS (default DOP853)"
-    )
+    p.add_argument("--method", default="BDF", help="integrator, one of ufm.dynamics.METHODS (default BDF)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random start (default 0)")
     p.add_argument(
         "--t-max", type=float, default=1e6, help="final time if not stationary before (default 1e6)"
@@ -362,33 +358,12 @@ def _write_flow_outputs(directory: str, r, opt) -> list[str]:
     """trajectory.csv (t, loss, measures) and flow.png (measures and eps against t, closed form dashed)."""
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from .plots import plot_flow_measures
+    from .tables import write_csv
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    names = ["loss", *r.metrics]
-    table = np.column_stack([r.t, r.loss, *[r.metrics[k] for k in r.metrics]])
-    csv = d / "trajectory.csv"
-    np.savetxt(csv, table, delimiter=",", header=",".join(["t", *names]), comments="", fmt="%.10g")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    t = np.maximum(
-        r.t, r.t[r.t > 0].min() if (r.t > 0).any() else 1.0
-    )  # log axis: t = 0 drawn at the first t > 0
-    for k in ("nc1", "nc2_equinorm", "nc2_maxangle_w", "nc3", "eps"):
-        if k in r.metrics and np.isfinite(r.metrics[k]).any():
-            (line,) = ax.plot(t, np.abs(r.metrics[k]), label=k)
-            if k == "eps" and opt is not None and opt.eps > 0:
-                ax.axhline(opt.eps, ls="--", color=line.get_color(), label="eps (closed form)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("t (flow time)")
-    ax.set_title("gradient flow of the UFM: NC measures and eps")
-    ax.legend(fontsize=8)
-    png = d / "flow.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    columns = {"t": r.t, "loss": r.loss, **r.metrics}
+    rows = [{k: float(v[i]) for k, v in columns.items()} for i in range(len(r.t))]
+    csv = write_csv(d / "trajectory.csv", rows)
+    png = plot_flow_measures(r.t, r.metrics, d / "flow.png", eps_closed_form=None if opt is None else opt.eps)
     return [str(csv), str(png)]

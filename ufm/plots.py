@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_flows", "plot_nc_training", "plot_phase_diagram"]
+__all__ = ["plot_flow_measures", "plot_flows", "plot_nc_training", "plot_phase_diagram"]
 
 DPI = 120  # enough for a report page, small enough to commit
 
@@ -84,6 +84,35 @@ def plot_nc_training(histories: Mapping[str, Mapping[str, np.ndarray]], path: st
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
+    return _save(fig, path)
+
+
+def plot_flow_measures(t, metrics, path: str | Path, *, eps_closed_form: float | None = None) -> Path:
+    """Claim (THEORY.md 5): along gradient flow the NC measures vanish and eps settles at the closed form.
+
+    |NC1|, |NC2|, |NC3| and eps of one flow against t on log axes (t = 0 drawn at the first t > 0),
+    with the closed form's eps dashed.
+
+    Parameters
+    ----------
+    t : (k,) times; metrics : name -> (k,) measures, as ``FlowResult.metrics``; path : output file;
+    eps_closed_form : the closed form's eps, or None (e.g. cross-entropy, which has none).
+    """
+    t = np.asarray(t, dtype=float)
+    t = np.maximum(t, t[t > 0].min() if (t > 0).any() else 1.0)
+    fig, ax = _figure(1, 1, (7, 4.5))
+    for k in ("nc1", "nc2_equinorm", "nc2_maxangle_w", "nc3", "eps"):
+        if k in metrics and np.isfinite(metrics[k]).any():
+            (line,) = ax.plot(t, np.abs(metrics[k]), label=k)
+            if k == "eps" and eps_closed_form:
+                ax.axhline(eps_closed_form, ls="--", color=line.get_color(), label="eps (closed form)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="t (flow time)",
+        title="gradient flow of the UFM: NC measures and eps",
+    )
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
