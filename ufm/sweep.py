@@ -431,6 +431,7 @@ class _TableWriter:
     def _rewrite(self) -> None:
         full = [{c: row.get(c) for c in self.columns} for row in self.rows]
         if self.path.suffix == ".parquet":
+            pq = _pyarrow_parquet()  # a clear error when pyarrow is missing
             import pyarrow as pa
 
             try:
@@ -440,7 +441,7 @@ class _TableWriter:
                     f"results do not fit one Parquet column type: {err}; use a .csv table"
                 ) from None
             tmp = self.path.with_name(self.path.name + ".tmp")
-            _pyarrow_parquet().write_table(table, tmp)
+            pq.write_table(table, tmp)
             os.replace(tmp, self.path)
         else:
             write_csv(self.path, full, self.columns)
