@@ -344,7 +344,9 @@ class NCAccumulator:
         dev = dict(device=self._device, dtype=self._dtype)
         U = Vt[:r].T  # (p, r) orthonormal basis of span(M)
         basis = U if self._W is None else np.hstack([U, self._W.T])  # (p, r + C)
-        self._basis = torch.as_tensor(basis, **dev)
+        # Stored transposed: on CPU, torch's (r + C, p) @ (p, b) runs up to 3x faster than
+        # (b, p) @ (p, r + C) for these skinny shapes (measured at r + C = 19 and 28, float64).
+        self._basis_t = torch.as_tensor(basis.T.copy(), **dev)  # (r + C, p)
         self._s = torch.as_tensor(s[:r], **dev)
         self._u_G = torch.as_tensor(self._mu_G @ U, **dev)  # (r,) projected global mean
         self._Q = torch.as_tensor(A[:, :r] * s[:r], **dev)  # (C, r) = M U, projected centred means
@@ -361,7 +363,7 @@ class NCAccumulator:
 
     def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
         r, C = self._r, self.C
-        G = X @ self._basis  # (b, r + C): the only O(b p) work of pass 2
+        G = (self._basis_t @ X.T).T  # (b, r + C): the only O(b p) work of pass 2
         Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G)
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
         Z = (Pc - self._Q[y]) / self._s
