@@ -97,17 +97,23 @@ def test_loss_never_increases(seed, C, N, bias):
     assert np.all(np.diff(r.loss) <= 1e-12 * np.abs(r.loss[:-1]) + 1e-14)
 
 
-@pytest.mark.slow
-def test_deep_and_cross_entropy_flows_descend():
-    """The flow runs for a deep ReLU UFM and for cross-entropy, and the loss decreases along it."""
-    for problem in (
-        UFMProblem(3, 2, 0.05, 0.05, depth=2, activation="relu"),
-        UFMProblem(3, 2, 0.05, 0.05, loss="ce"),
-    ):
-        r = gradient_flow(problem, UFMParams.random(problem, 4, rng=6), t_max=300.0, tol=1e-7, rtol=1e-10,
-                          atol=1e-12, n_records=10)  # fmt: skip
-        assert r.success, r.message
-        assert np.all(np.diff(r.loss) <= 1e-12)
+@pytest.mark.parametrize(
+    ("problem", "t_max"),
+    [
+        (UFMProblem(3, 2, 0.05, 0.05, depth=2, activation="linear"), 300.0),
+        (UFMProblem(3, 2, 0.05, 0.05, loss="ce"), 300.0),
+        # ReLU kinks: pre-activations that reach 0 make the field discontinuous, and adaptive steps
+        # shrink to ~1e-4 there (about 1e4 evaluations per unit of time), so only a short horizon.
+        (UFMProblem(3, 2, 0.05, 0.05, depth=2, activation="relu"), 2.0),
+    ],
+)
+def test_deep_and_cross_entropy_flows_descend(problem, t_max):
+    """The flow runs for a deep UFM (linear and ReLU) and for cross-entropy; the loss never increases."""
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=6), method="RK45", t_max=t_max, tol=1e-7,
+                      rtol=1e-6, atol=1e-9, n_records=10)  # fmt: skip
+    assert r.success, r.message
+    assert r.loss[-1] < r.loss[0]
+    assert np.all(np.diff(r.loss) <= 1e-12)
 
 
 def test_overflowing_start_is_refused():

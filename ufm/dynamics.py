@@ -38,6 +38,10 @@ Measured limits (benchmarks/bench_flow.py): ETD2 is only second order, so at tig
 tolerance, hovers at its stability limit with an error of the size of the tolerance, which also floors
 ||grad L||: choose ``tol`` well above ``rtol`` times the curvature (~1) times the state's scale.
 
+Deep ReLU variants: the field is discontinuous where a hidden pre-activation crosses 0, and gradient
+flow can slide along such a kink; adaptive steps then shrink to ~1e-4 (about 1e4 gradient evaluations
+per unit of time at (C, N, p) = (3, 2, 4)). Integrate them over short horizons, or use GD/SGD.
+
 Faults: a gradient that overflows or turns NaN stops the integration with ``success=False`` and a
 message naming the cause and the last good time.
 """
