@@ -111,33 +111,45 @@ def _run_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags of ``ufm train`` that map one to one onto TrainConfig fields.
+_TRAIN_FIELDS = (
+    "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
+    "weight_norm", "seed", "device",
+)  # fmt: skip
+
+
 @command
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    from .training import TrainConfig as D  # defaults only; cheap (no torch work at import)
-
+    # Defaults are left to TrainConfig (flags default to None), so building the parser imports no torch.
     p = sub.add_parser(
         "train",
         help="train a bias-free homogeneous ReLU network with the square loss and measure NC1-NC4",
         description="Train with SGD on 1/(2NC) sum ||y - f(x)||^2 + lambda/2 sum_k ||W_k||^2 and record "
-        "NC1-NC4, norms, ranks, SQI residuals and the theorem's predictions every epoch.",
+        "NC1-NC4, norms, ranks, SQI residuals and the theorem's predictions every epoch. Unset flags "
+        "take the defaults of ufm.TrainConfig (print them with --show-defaults).",
     )
-    p.add_argument("--dataset", default=D.dataset, help="default | mnist:DIR | fashion:DIR | cifar10:DIR")
-    p.add_argument("--arch", default=D.arch, choices=("mlp", "cnn"))
-    p.add_argument("--depth", type=int, default=D.depth, help="number of weight layers L")
-    p.add_argument("--width", type=int, default=D.width, help="hidden units (mlp) or channels (cnn)")
-    p.add_argument("--wd", type=float, default=D.wd, metavar="LAMBDA", help="weight decay on every layer")
-    p.add_argument("--lr", type=float, default=D.lr, metavar="ETA", help="initial learning rate")
-    p.add_argument("--epochs", type=int, default=D.epochs)
-    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--dataset", help="default | mnist:DIR | fashion:DIR | cifar10:DIR")
+    p.add_argument("--arch", choices=("mlp", "cnn"))
+    p.add_argument("--depth", type=int, help="number of weight layers L")
+    p.add_argument("--width", type=int, help="hidden units (mlp) or channels (cnn)")
+    p.add_argument("--wd", type=float, metavar="LAMBDA", help="weight decay on every layer")
+    p.add_argument("--lr", type=float, metavar="ETA", help="initial learning rate")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--per-class", type=int, metavar="N", help="training examples per class")
     p.add_argument(
-        "--per-class", type=int, default=D.per_class, metavar="N", help="training examples per class"
+        "--weight-norm", action="store_true", default=None, help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)"
     )
-    p.add_argument("--weight-norm", action="store_true", help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)")
-    p.add_argument("--seed", type=int, default=D.seed)
-    p.add_argument("--device", default=D.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")
+    p.add_argument(
+        "--show-defaults",
+        action="store_true",
+        help="print the configuration (flags over TrainConfig defaults) as JSON and exit",
+    )
     p.set_defaults(run=_train)
 
 
@@ -146,20 +158,11 @@ def _train(args: argparse.Namespace) -> int:
 
     from .training import TrainConfig, format_theory_table, train
 
-    config = TrainConfig(
-        dataset=args.dataset,
-        arch=args.arch,
-        depth=args.depth,
-        width=args.width,
-        wd=args.wd,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        per_class=args.per_class,
-        weight_norm=args.weight_norm,
-        seed=args.seed,
-        device=args.device,
-    )
+    given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
+    config = TrainConfig(**given)
+    if args.show_defaults:
+        print_json(config.as_dict())
+        return 0
     result = train(config, out=args.out, resume=args.resume, progress=not args.json)
     summary = result.final | {
         "status": result.status,
