@@ -102,17 +102,38 @@ class _Conv(_WeightLayer):
 
 
 class HomogeneousNet(nn.Module):
-    """Base class: a bias-free ReLU feature map followed by the classifier W_L (C, p).
+    """Base class: a bias-free ReLU feature map followed by the classifier W_L (C, p = width).
 
-    Subclasses set ``self.layers`` (an ``nn.ModuleList`` of weight layers, classifier last) and
-    implement :meth:`features`. ``forward(x)`` returns f(x), shape (n, C).
+    Subclasses implement :meth:`_hidden_layers` (the ``depth - 1`` layers before the classifier) and
+    :meth:`features`; ``self.layers`` is the ``nn.ModuleList`` of weight layers, classifier last.
+    ``forward(x)`` returns f(x), shape (n, C). The constructor's parameters are documented on the
+    subclasses.
     """
 
     layers: nn.ModuleList
 
-    def __init__(self):
+    def __init__(
+        self,
+        input_shape,
+        C: int,
+        *,
+        depth: int,
+        width: int,
+        weight_norm: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.penultimate = nn.Identity()
+        depth, width = _check_depth_width(depth, width)
+        g = torch.Generator().manual_seed(seed)
+        layers = self._hidden_layers(input_shape, depth, width, weight_norm, g, dtype)
+        layers.append(_Dense((C, width), _classifier_std(width, C), weight_norm, g, dtype))
+        self.layers = nn.ModuleList(layers)
+
+    def _hidden_layers(self, input_shape, depth, width, weight_norm, generator, dtype) -> list[nn.Module]:
+        """The ``depth - 1`` weight layers before the classifier, drawn from ``generator``."""
+        raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features h(x), shape (n, p)."""
@@ -193,24 +214,11 @@ class HomogeneousMLP(HomogeneousNet):
         Parameter dtype (float32 for training, float64 for exact checks).
     """
 
-    def __init__(
-        self,
-        input_shape,
-        C: int,
-        *,
-        depth: int,
-        width: int,
-        weight_norm: bool = False,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__()
-        depth, width = _check_depth_width(depth, width)
-        g = torch.Generator().manual_seed(seed)
+    def _hidden_layers(self, input_shape, depth, width, weight_norm, generator, dtype) -> list[nn.Module]:
         dims = [math.prod(input_shape)] + [width] * (depth - 1)
-        layers = [_Dense((o, i), _hidden_std(i), weight_norm, g, dtype) for i, o in zip(dims[:-1], dims[1:])]
-        layers.append(_Dense((C, width), _classifier_std(width, C), weight_norm, g, dtype))
-        self.layers = nn.ModuleList(layers)
+        return [
+            _Dense((o, i), _hidden_std(i), weight_norm, generator, dtype) for i, o in zip(dims[:-1], dims[1:])
+        ]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
@@ -245,28 +253,15 @@ class HomogeneousCNN(HomogeneousNet):
 
     KERNEL = 3
 
-    def __init__(
-        self,
-        input_shape,
-        C: int,
-        *,
-        depth: int,
-        width: int,
-        weight_norm: bool = False,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__()
-        depth, width = _check_depth_width(depth, width)
-        g = torch.Generator().manual_seed(seed)
+    def _hidden_layers(self, input_shape, depth, width, weight_norm, generator, dtype) -> list[nn.Module]:
         channels = [input_shape[0]] + [width] * (depth - 1)
         k = self.KERNEL
-        layers = [
-            _Conv((o, i, k, k), _hidden_std(i * k * k), weight_norm, g, dtype, stride=2 if j < 2 else 1)
+        return [
+            _Conv(
+                (o, i, k, k), _hidden_std(i * k * k), weight_norm, generator, dtype, stride=2 if j < 2 else 1
+            )
             for j, (i, o) in enumerate(zip(channels[:-1], channels[1:]))
         ]
-        layers.append(_Dense((C, width), _classifier_std(width, C), weight_norm, g, dtype))
-        self.layers = nn.ModuleList(layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = x
