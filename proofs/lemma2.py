@@ -59,7 +59,12 @@ def _network() -> dict:
         fs.append(sympy.expand((Ws[-1] * z)[:, 0]))
     data = sum(((f - y).T * (f - y))[0] for f, y in zip(fs, ys)) / (2 * n)
     grads = [Wk.applyfunc(lambda w: sympy.diff(data, w)) for Wk in Ws]
-    return {"Ws": Ws, "fs": fs, "ys": ys, "n": n, "data": data, "grads": grads}
+    norms = [_inner(Wk, Wk) for Wk in Ws]  # ||W_k||_F^2
+    # The poster's fit term 1/(2NC) sum(||y||^2 - <y, f>) and the balance's right side 1/(NC) sum(<y, f> - ||f||^2).
+    fit = sum(_inner(y, y) - _inner(y, f) for f, y in zip(fs, ys)) / (2 * n)
+    balance_rhs = sum(_inner(y, f) - _inner(f, f) for f, y in zip(fs, ys)) / n
+    return {"Ws": Ws, "fs": fs, "ys": ys, "n": n, "data": data, "grads": grads, "norms": norms, "fit": fit,
+            "balance_rhs": balance_rhs}  # fmt: skip
 
 
 def _inner(A: sympy.Matrix, B: sympy.Matrix) -> sympy.Expr:
@@ -113,10 +118,8 @@ def lemma2_homogeneity(rng: np.random.Generator) -> list[Claim]:
 )
 def lemma2_balance(rng: np.random.Generator) -> list[Claim]:
     net = _network()
-    norms = [_inner(Wk, Wk) for Wk in net["Ws"]]
+    norms, fit, balance_rhs = net["norms"], net["fit"], net["balance_rhs"]
     L = net["data"] + lam / 2 * sum(norms)
-    fit = sum(_inner(y, y) - _inner(y, f) for f, y in zip(net["fs"], net["ys"])) / (2 * net["n"])
-    balance_rhs = sum(_inner(y, f) - _inner(f, f) for f, y in zip(net["fs"], net["ys"])) / net["n"]
     claims = []
     for l, Wl in enumerate(net["Ws"]):
         grad_l = net["grads"][l] + lam * Wl  # dL/dW_l
@@ -154,12 +157,9 @@ def lemma2_balance(rng: np.random.Generator) -> list[Claim]:
 )
 def lemma2_no_interpolation(rng: np.random.Generator) -> list[Claim]:
     net = _network()
-    norms = [_inner(Wk, Wk) for Wk in net["Ws"]]
-    fs, ys = net["fs"], net["ys"]
+    norms, fit, balance_rhs = net["norms"], net["fit"], net["balance_rhs"]
     # Interpolation f = y, as a substitution of the targets.
-    interp = {y_i: f_i for f, y in zip(fs, ys) for y_i, f_i in zip(y, f)}
-    balance_rhs = sum(_inner(y, f) - _inner(f, f) for f, y in zip(fs, ys)) / net["n"]
-    fit = sum(_inner(y, y) - _inner(y, f) for f, y in zip(fs, ys)) / (2 * net["n"])
+    interp = {y_i: f_i for f, y in zip(net["fs"], net["ys"]) for y_i, f_i in zip(y, f)}
     direct = (net["data"] + lam / 2 * sum(norms)).subs(interp)
     claims = [
         zero(

@@ -23,9 +23,6 @@ STATUSES, numeric, positive, zero = (
 )
 IJ = proofs.algebra.IJ
 
-# ufm_optimum's float fields against the SymPy closed forms evaluated at the same point.
-OPTIMUM_RTOL = 1e-12
-
 
 @pytest.fixture(scope="module")
 def results() -> list[ProofResult]:
@@ -144,31 +141,3 @@ def test_ij_algebra_matches_explicit_matrices(C):
     assert A.frob_sq == sum(x**2 for x in MA) and A.trace == MA.trace()
     eig = MA.eigenvals()
     assert eig.get(A.eig_perp, 0) >= C - 1 and A.row_sum in eig
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_ufm_optimum_equals_symbolic_closed_forms(bias):
-    """ufm_optimum's float fields equal the SymPy expressions of the closed forms at random points."""
-    C, N, lw, lh = sympy.symbols("C N lam_w lam_h", positive=True)
-    exprs = {
-        "delta": cf.ufm_delta(C, N, lw, lh),
-        "eps": cf.ufm_eps(C, N, lw, lh, bias),
-        "f_other": cf.ufm_f_other(C, N, lw, lh, bias),
-        "w_row_norm_sq": cf.ufm_w_row_norm_sq(C, N, lw, lh, bias),
-        "h_norm_sq": cf.ufm_h_norm_sq(C, N, lw, lh, bias),
-        "loss": cf.ufm_loss(C, N, lw, lh, bias),
-        "lam_product_max": cf.ufm_collapse_bound(C, N),
-    }
-    rng = np.random.default_rng(1 if bias else 2)
-    for _ in range(20):
-        C_, N_ = int(rng.integers(2, 11)), int(rng.integers(1, 8))
-        product = float(cf.ufm_collapse_bound(C_, N_)) * rng.uniform(0.01, 0.99)
-        ratio = float(np.exp(rng.uniform(-2, 2)))
-        lw_, lh_ = np.sqrt(product * ratio), np.sqrt(product / ratio)
-        opt = cf.ufm_optimum(C_, N_, lw_, lh_, bias=bias)
-        point = {C: C_, N: N_, lw: sympy.Float(lw_, 30), lh: sympy.Float(lh_, 30)}
-        for name, expr in exprs.items():
-            want = float(sympy.sympify(expr).subs(point))
-            assert getattr(opt, name) == pytest.approx(want, rel=OPTIMUM_RTOL, abs=1e-15), name
-        assert opt.f_correct == pytest.approx(1 - float(exprs["eps"].subs(point)), rel=OPTIMUM_RTOL)
-        assert opt.cos_w == pytest.approx(float(cf.sqi_cosine(C_)) if bias else 0.0, abs=1e-15)
