@@ -125,10 +125,13 @@ def _resolve(
 ) -> tuple[str, str | None]:
     check_choice("capture", capture, CAPTURE)
     if layer is None:
+        if capture != "input":
+            raise ValueError(
+                f"capture={capture!r} needs layer=: by default the input of the last nn.Linear is hooked"
+            )
         layer = _last_linear(model)
         if layer is None:
             raise ValueError("model has no nn.Linear classifier; name the layer to hook with layer=")
-        capture = "input"
     return layer, _classifier(model, layer, capture, classifier)
 
 

@@ -58,6 +58,7 @@ from scipy import sparse
 from scipy.integrate import solve_ivp
 
 from ._validation import check_choice, check_nonneg, check_positive_int
+from .geometry import mean_cosine
 from .model import UFMParams, UFMProblem, check_params, loss_and_grad, outputs, torch_loss
 
 # Integrator name -> kind. "scipy-explicit"/"scipy-implicit" go through solve_ivp; "exponential" is ETD2.
@@ -214,17 +215,6 @@ def _torch_gradient_field(problem: UFMProblem, like: UFMParams) -> Callable[[Any
     return field_torch
 
 
-def cos_w(W: np.ndarray) -> float:
-    """Mean cosine between distinct rows of W (C, p); -1/(C-1) for a simplex ETF, 0 for an orthogonal frame."""
-    C = W.shape[0]
-    norms = np.linalg.norm(W, axis=1)
-    if np.any(norms == 0):
-        return float("nan")  # undefined: a zero row has no direction
-    U = W / norms[:, None]
-    G = U @ U.T
-    return float((G.sum() - np.trace(G)) / (C * (C - 1)))
-
-
 def record_state(problem: UFMProblem, params: UFMParams) -> dict[str, float]:
     """Loss, eps, cos_w and the scalar NC measures of ``ufm.metrics.nc_metrics`` at one state.
 
@@ -239,7 +229,7 @@ def record_state(problem: UFMProblem, params: UFMParams) -> dict[str, float]:
     rec = {
         "loss": loss(problem, params),
         "eps": 1.0 - float(np.mean(f[labels, np.arange(problem.n)])),
-        "cos_w": cos_w(params.W),
+        "cos_w": mean_cosine(params.W),
         "norm_w_sq": float(np.sum(params.W**2)),
         "norm_h_sq": float(np.sum(params.H**2)),
     }

@@ -111,3 +111,16 @@ def frame_distance(vectors: np.ndarray, frame: str = "simplex_etf") -> float:
     F = (simplex_etf(C) if k == C - 1 else np.eye(C)) / np.sqrt(C)  # (C, k), unit Frobenius norm
     nuclear = np.linalg.svd(F.T @ V, compute_uv=False).sum() / norm
     return float(np.sqrt(max(2.0 - 2.0 * nuclear, 0.0)))
+
+
+def mean_cosine(vectors: np.ndarray) -> float:
+    """Mean cosine between distinct rows of ``vectors`` (C, p): -1/(C-1) for a simplex ETF, 0 for an
+    orthogonal frame; NaN when a row is zero (it has no direction)."""
+    V = check_finite("vectors", vectors)
+    C = V.shape[0]
+    norms = np.linalg.norm(V, axis=1)
+    if C < 2 or np.any(norms == 0):
+        return float("nan")
+    U = V / norms[:, None]
+    G = U @ U.T
+    return float((G.sum() - np.trace(G)) / (C * (C - 1)))

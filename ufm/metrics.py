@@ -332,9 +332,8 @@ class NCAccumulator:
             )
         self.n = int(counts.sum())
         sums = self._sums.cpu().double().numpy()
-        self._means = sums / counts[:, None]  # (C, p) class means mu_c
         self._mu_G = sums.sum(axis=0) / self.n  # (p,) mean over all examples
-        M = self._means - self._mu_G  # (C, p): THEORY.md's M, as rows
+        M = sums / counts[:, None] - self._mu_G  # (C, p): THEORY.md's M, as rows
         A, s, Vt = np.linalg.svd(M, full_matrices=False)  # M = A diag(s) Vt
         if s[0] == 0:
             raise ValueError("all class means are equal: the between-class covariance is zero")
@@ -368,8 +367,6 @@ class NCAccumulator:
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
         Z = (Pc - self._Q[y]) / self._s
         self._nc1_sum += (Z * Z).sum()
-        # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
-        nearest = (Pc @ self._Q.T - self._half_q2).argmax(dim=1)
         out = None
         if outputs is not None:
             out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], C))
@@ -381,6 +378,8 @@ class NCAccumulator:
             raise ValueError("outputs were given for some batches of the second pass but not for others")
         logits = out if self._W is None else G[:, r:] + (0 if self._bias is None else self._bias)  # (b, C)
         if logits is not None:
+            # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
+            nearest = (Pc @ self._Q.T - self._half_q2).argmax(dim=1)
             self._disagree += (logits.argmax(dim=1) != nearest).sum()
             # eps and the SQI spread use the network's outputs when given, else W h + b.
             self._add_output_moments(logits if out is None else out, y)
@@ -515,9 +514,16 @@ def nc_metrics(
     acc = NCAccumulator(C, W=W, b=b, layers=layers)
     if W is not None and acc.p != p:
         raise ValueError(f"W must be (C, p) = ({C}, {p}) to match the features, got {tuple(W.shape)}")
+    return _two_passes(
+        acc, lambda: ((X[r], y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p))
+    )
+
+
+def _two_passes(acc: NCAccumulator, batches: Callable[[], Iterable[tuple]] | Iterable[tuple]) -> NCMetrics:
+    """Feed the same batches to ``acc`` twice (class means, then the projected statistics)."""
     for _ in range(2):
-        for rows in _row_chunks(n, p):
-            acc.update(X[rows], y[rows], None if outputs is None else outputs[rows])
+        for batch in batches() if callable(batches) else batches:
+            acc.update(*batch)
         if acc.pass_number == 1:
             acc.end_first_pass()
     return acc.result()
@@ -536,13 +542,7 @@ def nc_metrics_stream(
     ``batches`` is a re-iterable (a list, a DataLoader without shuffling... any split works, but both
     passes must see the same examples) or a zero-argument callable returning a fresh iterable.
     """
-    acc = NCAccumulator(C, W=W, b=b, layers=layers)
-    for _ in range(2):
-        for batch in batches() if callable(batches) else batches:
-            acc.update(*batch)
-        if acc.pass_number == 1:
-            acc.end_first_pass()
-    return acc.result()
+    return _two_passes(NCAccumulator(C, W=W, b=b, layers=layers), batches)
 
 
 FILE_KEYS = ("features", "labels")

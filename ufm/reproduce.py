@@ -38,6 +38,8 @@ FLOW_TOL = 1e-8
 FLOW_T_MAX = 1e6
 FLOW_METHOD = "BDF"
 FLOW_RTOL, FLOW_ATOL = 1e-6, 1e-9
+# Relative agreement of the flow's end point with the closed form (loss and eps) that counts as reached.
+FLOW_AGREEMENT = 1e-6
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,6 @@ class ReproduceResult:
     @property
     def success(self) -> bool:
         return self.proofs_verified == self.proofs_total and self.flows_agree
-
-
-# Relative agreement of the flow's end point with the closed form (loss and eps) that counts as reached.
-FLOW_AGREEMENT = 1e-6
 
 
 def _flow_to_closed_form(C: int, N: int, p: int, lam: float, bias: bool, seed: int) -> tuple[dict, dict]:

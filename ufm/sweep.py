@@ -63,7 +63,8 @@ import numpy as np
 
 from ._validation import check_choice, check_positive_int
 from .closed_form import ufm_optimum
-from .dynamics import METHODS, cos_w, gradient_flow, record_state
+from .dynamics import METHODS, gradient_flow, record_state
+from .geometry import mean_cosine
 from .model import UFMParams, UFMProblem, last_features
 from .tables import cell_text, columns_of, read_csv, write_csv
 from .training import TrainConfig, train
@@ -145,7 +146,7 @@ def _flow_problem(settings: dict[str, Any]) -> UFMProblem:
 def _check_flow(settings: dict[str, Any]) -> None:
     problem = _flow_problem(settings)
     check_choice("method", settings["method"], METHODS)
-    min_dim = problem.C - 1 if problem.bias else problem.C  # UFMOptimum.min_dim: the minimizer's rank
+    min_dim = ufm_optimum(problem.C, problem.N, 0.0, 0.0, bias=problem.bias).min_dim
     if settings["dim"] < min_dim:
         raise ValueError(
             f"dim = {settings['dim']} is below {min_dim} ({'C-1' if problem.bias else 'C'}), the minimizer's rank"
@@ -187,7 +188,7 @@ def run_flow(settings: dict[str, Any]) -> dict[str, Any]:
         "flow_status": flow.status, "message": flow.message,
     }  # fmt: skip
     row |= record_state(problem, flow.params)
-    row["cos_h"] = cos_w(_centred_class_means(problem, flow.params))
+    row["cos_h"] = mean_cosine(_centred_class_means(problem, flow.params))
     cf = dict.fromkeys(
         ("cf_eps", "cf_loss", "cf_cos_w", "cf_cos_h", "cf_geometry", "eps_err", "loss_rel_err")
     )

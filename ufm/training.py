@@ -47,6 +47,7 @@ import torch
 from . import closed_form
 from ._validation import check_choice, check_nonneg, check_positive_int
 from .datasets import Dataset, load_dataset
+from .geometry import mean_cosine
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .tables import write_csv, write_json
 
@@ -350,8 +351,8 @@ def measure_network(
     row["w_row_norm_sq_pred"] = closed_form.sqi_w_row_norm_sq(C, eps, wd) if has_wd else np.nan
     row["w_scale"] = np.sum(W_L * Mt) / np.sum(Mt**2)
     row["w_scale_pred"] = closed_form.sqi_w_scale(C, eps, wd) if has_wd else np.nan
-    row["w_cos_mean"] = _mean_pairwise_cosine(W_L)
-    row["mu_cos_mean"] = _mean_pairwise_cosine(Mt)
+    row["w_cos_mean"] = mean_cosine(W_L)
+    row["mu_cos_mean"] = mean_cosine(Mt)
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
 
     for k, W in enumerate(model.weights(), start=1):
@@ -389,14 +390,6 @@ def _singular_values(W: torch.Tensor, *, exact: bool = True) -> np.ndarray:
             return torch.linalg.svdvals(A).cpu().numpy()
         G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
         return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().flip(0).cpu().numpy()
-
-
-def _mean_pairwise_cosine(rows: np.ndarray) -> float:
-    """Mean cosine over pairs c != c' of the rows of ``rows`` (C, p)."""
-    U = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    G = U @ U.T
-    C = G.shape[0]
-    return float((G.sum() - np.trace(G)) / (C * (C - 1)))
 
 
 class _Welford:
@@ -540,8 +533,9 @@ def train(
         os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)  # atomic: a crash never leaves half a file
         saved_epoch = epoch
 
-    def record(epoch: int) -> dict:
-        row = {"epoch": epoch, "step": nsteps, "lr": optimizer.param_groups[0]["lr"]}
+    def record(epoch: int, lr: float) -> dict:
+        """Measure after ``epoch``, which trained at learning rate ``lr``."""
+        row = {"epoch": epoch, "step": nsteps, "lr": lr}
         row |= measure_network(model, x_train, y_train, x_test, y_test, config.wd)
         history.append(row)
         if out is not None:
@@ -549,7 +543,7 @@ def train(
         return row
 
     if start_epoch == 0 and not history:
-        record(0)
+        record(0, optimizer.param_groups[0]["lr"])
     reference_loss = history[0]["train_loss"]
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     status, message = 0, f"finished {config.epochs} epochs{note}"
@@ -601,12 +595,13 @@ def train(
                 f"{why}; lower --lr (now {config.lr:g}) or --wd (now {config.wd:g}); {kept}"
             )
             break
-        scheduler.step()
+        lr_used = optimizer.param_groups[0]["lr"]
+        scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
         if late:
             noise = {f"noise_W{k}": t.relative_std() for k, t in enumerate(trackers[:-1], start=1)}
             noise |= {"noise_out": trackers[-1].relative_std(), "noise_steps": trackers[-1].count}
         if epoch % config.measure_every == 0 or epoch == config.epochs:
-            row = record(epoch)
+            row = record(epoch, lr_used)
             bar.set_postfix(
                 loss=f"{row['train_loss']:.3g}", acc=f"{row['train_acc']:.3f}", nc1=f"{row['nc1']:.3g}"
             )
@@ -616,7 +611,7 @@ def train(
     if status == 0 and last_epoch < config.epochs:
         message = f"stopped after epoch {last_epoch} of {config.epochs}; continue with resume"
 
-    final = _jsonable(history[-1]) | noise
+    final = _jsonable(history[-1] | noise)
     # A diverged model holds non-finite weights: its singular values are not reported.
     svals = () if status else tuple(_singular_values(W) for W in model.weights())
     if out is not None and status == 0:
