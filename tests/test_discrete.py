@@ -71,8 +71,7 @@ def test_huge_step_diverges_with_message():
     assert (
         "diverged" in r.message
         and "last good step" in r.message
-        and "overflow" in r.message.lower()
-        or ("non-finite" in r.message)
+        and ("overflow" in r.message.lower() or "non-finite" in r.message)
     )
     assert np.all(np.isfinite(r.params.ravel()))
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ufm.closed_form import ufm_optimum
-from ufm.dynamics import METHODS, gradient_flow
+from ufm.dynamics import gradient_flow
 from ufm.model import UFMParams, UFMProblem, outputs
 
 # Stationarity at ||grad|| < 1e-9 puts the state within ~1e-9/lam_min of the minimizer (lam_min
@@ -43,15 +43,31 @@ def test_flow_reaches_closed_form(C, N, p, lam_w, lam_h, bias):
         assert np.abs(r.params.W).max() < TOL_CLOSED and np.abs(r.params.H).max() < TOL_CLOSED
 
 
-@pytest.mark.parametrize("method", ["RK45", "BDF", "LSODA"])
-def test_methods_agree_with_reference_at_the_limit(method):
+@pytest.mark.parametrize(
+    ("method", "rtol", "tol"),
+    # ETD2 is second order: its local error floors ||grad L|| (near 1e-8 at rtol 1e-7), so it stops at 1e-6.
+    [("RK45", 1e-11, 1e-8), ("BDF", 1e-11, 1e-8), ("LSODA", 1e-11, 1e-8), ("Radau", 1e-11, 1e-8),
+     ("ETD2", 1e-6, 1e-6)],
+)  # fmt: skip
+def test_methods_agree_with_reference_at_the_limit(method, rtol, tol):
     """Every integrator converges to the same closed form (ETD2 and BDF keep fixed points exactly)."""
     problem = UFMProblem(3, 3, 0.05, 0.05)
     opt = ufm_optimum(3, 3, 0.05, 0.05)
-    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=2), method=method, tol=1e-8, rtol=1e-11,
-                      atol=1e-13, metrics=False, n_records=3)  # fmt: skip
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=2), method=method, tol=tol, rtol=rtol,
+                      atol=rtol * 1e-2, metrics=False, n_records=3)  # fmt: skip
     assert r.success and r.status == 1, r.message
     assert r.loss[-1] == pytest.approx(opt.loss, rel=TOL_CLOSED)
+
+
+def test_etd2_torch_path_equals_numpy_path():
+    """ETD2 on a torch device (autograd of ufm.model.torch_loss) follows the NumPy path (analytic
+    gradient): two independent gradients, one trajectory."""
+    problem = UFMProblem(3, 2, 0.05, 0.05)
+    x0 = UFMParams.random(problem, 4, rng=5)
+    a, b = (gradient_flow(problem, x0, method="ETD2", t_max=20.0, tol=0.0, rtol=1e-6, atol=1e-8, metrics=False,
+                          device=d) for d in ("cpu", "cpu:0"))  # fmt: skip
+    np.testing.assert_allclose(b.params.ravel(), a.params.ravel(), atol=1e-9)
+    np.testing.assert_allclose(b.loss, a.loss, rtol=1e-11)
 
 
 def test_zero_decay_interpolates():
@@ -117,10 +133,10 @@ def test_deep_and_cross_entropy_flows_descend(problem, t_max):
 
 
 def test_overflowing_start_is_refused():
-    """A start whose gradient overflows is a ValueError/FloatingPointError naming it, never a NaN result."""
+    """A start whose gradient overflows is a ValueError naming it, never a NaN result."""
     problem = UFMProblem(2, 1, 0.1, 0.1)
     x0 = UFMParams.random(problem, 2, rng=7)
-    with pytest.raises((ValueError, FloatingPointError)):
+    with pytest.raises(ValueError, match="start"):
         gradient_flow(problem, UFMParams(x0.H * 1e200, tuple(W * 1e200 for W in x0.Ws), x0.b))
 
 
@@ -133,4 +149,3 @@ def test_bad_input():
         gradient_flow(problem, x0, t_max=-1.0)
     with pytest.raises(ValueError, match="t_eval"):
         gradient_flow(problem, x0, t_max=1.0, t_eval=[0.0, 2.0])
-    assert set(METHODS) >= {"RK45", "DOP853", "LSODA", "BDF", "Radau", "ETD2"}

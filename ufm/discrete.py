@@ -43,29 +43,18 @@ from .model import UFMParams, UFMProblem, check_params, loss_and_grad
 
 
 @dataclass(frozen=True)
-class DescentResult:
-    """A run of GD or SGD.
+class DescentResult(FlowResult):
+    """A run of GD or SGD: a FlowResult whose ``t`` = steps * lr is the flow time the steps approximate.
 
-    Attributes
+    Attributes (besides FlowResult's)
     ----------
-    steps : (k,) recorded step numbers; t : (k,) = steps * lr, the flow time they approximate.
-    loss : (k,) full loss; metrics : name -> (k,) as in ``FlowResult.metrics``.
-    params : final state; grad_norm : ||grad L|| there (full gradient).
-    nfev : gradient evaluations (full gradients for GD, mini-batch gradients for SGD).
-    success : False on divergence; status : -1 diverged, 0 ran n_steps, 1 ||grad L|| < tol,
-    2 reached the target loss; message : with the cause and last good step/time on divergence.
+    steps : (k,) recorded step numbers.
+
+    ``nfev`` counts full gradients for GD and mini-batch gradients for SGD; ``method`` is "GD" or
+    "SGD"; status 0 means n_steps were run.
     """
 
-    steps: np.ndarray
-    t: np.ndarray
-    loss: np.ndarray
-    metrics: dict[str, np.ndarray]
-    params: UFMParams
-    grad_norm: float
-    nfev: int
-    success: bool
-    status: int
-    message: str
+    steps: np.ndarray | None = None
 
 
 def _batch_gradient(problem: UFMProblem, params: UFMParams, idx: np.ndarray, per_class: int) -> UFMParams:
@@ -151,6 +140,7 @@ def _descend(
     return DescentResult(
         steps=steps_a, t=steps_a * lr, loss=loss_t, metrics=stacked, params=final, grad_norm=gfinal,
         nfev=int(nfev), success=status >= 0, status=status, message=msg,
+        method="GD" if sampler is _full else "SGD",
     )  # fmt: skip
 
 
@@ -268,8 +258,12 @@ def _normalized_system(problem: UFMProblem, start: UFMParams) -> _System:
         out["v_norm_err"] = max(abs(float(np.linalg.norm(V)) - 1) for V in pv.Ws)
         return out
 
+    # Weight decay acts on rho_k alone (rho' = -<V, G_data> - lam_k rho); it cancels out of V'.
     full_lin = linear_part(problem, start)
-    lin = np.concatenate([full_lin[:nH], np.zeros(L), full_lin[nH:]])  # rho and V are not split off
+    n_w = sum(W.size for W in start.Ws)
+    lin = np.concatenate(
+        [full_lin[:nH], -np.asarray(problem.lam_layers), np.zeros(n_w), full_lin[nH + n_w :]]
+    )
     y0 = np.concatenate(
         [start.H.ravel(), norms, *[V.ravel() for V in Vs0]] + ([start.b] if start.b is not None else [])
     )

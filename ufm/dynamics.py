@@ -362,7 +362,10 @@ def _integrate(
     if not t_eval.size or t_eval[-1] < t_max:
         t_eval = np.append(t_eval, t_max)
 
-    value0, dy0, stat0 = system.field(system.y0)
+    try:
+        value0, dy0, stat0 = system.field(system.y0)
+    except FloatingPointError as err:
+        raise ValueError(f"the start: its loss or gradient overflows ({err}); scale it down") from None
     _checked("the start", value0, [dy0], 0.0)
     if t_max == 0 or stat0 < tol or (target_loss is not None and value0 <= target_loss):
         status = 0 if t_max == 0 else (1 if stat0 < tol else 2)
