@@ -8,7 +8,7 @@ import pytest
 from ufm.closed_form import ufm_optimum
 from ufm.discrete import gradient_descent, normalized_flow, sgd
 from ufm.dynamics import gradient_flow
-from ufm.model import UFMParams, UFMProblem
+from ufm.model import UFMParams, UFMProblem, loss_and_grad
 
 
 def test_gd_tracks_flow_first_order():
@@ -32,12 +32,17 @@ def test_full_batch_sgd_is_gd():
     a = gradient_descent(problem, x0, lr=0.3, n_steps=50, momentum=0.5, metrics=False)
     b = sgd(problem, x0, lr=0.3, n_steps=50, batch_size=problem.n, momentum=0.5, metrics=False)
     np.testing.assert_allclose(b.params.ravel(), a.params.ravel(), rtol=1e-12, atol=1e-14)
+    # Heavy ball written out by hand: v <- mu v + grad L(theta), theta <- theta - lr v.
+    theta, v = x0.ravel(), np.zeros(x0.ravel().size)
+    for _ in range(50):
+        v = 0.5 * v + loss_and_grad(problem, UFMParams.unravel(x0, theta))[1].ravel()
+        theta = theta - 0.3 * v
+    np.testing.assert_allclose(a.params.ravel(), theta, rtol=1e-12, atol=1e-14)
 
 
 def test_sgd_minibatch_is_unbiased():
     """The mean of the mini-batch gradients over one epoch equals the full gradient (each example once)."""
     from ufm.discrete import _batch_gradient
-    from ufm.model import loss_and_grad
 
     problem = UFMProblem(3, 4, 0.05, 0.02)
     x = UFMParams.random(problem, 4, rng=2)

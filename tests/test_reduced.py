@@ -37,8 +37,9 @@ def test_reduced_loss_equals_full_loss(bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_full_flow_started_on_manifold_follows_reduced(bias):
-    """The full gradient flow from a manifold point stays on it and matches (a, m, beta)(t)."""
-    problem = UFMProblem(3, 2, 0.03, 0.05, bias=bias)
+    """The full gradient flow from a manifold point stays on it and matches (a, m, beta)(t); a
+    regularized bias (lam_b = 0.1) exercises beta's decay term."""
+    problem = UFMProblem(3, 2, 0.03, 0.05, lam_b=0.1, bias=bias)
     F = manifold_frame(problem, 4, rng=1)
     a0, m0, b0 = 0.2, 0.5, (0.1 if bias else 0.0)
     times = np.array([0.0, 0.5, 3.0, 10.0, 40.0])
