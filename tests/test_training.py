@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from ufm import closed_form
 from ufm.cli import main
 from ufm.datasets import load_dataset
 from ufm.metrics import nc_metrics
@@ -64,7 +63,6 @@ def test_square_loss_and_weight_decay_step_match_the_poster(tmp_path, data):
 
 
 def test_measurements_from_hooks_equal_the_library(data):
-    torch.manual_seed(0)
     net = build_network("mlp", data.input_shape, 10, depth=3, width=16, seed=3)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     xt, yt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
@@ -78,12 +76,12 @@ def test_measurements_from_hooks_equal_the_library(data):
     ref = nc_metrics(H, data.y_train, W=W, outputs=f)
     for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc2_equiangle_w", "nc3", "nc4", "eps", "sqi_spread"):
         assert row[key] == pytest.approx(getattr(ref, key), rel=1e-12, abs=1e-15), key
-    # Theorem at the measured eps, and the least-squares NC3 scale from an independent solver.
-    C = 10
-    assert row["w_row_norm_sq_pred"] == pytest.approx(
-        closed_form.sqi_w_row_norm_sq(C, ref.eps, wd), rel=1e-12
-    )
-    assert row["w_scale_pred"] == pytest.approx(ref.eps / (wd * (C - 1)), rel=1e-12)
+    # Theorem at the measured eps (the poster's formulas typed out), and the least-squares NC3 scale.
+    C, eps = 10, ref.eps
+    assert row["w_row_norm_sq_pred"] == pytest.approx((eps - C * eps**2 / (C - 1)) / (C * wd), rel=1e-12)
+    assert row["w_scale_pred"] == pytest.approx(eps / (wd * (C - 1)), rel=1e-12)
+    cos = (W @ W.T) / np.outer(np.linalg.norm(W, axis=1), np.linalg.norm(W, axis=1))
+    assert row["w_cos_mean"] == pytest.approx(cos[~np.eye(C, dtype=bool)].mean(), rel=1e-10)
     assert row["w_cos_pred"] == pytest.approx(-1 / 9, rel=1e-15)
     assert row["w_row_norm_sq"] == pytest.approx(np.mean(np.sum(W**2, axis=1)), rel=1e-12)
     mu = np.stack([H[data.y_train == c].mean(0) for c in range(C)])
@@ -159,8 +157,9 @@ def test_cli_json_last_line(tmp_path, capsys):
         "eps",
     ):
         assert isinstance(last[key], float | int), key
+    eps, wd = last["eps"], TrainConfig.wd
     assert last["epoch"] == 2 and last["w_row_norm_sq_pred"] == pytest.approx(
-        closed_form.sqi_w_row_norm_sq(10, last["eps"], TrainConfig.wd), rel=1e-12
+        (eps - 10 * eps**2 / 9) / (10 * wd), rel=1e-12
     )
     assert (tmp_path / "history.csv").is_file() and (tmp_path / "final.json").is_file()
 
@@ -181,3 +180,11 @@ def test_weight_decay_experiment_quick_smoke(tmp_path):
     text = format_theory_table(exp.table)
     assert len(text.splitlines()) == 4 and "NC3" in text
     assert (tmp_path / "theory_vs_measurement.csv").is_file()
+
+
+def test_history_records_the_rate_each_epoch_trained_at(data):
+    """Step schedule over 4 epochs: milestones after epochs 2 and 3, so epochs 1-4 train at
+    lr, lr, lr/10, lr/100 (row 0 is the start, at lr)."""
+    result = train(TrainConfig(**TINY), dataset=data)
+    lrs = result.history["lr"]
+    np.testing.assert_allclose(lrs, [0.02, 0.02, 0.02, 0.002, 0.0002], rtol=1e-12)
