@@ -90,6 +90,9 @@ def test_collect_errors(setup):
         collect_features(nn.Sequential(nn.Tanh()), loader)
     with pytest.raises(ValueError, match="no batches"):
         collect_features(model, [])
+    for call in (collect_features, model_nc_metrics):  # the default hook is the classifier's input
+        with pytest.raises(ValueError, match="needs layer="):
+            call(model, loader, capture="output")
     with pytest.raises(ValueError, match=r"\(inputs, labels"):
         collect_features(model, [torch.zeros(2, 6, dtype=torch.float64)])
     assert not any(m._forward_hooks for m in model.modules())

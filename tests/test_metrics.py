@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ufm import nc_metrics, simplex_etf
+from ufm import frame_distance, nc_metrics, simplex_etf
 from ufm.cli import main
 from ufm.metrics import NCAccumulator, nc_metrics_stream
 
@@ -70,7 +70,16 @@ def _naive(H, y, W=None, b=None):
         ref["sqi_spread"] = np.sqrt(np.mean((wrong - ref["eps"] / (C - 1)) ** 2))
         ref["sqi_correct_std"] = correct.std()
         ref["stable_rank_w"] = np.linalg.norm(W) ** 2 / np.linalg.norm(W, 2) ** 2
+        ref["sv_w"] = np.linalg.svd(W, compute_uv=False)
+        ref["rank_w"] = np.linalg.matrix_rank(W)
+        if W.shape[1] >= C - 1:
+            ref["etf_distance_w"] = frame_distance(W)
+        if W.shape[1] >= C:
+            ref["orth_distance_w"] = frame_distance(W, "orthogonal_frame")
     ref["stable_rank_means"] = np.linalg.norm(M) ** 2 / np.linalg.norm(M, 2) ** 2
+    ref["sv_means"] = np.linalg.svd(M, compute_uv=False)[: min(C, p)]
+    if p >= C - 1:
+        ref["etf_distance"] = frame_distance(M)
     ref["rank_means"] = np.linalg.matrix_rank(Sigma_B, rtol=REF_RCOND, hermitian=True)
     return ref
 
@@ -186,7 +195,9 @@ def test_agrees_with_naive_reference(n, p, C, balanced, with_w):
     W, b = (W, b) if with_w else (None, None)
     m = nc_metrics(H, y, W, b).as_dict()
     for key, value in _naive(H, y, W, b).items():
-        np.testing.assert_allclose(m[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
+        # A frame distance is sqrt(2 - 2x): near 0 it carries sqrt(round-off) ~ 1e-8.
+        atol = 1e-7 if "distance" in key else 1e-12
+        np.testing.assert_allclose(m[key], value, rtol=1e-9, atol=atol, err_msg=key)
     assert (m["etf_distance"] is None) == (p < C - 1)
 
 
@@ -271,7 +282,11 @@ def test_streaming_equals_one_shot(C, p, n_extra, cuts, seed):
     acc.end_first_pass()
     for k in np.random.default_rng(seed).permutation(len(batches)):
         acc.update(*batches[k])
-    _assert_same(acc.result(), nc_metrics(H, y, W, b), RTOL_STREAM)
+    streamed = acc.result()
+    _assert_same(streamed, nc_metrics(H, y, W, b), RTOL_STREAM)
+    # Both run the accumulator: the p x p reference checks the streamed numbers independently.
+    for key in ("nc1", "nc3", "nc4", "eps", "sqi_spread"):
+        np.testing.assert_allclose(getattr(streamed, key), _naive(H, y, W, b)[key], rtol=1e-8, atol=1e-10)
 
 
 def test_stream_function_and_torch_batches():
