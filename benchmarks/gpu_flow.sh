@@ -25,7 +25,7 @@ start = UFMParams.random(problem, p, rng=0)
 print(f"(C, N, p) = ({C}, {N}, {p}): {start.ravel().size} parameters; closed-form loss {opt.loss:.10g}")
 t0 = time.perf_counter()
 r = gradient_flow(problem, start, method="ETD2", device=device, target_loss=opt.loss * (1 + 1e-6), tol=0.0,
-                  rtol=1e-5, atol=1e-7, t_max=1e6, metrics=False, n_records=2)
+                  rtol=1e-4, atol=1e-6, t_max=1e6, metrics=False, n_records=2)
 wall = time.perf_counter() - t0
 print(f"ETD2 on {device}: {r.message}; {r.nfev} gradient evaluations; wall {wall:.2f} s; "
       f"rel loss error {r.loss[-1] / opt.loss - 1:.3e}; ||grad|| {r.grad_norm:.3e}")

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ufm.closed_form import ufm_optimum
-from ufm.dynamics import gradient_flow
-from ufm.model import UFMParams, UFMProblem, outputs
+from ufm.dynamics import _FlatCoordinates, _gradient_system, _MeanOutputCoordinates, gradient_flow
+from ufm.model import UFMParams, UFMProblem, loss_and_grad, outputs
 
 # Stationarity at ||grad|| < 1e-9 puts the state within ~1e-9/lam_min of the minimizer (lam_min
 # >= 1e-2 here), far inside the 1e-6 we assert. The reference solver runs at rtol 1e-10.
@@ -149,3 +149,59 @@ def test_bad_input():
         gradient_flow(problem, x0, t_max=-1.0)
     with pytest.raises(ValueError, match="t_eval"):
         gradient_flow(problem, x0, t_max=1.0, t_eval=[0.0, 2.0])
+
+
+def test_mean_output_coordinates_are_the_chain_rule():
+    """The state (H, W, m = W mu_G + b): it maps back exactly, m is the mean of ``outputs`` over the
+    examples, and dm/dt is the derivative of that mean along -grad L (a central difference, exact up
+    to rounding since m is quadratic in theta)."""
+    problem = UFMProblem(4, 3, 0.05, 0.02)
+    x = UFMParams.random(problem, 5, rng=11)
+    x = UFMParams(x.H, x.Ws, np.random.default_rng(12).standard_normal(4))
+
+    def mean_output(theta):
+        return outputs(problem, UFMParams.unravel(x, theta)).mean(axis=1)
+
+    coords = _MeanOutputCoordinates(x)
+    theta = x.ravel()
+    y = coords.to_state(theta)
+    np.testing.assert_allclose(coords.to_flat(y), theta, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(y[-4:], mean_output(theta), rtol=1e-13)
+    g = loss_and_grad(problem, x)[1].ravel()
+    dy = coords.velocity(theta, -g)
+    s = 1e-4
+    np.testing.assert_allclose(
+        dy[-4:], (mean_output(theta - s * g) - mean_output(theta + s * g)) / (2 * s), rtol=1e-8
+    )
+    np.testing.assert_array_equal(dy[:-4], -g[:-4])
+
+
+def test_mean_output_coordinates_remove_the_bias_coupling():
+    """Why ETD2 integrates the depth-1 square loss in mean-output coordinates (module docstring).
+
+    At the minimizer, the Jacobian of the remainder R = F - Lambda y (dense, by central differences)
+    has spectral radius >= ||W||_op / sqrt(n) in flat coordinates: the b <-> H coupling, d(db/dt)/dh_i
+    = -W/n over n columns. In mean-output coordinates that term is gone and the radius is at most the
+    data curvatures (||W||_op^2 + ||H||_op^2)/n plus the decays.
+    """
+    C, N, p, lam = 3, 50, 4, 1e-3
+    problem = UFMProblem(C, N, lam, lam)
+    x = ufm_optimum(C, N, lam, lam).build(p, rng=0)
+    linear = _gradient_system(problem, x).linear
+
+    def remainder_radius(coords):
+        y0 = coords.to_state(x.ravel())
+
+        def field(y):
+            theta = coords.to_flat(y)
+            return coords.velocity(theta, -loss_and_grad(problem, UFMParams.unravel(x, theta))[1].ravel())
+
+        step = 1e-6
+        cols = [(field(y0 + step * e) - field(y0 - step * e)) / (2 * step) for e in np.eye(y0.size)]
+        return np.abs(np.linalg.eigvals(np.array(cols).T - np.diag(linear))).max()
+
+    w_op, h_op, n = np.linalg.norm(x.W, 2), np.linalg.norm(x.H, 2), problem.n
+    flat, mean = remainder_radius(_FlatCoordinates()), remainder_radius(_MeanOutputCoordinates(x))
+    assert flat >= w_op / np.sqrt(n)
+    assert mean <= (w_op**2 + h_op**2) / n + 2 * lam
+    assert flat > 2 * mean

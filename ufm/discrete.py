@@ -87,7 +87,7 @@ def _descend(
     vel = np.zeros_like(theta)
     steps, records = [], []
     status, msg, nfev, k = 0, "", 0, 0
-    last_good = (0, theta.copy())
+    last_good = (0, theta)
     bar = _Progress(n_steps, progress, "descent")
     try:
         while True:
@@ -104,7 +104,7 @@ def _descend(
                 msg = f"diverged at step {k}: {err}; last good step {s_good} (t = {s_good * lr:.6g})"
                 theta = last_good[1]
                 break
-            last_good = (k, theta.copy())
+            last_good = (k, theta)  # theta is rebound, never written in place, so no copy is needed
             stop = gnorm < tol or (target_loss is not None and value <= target_loss) or k >= n_steps
             if k % record_every == 0 or stop:
                 steps.append(k)
@@ -124,7 +124,7 @@ def _descend(
             else:
                 nfev += 1
             with np.errstate(over="ignore", invalid="ignore"):  # checked at the next step
-                vel = momentum * vel + g.ravel()
+                vel = momentum * vel + g.ravel() if momentum else g.ravel()
                 theta = theta - lr * vel
             k += 1
             bar.update(k)

@@ -14,8 +14,8 @@ Integrators (``METHODS``)
   accuracy of the solution is still set by their error estimates. LSODA needs it dense, so it is
   refused above ``DENSE_JAC_MAX`` parameters.
 * ``ETD2``: an adaptive second-order exponential integrator (Cox and Matthews 2002, "ETD2RK", with the
-  ETD1/ETD2 difference as error estimate; Hochbruck and Ostermann, Acta Numerica 2010) written in torch,
-  float64 on any device (the GPU route for large problems).
+  ETD1/ETD2 difference as error estimate; Hochbruck and Ostermann, Acta Numerica 2010), in NumPy on
+  the host or in torch float64 on any device (the GPU route for large problems).
 
 Why an exponential integrator: the flow is stiff, and not only mildly. The Hessian's top eigenvalue
 is 1 + lam_b, exactly, in the bias direction (d^2 L/db^2 = I + lam_b I for the square loss, since
@@ -23,20 +23,37 @@ the data term averages over the n examples), while the slowest modes decay at ra
 outside the span of W decay as exp(-lam_h t); with lam_w = lam_h the imbalance W^T W - H H^T decays as
 exp(-2 lam t)). The ratio is ~1/lam ~ 2000 at lam = 5e-4: explicit Runge-Kutta steps are capped by
 stability at h ~ 3-6 whatever the tolerance, which is no better per gradient evaluation than GD
-at its largest stable step. The other data-fit curvatures are ~ ||W||^2/n and ||H||^2/n (1e-2 at
-those sizes), so the stiffness lives in a known *linear, diagonal* part. ETD2 splits
+at its largest stable step. ETD2 splits
 
-    -grad L(theta) = Lambda theta + R(theta),    Lambda = -diag(lam_h on H, lam_k on W_k, 1 + lam_b on b)
+    F(y) = Lambda y + R(y),    Lambda = -diag(lam_h on H, lam_k on W_k, 1 + lam_b on the bias slot)
 
-(1 + lam_b on b only for the square loss; lam_b for cross-entropy), treats Lambda exactly through
-exp(h Lambda) and the phi-functions, and R explicitly. Its steps are then limited by accuracy and by
-the ~1e-2 curvatures of R only. The split is exact (R is defined as the remainder), so ETD2 integrates
-the same flow; it also keeps every fixed point of the flow exactly.
+(1 + lam_b only for the square loss; lam_b for cross-entropy), treats Lambda exactly through
+exp(h Lambda) and the phi-functions, and R explicitly. The split is exact (R is defined as the
+remainder), so ETD2 integrates the same flow; it also keeps every fixed point of the flow exactly.
+Its steps are limited by accuracy and by the spectral radius of R's Jacobian.
 
-Measured limits (benchmarks/bench_flow.py): ETD2 is only second order, so at tight tolerances
-(rtol < 1e-7) it needs far more steps than DOP853; and every explicit scheme here, run at a loose
-tolerance, hovers at its stability limit with an error of the size of the tolerance, which also floors
-||grad L||: choose ``tol`` well above ``rtol`` times the curvature (~1) times the state's scale.
+Mean-output coordinates. In the plain coordinates (H, W, b) that radius is still large: b and the
+features are coupled through d(db/dt)/dh_i = -W/n over all n columns, a block of norm ||W||_op/sqrt(n)
+(0.10 at the benchmark's (C, N, p) = (10, 100, 64), lam = 5e-4, against 1e-2 for the other data
+curvatures), which caps explicit steps at h ~ 20. For the depth-1 square loss with a bias the flow is
+therefore integrated in the coordinates (H, W, m), m = W mu_G + b the mean output over the examples
+(``_MeanOutputCoordinates``). This is a change of variables, not a new flow: dm/dt = dW/dt mu_G +
+W dmu_G/dt + db/dt by the chain rule, one gradient per evaluation as before. In them
+dm/dt = -(1 + lam_b) m + (terms of size ||W||^2/n, lam), so the fast mode sits in Lambda alone and R's
+radius drops to the data curvatures (||W||_op^2 + ||H||_op^2)/n (0.0195 at the benchmark size;
+``tests/test_dynamics.py`` checks both radii). Every integrator uses these coordinates (they also give
+BDF's diagonal approximate Jacobian the fast mode exactly); records, ``params`` and dense output are
+read back in (H, W, b). Deep and cross-entropy flows stay in plain coordinates.
+
+Measured (``benchmarks/bench_flow.py``, one thread, to a loss 1e-6 above the closed form at
+(10, 100, 64), lam = 5e-4): GD at its largest stable step 8183 gradients; ETD2 at rtol 3e-4 560,
+at rtol 1e-4 770 (late steps h ~ 100, the stability limit 2/0.0195 of its explicit part); BDF at
+rtol 1e-5 1585. ETD2 at rtol 1e-3 stalls 2e-6 above the closed form (next paragraph).
+
+Limits: ETD2 is only second order, so at tight tolerances (rtol < 1e-7) it needs far more steps than
+DOP853; and every explicit scheme here, run at a loose tolerance, hovers at its stability limit with
+an error of the size of the tolerance, which also floors ||grad L|| and the loss: choose ``tol`` well
+above ``rtol`` times the curvature (~1) times the state's scale.
 
 Deep ReLU variants: the field is discontinuous where a hidden pre-activation crosses 0, and gradient
 flow can slide along such a kink; adaptive steps then shrink to ~1e-4 (about 1e4 gradient evaluations
@@ -144,8 +161,9 @@ class _System:
 
     ``field(y) -> (loss, dy/dt, stationarity)`` in NumPy; ``stationarity`` is the norm the event
     compares with ``tol`` (||grad L|| for gradient flow). ``linear`` is the diagonal Lambda of the
-    module docstring. ``torch_field`` (optional) is the same field on torch tensors of any device.
-    ``extra(y)`` adds flow-specific scalars to the record.
+    module docstring. ``torch_field`` (optional) is the same triple on torch tensors of any device.
+    ``extra(y)`` adds flow-specific scalars to the record. ``to_flat(y)`` (optional) maps the state to
+    ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
     """
 
     problem: UFMProblem
@@ -153,8 +171,9 @@ class _System:
     field: Callable[[np.ndarray], tuple[float, np.ndarray, float]]
     to_params: Callable[[np.ndarray], UFMParams]
     linear: np.ndarray
-    torch_field: Callable[[Any], tuple[Any, Any]] | None = None
+    torch_field: Callable[[Any], tuple[Any, Any, Any]] | None = None
     extra: Callable[[np.ndarray], dict[str, float]] | None = None
+    to_flat: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _checked(cause_of: str, value: float, arrays: Sequence[np.ndarray], t_good: float) -> None:
@@ -179,32 +198,112 @@ def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
     return -np.concatenate(parts)
 
 
+class _FlatCoordinates:
+    """The flat parameter vector itself (``UFMParams.ravel`` order) as the state."""
+
+    @staticmethod
+    def to_state(theta: Any) -> Any:
+        return theta
+
+    @staticmethod
+    def to_flat(y: Any) -> Any:
+        return y
+
+    @staticmethod
+    def velocity(theta: Any, dtheta: Any) -> Any:
+        return dtheta
+
+
+class _MeanOutputCoordinates:
+    """State (H, W, m) for the depth-1 UFM with a bias, m = W mu_G + b the mean output (C,).
+
+    A change of variables, so the flow is the same; module docstring for why. ``theta`` is the flat
+    (H, W, b) of ``UFMParams.ravel``; the state keeps its layout with m in the slot of b. The maps use
+    slicing, reshape, ``@`` and ``sum`` only, so they serve NumPy arrays and torch tensors alike.
+    """
+
+    def __init__(self, like: UFMParams):
+        self.p, self.n = like.H.shape
+        self.C = like.b.size
+        self.k = like.H.size
+
+    def _H_W(self, y: Any) -> tuple[Any, Any]:
+        H = y[: self.k].reshape(self.p, self.n)
+        return H, y[self.k : self.k + self.C * self.p].reshape(self.C, self.p)
+
+    def _mean_output_shift(self, y: Any) -> Any:
+        """W mu_G (C,), the same in both coordinates (H and W are shared)."""
+        H, W = self._H_W(y)
+        return W @ H.sum(1) / self.n
+
+    def to_state(self, theta: Any) -> Any:
+        y = theta + 0
+        y[-self.C :] = theta[-self.C :] + self._mean_output_shift(theta)
+        return y
+
+    def to_flat(self, y: Any) -> Any:
+        theta = y + 0
+        theta[-self.C :] = y[-self.C :] - self._mean_output_shift(y)
+        return theta
+
+    def velocity(self, theta: Any, dtheta: Any) -> Any:
+        """dy/dt from d theta/dt: dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt (the chain rule)."""
+        H, W = self._H_W(theta)
+        dH, dW = self._H_W(dtheta)
+        dy = dtheta + 0
+        dy[-self.C :] = dtheta[-self.C :] + (dW @ H.sum(1) + W @ dH.sum(1)) / self.n
+        return dy
+
+
+def _coordinates(problem: UFMProblem, like: UFMParams) -> _FlatCoordinates | _MeanOutputCoordinates:
+    """Mean-output coordinates where they remove the stiff bias coupling (depth 1, square loss, bias)."""
+    if problem.depth == 1 and problem.loss == "mse" and like.b is not None:
+        return _MeanOutputCoordinates(like)
+    return _FlatCoordinates()
+
+
 def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
+    coords = _coordinates(problem, start)
+
     def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            value, grad = loss_and_grad(problem, UFMParams.unravel(start, y))
+            theta = coords.to_flat(y)
+            value, grad = loss_and_grad(problem, UFMParams.unravel(start, theta))
             g = grad.ravel()
-            return value, -g, float(np.linalg.norm(g))
+            return value, coords.velocity(theta, -g), float(np.linalg.norm(g))
 
+    field_flat = _torch_gradient_field(problem, start)
+
+    def field_torch(y: Any) -> tuple[Any, Any, Any]:
+        theta = coords.to_flat(y)
+        value, dtheta = field_flat(theta)
+        return value, coords.velocity(theta, dtheta), (dtheta**2).sum() ** 0.5
+
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            y0 = coords.to_state(start.ravel().copy())
+    except FloatingPointError as err:
+        raise ValueError(f"the start: its mean output overflows ({err}); scale it down") from None
     return _System(
         problem=problem,
-        y0=start.ravel().copy(),
+        y0=y0,
         field=field_np,
-        to_params=lambda y: UFMParams.unravel(start, np.array(y, dtype=float)),
+        to_params=lambda y: UFMParams.unravel(start, coords.to_flat(np.array(y, dtype=float))),
         linear=linear_part(problem, start),
-        torch_field=_torch_gradient_field(problem, start),
+        torch_field=field_torch,
+        to_flat=coords.to_flat,
     )
 
 
 def _torch_gradient_field(problem: UFMProblem, like: UFMParams) -> Callable[[Any], tuple[Any, Any]]:
     """-grad L on a flat float64 torch tensor, by autograd of ``model.torch_loss`` (any device)."""
-    import torch
-
     sizes = [a.size for a in like.arrays()]
     shapes = [a.shape for a in like.arrays()]
     n_w = len(like.Ws)
 
     def field_torch(y: Any) -> tuple[Any, Any]:
+        import torch  # here, not above: only ETD2 on a torch device needs it
+
         parts = [p.view(s).detach().requires_grad_(True) for p, s in zip(torch.split(y, sizes), shapes)]
         H, Ws = parts[0], parts[1 : 1 + n_w]
         b = parts[1 + n_w] if like.b is not None else None
@@ -328,6 +427,11 @@ def gradient_flow(
     )  # fmt: skip
 
 
+def _then(first: Callable[[float], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
+    """t -> second(first(t)): dense output of the state, read in other coordinates."""
+    return lambda t: second(first(t))
+
+
 def _integrate(
     system: _System,
     *,
@@ -380,6 +484,8 @@ def _integrate(
         finally:
             bar.close()
         nfev += 1  # the check at the start
+        if sol is not None and system.to_flat is not None:
+            sol = _then(sol, system.to_flat)
     records = []
     for y in ys:
         params = system.to_params(y)
@@ -479,16 +585,13 @@ def _run_scipy(system, method, t_max, tol, rtol, atol, t_eval, target_loss, dens
     return np.array(ts), ys, r.sol, state["nfev"], status, msg
 
 
-def _phi12(z: Any, xp: Any) -> tuple[Any, Any]:
-    """phi_1(z) = (e^z - 1)/z and phi_2(z) = (e^z - 1 - z)/z^2 elementwise, by series near 0.
-
-    ``xp`` is ``numpy`` or ``torch``: the same code serves host arrays and device tensors.
-    """
-    small = xp.abs(z) < _PHI_SERIES
-    zs = xp.where(small, xp.ones_like(z), z)  # avoid 0/0 in the branch not taken
-    em1 = xp.expm1(zs)
-    phi1 = xp.where(small, 1 + z / 2 + z**2 / 6 + z**3 / 24 + z**4 / 120, em1 / zs)
-    phi2 = xp.where(small, 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720, (em1 - zs) / zs**2)
+def _phi12(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """phi_1(z) = (e^z - 1)/z and phi_2(z) = (e^z - 1 - z)/z^2 elementwise, by series near 0."""
+    small = np.abs(z) < _PHI_SERIES
+    zs = np.where(small, 1.0, z)  # avoid 0/0 in the branch not taken
+    em1 = np.expm1(zs)
+    phi1 = np.where(small, 1 + z / 2 + z**2 / 6 + z**3 / 24 + z**4 / 120, em1 / zs)
+    phi2 = np.where(small, 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720, (em1 - zs) / zs**2)
     return phi1, phi2
 
 
@@ -511,25 +614,32 @@ class _PiecewiseHermite:
         return _hermite(self.ts[i], self.ys[i], self.fs[i], self.ts[i + 1], self.ys[i + 1], self.fs[i + 1], t)
 
 
+def _blocks(linear: np.ndarray) -> tuple[list[slice], np.ndarray]:
+    """The runs of equal entries of the diagonal Lambda: (slices, their values). Lambda is constant
+    on each parameter block, so a handful of runs cover the state."""
+    cuts = [0, *(np.flatnonzero(np.diff(linear)) + 1).tolist(), linear.size]
+    return [slice(i, j) for i, j in zip(cuts[:-1], cuts[1:])], linear[cuts[:-1]]
+
+
 def _run_etd2(system, method, t_max, tol, rtol, atol, t_eval, target_loss, dense_output, bar, device):
-    """Adaptive ETD2RK in torch (module docstring): y' = Lambda y + R(y), Lambda diagonal."""
+    """Adaptive ETD2RK (module docstring): y' = Lambda y + R(y), Lambda diagonal, in NumPy or torch.
+
+    With u - y = h phi_1(h Lambda) f(y), the two stages read (Cox and Matthews 2002, eq. 22)
+        u     = y + h phi_1 f(y)                                        (exponential Euler)
+        y_new = u + h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 Lambda f(y)  (ETD2RK),
+    so the phi-functions are needed only as one scalar per run of Lambda (``_blocks``).
+    """
+    runs, levels = _blocks(system.linear)
     if device == "cpu":  # NumPy on the host: no tensor round trips around the analytic gradient
-        xp, host = np, np.asarray
-
-        def field(y):
-            value, dy, _ = system.field(y)
-            return value, dy
-
-        lin, y = system.linear, system.y0.copy()
+        xp, host, field = np, np.asarray, system.field
+        y = system.y0.copy()
     else:
         import torch
 
         if system.torch_field is None:
             raise ValueError(f"this flow has no torch vector field; use device='cpu', not {device!r}")
         xp, field = torch, system.torch_field
-        dev = torch.device(device)
-        lin = torch.as_tensor(system.linear, dtype=torch.float64, device=dev)
-        y = torch.as_tensor(system.y0, dtype=torch.float64, device=dev).clone()
+        y = torch.as_tensor(system.y0, dtype=torch.float64, device=torch.device(device)).clone()
 
         def host(a):
             return a.detach().cpu().numpy()
@@ -546,13 +656,13 @@ def _run_etd2(system, method, t_max, tol, rtol, atol, t_eval, target_loss, dense
     status, msg = 0, ""
     while True:
         try:
-            value, f = field(y)
+            value, f, stationarity = field(y)
         except FloatingPointError as err:
             status, msg = -1, str(FlowDiverged(f"floating-point {err}", t))
             break
         nfev += 1
-        grad_norm = float((f**2).sum()) ** 0.5
-        if not (np.isfinite(float(value)) and np.isfinite(grad_norm)):
+        stationarity = float(stationarity)
+        if not (np.isfinite(float(value)) and np.isfinite(stationarity)):
             t_good = prev[0] if prev is not None else 0.0
             status, msg = -1, str(FlowDiverged("non-finite loss or gradient (overflow or NaN)", t_good))
             break
@@ -567,7 +677,7 @@ def _run_etd2(system, method, t_max, tol, rtol, atol, t_eval, target_loss, dense
             dense_t.append(t)
             dense_y.append(np.array(host(y)))
             dense_f.append(np.array(host(f)))
-        if grad_norm < tol:
+        if stationarity < tol:
             status = 1
             break
         if target_loss is not None and float(value) <= target_loss:
@@ -577,20 +687,24 @@ def _run_etd2(system, method, t_max, tol, rtol, atol, t_eval, target_loss, dense
             status = 0
             break
         bar.update(t)
-        scale_y = atol + rtol * xp.abs(y)
         if h is None:  # Hairer's starting step (Hairer, Norsett and Wanner I, II.4)
+            scale_y = atol + rtol * xp.abs(y)
             d0, d1 = rms(y / scale_y), rms(f / scale_y)
             h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        rest = f - lin * y  # R(y)
         while True:
             h = min(h, t_max - t)
-            phi1, phi2 = _phi12(h * lin, xp)
-            u = xp.exp(h * lin) * y + h * phi1 * rest  # ETD1 (exponential Euler)
+            phi1, phi2 = _phi12(h * levels)
+            u = y + 0
+            for run, c in zip(runs, h * phi1):
+                u[run] += c * f[run]
             try:
-                _, fu = field(u)
+                _, fu, _ = field(u)
                 nfev += 1
-                corr = h * phi2 * ((fu - lin * u) - rest)
-                y_new = u + corr  # ETD2RK
+                corr = fu - f
+                for run, c, d in zip(runs, h * phi2, h * h * phi2 * phi1 * levels):
+                    corr[run] *= c
+                    corr[run] -= d * f[run]
+                y_new = u + corr
                 err = rms(corr / (atol + rtol * xp.maximum(xp.abs(y), xp.abs(y_new))))
             except FloatingPointError:
                 err = float("inf")
