@@ -61,6 +61,35 @@ def test_sgd_minibatch_is_unbiased():
     np.testing.assert_allclose(Hpart, full[:H_size], rtol=1e-12, atol=1e-15)
 
 
+def test_sgd_evaluates_the_full_gradient_once_an_epoch(monkeypatch):
+    """SGD's stopping rules look at the full gradient only at check steps (default: each epoch), so a
+    step costs one mini-batch gradient; a target loss stops it at such a step."""
+    import ufm.discrete as discrete
+
+    problem = UFMProblem(3, 8, 0.05, 0.02)
+    x0 = UFMParams.random(problem, 4, rng=8)
+    full_calls = []
+    counted = discrete.loss_and_grad
+
+    def counting(prob, params):
+        full_calls.append(prob is problem)
+        return counted(prob, params)
+
+    monkeypatch.setattr(discrete, "loss_and_grad", counting)
+    r = sgd(
+        problem, x0, lr=0.1, n_steps=40, batch_size=6, record_every=1000, metrics=False
+    )  # 4 steps an epoch
+    assert r.status == 0 and r.nfev == 40
+    assert sum(full_calls) == 11  # steps 0, 4, ..., 40
+    target = 0.5 * (r.loss[0] + r.loss[-1])
+    full_calls.clear()
+    s = sgd(
+        problem, x0, lr=0.1, n_steps=40, batch_size=6, record_every=1000, metrics=False, target_loss=target
+    )
+    assert s.status == 2 and s.steps[-1] % 4 == 0 and s.loss[-1] <= target
+    assert sum(full_calls) == s.steps[-1] // 4 + 1
+
+
 def test_gd_reaches_closed_form():
     problem = UFMProblem(3, 3, 0.05, 0.05)
     opt = ufm_optimum(3, 3, 0.05, 0.05)
@@ -69,9 +98,15 @@ def test_gd_reaches_closed_form():
     assert r.status == 1 and r.loss[-1] == pytest.approx(opt.loss, rel=1e-8)
 
 
-def test_huge_step_diverges_with_message():
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_huge_step_diverges_with_message(batch_size):
+    """GD, and SGD between its full-gradient checks, stop at the first non-finite gradient."""
     problem = UFMProblem(3, 3, 0.05, 0.05)
-    r = gradient_descent(problem, UFMParams.random(problem, 4, rng=4), lr=1e3, n_steps=1000, metrics=False)
+    x0 = UFMParams.random(problem, 4, rng=4)
+    if batch_size is None:
+        r = gradient_descent(problem, x0, lr=1e3, n_steps=1000, metrics=False)
+    else:
+        r = sgd(problem, x0, lr=1e3, n_steps=1000, batch_size=batch_size, check_every=1000, metrics=False)
     assert not r.success and r.status == -1
     assert (
         "diverged" in r.message

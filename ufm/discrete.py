@@ -73,9 +73,14 @@ def _batch_gradient(problem: UFMProblem, params: UFMParams, idx: np.ndarray, per
 
 
 def _descend(
-    problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler
-):
-    """Shared loop of GD and SGD: ``sampler(k, params) -> gradient`` (or None for the full gradient)."""
+    problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler,
+    check_every=1,
+):  # fmt: skip
+    """Shared loop of GD and SGD: ``sampler(k, params) -> gradient`` (or None for the full gradient).
+
+    The full loss and gradient (stopping rules, records) are evaluated at steps that are multiples of
+    ``check_every`` or of ``record_every``, and at n_steps; GD needs them every step anyway.
+    """
     check_params(problem, start)
     lr = check_nonneg("lr", lr)
     n_steps = check_positive_int("n_steps", n_steps)
@@ -87,17 +92,28 @@ def _descend(
     vel = np.zeros_like(theta)
     steps, records = [], []
     status, msg, nfev, k = 0, "", 0, 0
+    gnorm = float("nan")
     last_good = (0, theta)
     bar = _Progress(n_steps, progress, "descent")
     try:
         while True:
             params = UFMParams.unravel(start, theta)
+            checked = sampler is _full or k % check_every == 0 or k % record_every == 0 or k >= n_steps
             try:
                 with np.errstate(over="raise", invalid="raise", divide="raise"):
-                    value, full = loss_and_grad(problem, params)
-                    gnorm = float(np.linalg.norm(full.ravel()))
-                    if not (np.isfinite(value) and np.isfinite(gnorm)):
-                        raise FloatingPointError(f"non-finite loss {value} or gradient norm {gnorm}")
+                    if checked:
+                        value, full = loss_and_grad(problem, params)
+                        gnorm = float(np.linalg.norm(full.ravel()))
+                        if not (np.isfinite(value) and np.isfinite(gnorm)):
+                            raise FloatingPointError(f"non-finite loss {value} or gradient norm {gnorm}")
+                    stop = checked and (
+                        gnorm < tol or (target_loss is not None and value <= target_loss) or k >= n_steps
+                    )
+                    g = None if stop else sampler(k, params)
+                    if g is not None:
+                        g = g.ravel()
+                        if not np.all(np.isfinite(g)):
+                            raise FloatingPointError("non-finite mini-batch gradient")
             except FloatingPointError as err:
                 s_good = last_good[0]
                 status = -1
@@ -105,8 +121,7 @@ def _descend(
                 theta = last_good[1]
                 break
             last_good = (k, theta)  # theta is rebound, never written in place, so no copy is needed
-            stop = gnorm < tol or (target_loss is not None and value <= target_loss) or k >= n_steps
-            if k % record_every == 0 or stop:
+            if checked and (k % record_every == 0 or stop):
                 steps.append(k)
                 rec = record_state(problem, params) if metrics else {"loss": value}
                 rec["grad_norm"] = gnorm
@@ -118,13 +133,12 @@ def _descend(
                 ]
                 msg += f" at step {k} (t = {k * lr:.6g})"
                 break
-            g = sampler(k, params)
             if g is None:
-                g = full  # GD: the gradient computed above
+                g = full.ravel()  # GD: the gradient computed above
             else:
                 nfev += 1
             with np.errstate(over="ignore", invalid="ignore"):  # checked at the next step
-                vel = momentum * vel + g.ravel() if momentum else g.ravel()
+                vel = momentum * vel + g if momentum else g
                 theta = theta - lr * vel
             k += 1
             bar.update(k)
@@ -135,7 +149,7 @@ def _descend(
     stacked = _stack_records(records) if records else {"loss": np.array([])}
     loss_t = stacked.pop("loss")
     final = UFMParams.unravel(start, theta)
-    gfinal = float(np.linalg.norm(loss_and_grad(problem, final)[1].ravel())) if status >= 0 else float("nan")
+    gfinal = gnorm if status >= 0 else float("nan")  # a run ends at a checked step, where gnorm is fresh
     steps_a = np.array(steps, dtype=int)
     return DescentResult(
         steps=steps_a, t=steps_a * lr, loss=loss_t, metrics=stacked, params=final, grad_norm=gfinal,
@@ -189,11 +203,14 @@ def sgd(
     record_every: int = 100,
     metrics: bool = True,
     progress: bool = False,
+    check_every: int | None = None,
 ) -> DescentResult:
     """SGD over class-balanced mini-batches of examples (module docstring for the gradient estimate).
 
-    ``batch_size`` must be a multiple of C and at most n; the stopping rules look at the full loss
-    and gradient, evaluated every step (not counted in ``nfev``, which counts mini-batch gradients).
+    ``batch_size`` must be a multiple of C and at most n. The stopping rules (``tol``,
+    ``target_loss``) look at the full loss and gradient, evaluated every ``check_every`` steps
+    (default: once an epoch, n/batch_size steps), at every record and at n_steps; so a run stops at
+    such a step. ``nfev`` counts mini-batch gradients only, not these full ones.
     """
     C, N = problem.C, problem.N
     batch_size = check_positive_int("batch_size", batch_size)
@@ -214,9 +231,11 @@ def sgd(
         idx = (offsets + order[:, j * per_class : (j + 1) * per_class]).ravel()  # class-major
         return _batch_gradient(problem, params, idx, per_class)
 
+    check_every = per_epoch if check_every is None else check_positive_int("check_every", check_every)
     return _descend(
-        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler
-    )
+        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler,
+        check_every,
+    )  # fmt: skip
 
 
 def _normalized_system(problem: UFMProblem, start: UFMParams) -> _System:
