@@ -57,6 +57,8 @@ def test_methods_agree_with_reference_at_the_limit(method, rtol, tol):
                       atol=rtol * 1e-2, metrics=False, n_records=3)  # fmt: skip
     assert r.success and r.status == 1, r.message
     assert r.loss[-1] == pytest.approx(opt.loss, rel=TOL_CLOSED)
+    # Integrated in mean-output coordinates, recorded as ||grad L|| of the (H, W, b) read back.
+    assert r.grad_norm == pytest.approx(np.linalg.norm(loss_and_grad(problem, r.params)[1].ravel()), rel=1e-9)
 
 
 def test_etd2_torch_path_equals_numpy_path():

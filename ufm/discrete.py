@@ -286,7 +286,10 @@ def _normalized_system(problem: UFMProblem, start: UFMParams) -> _System:
     y0 = np.concatenate(
         [start.H.ravel(), norms, *[V.ravel() for V in Vs0]] + ([start.b] if start.b is not None else [])
     )
-    return _System(problem=problem, y0=y0, field=field, to_params=to_params, linear=lin, extra=extra)
+    return _System(
+        problem=problem, y0=y0, field=field, to_params=to_params, linear=lin, extra=extra,
+        stationarity_is_grad_norm=False,
+    )  # fmt: skip
 
 
 def normalized_flow(

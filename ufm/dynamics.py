@@ -164,6 +164,7 @@ class _System:
     module docstring. ``torch_field`` (optional) is the same triple on torch tensors of any device.
     ``extra(y)`` adds flow-specific scalars to the record. ``to_flat(y)`` (optional) maps the state to
     ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
+    ``stationarity_is_grad_norm`` lets the records reuse the stationarity as ||grad L||.
     """
 
     problem: UFMProblem
@@ -174,6 +175,7 @@ class _System:
     torch_field: Callable[[Any], tuple[Any, Any, Any]] | None = None
     extra: Callable[[np.ndarray], dict[str, float]] | None = None
     to_flat: Callable[[np.ndarray], np.ndarray] | None = None
+    stationarity_is_grad_norm: bool = True
 
 
 def _checked(cause_of: str, value: float, arrays: Sequence[np.ndarray], t_good: float) -> None:
@@ -491,7 +493,11 @@ def _integrate(
         params = system.to_params(y)
         value, _, stat = system.field(np.asarray(y, dtype=float))
         rec = record_state(system.problem, params) if metrics else {"loss": value}
-        rec["grad_norm"] = float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
+        rec["grad_norm"] = (
+            stat
+            if system.stationarity_is_grad_norm
+            else float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
+        )
         rec["stationarity"] = stat
         if system.extra is not None:
             rec.update(system.extra(np.asarray(y, dtype=float)))
