@@ -45,9 +45,10 @@ def test_flow_reaches_closed_form(C, N, p, lam_w, lam_h, bias):
 
 @pytest.mark.parametrize(
     ("method", "rtol", "tol"),
-    # ETD2 is second order: its local error floors ||grad L|| (near 1e-8 at rtol 1e-7), so it stops at 1e-6.
+    # ETD2 keeps fixed points and caps its steps below its stability limit: a loose rtol still ends
+    # stationary.
     [("RK45", 1e-11, 1e-8), ("BDF", 1e-11, 1e-8), ("LSODA", 1e-11, 1e-8), ("Radau", 1e-11, 1e-8),
-     ("ETD2", 1e-6, 1e-6)],
+     ("ETD2", 1e-6, 1e-8), ("ETD2", 1e-3, 1e-10)],
 )  # fmt: skip
 def test_methods_agree_with_reference_at_the_limit(method, rtol, tol):
     """Every integrator converges to the same closed form (ETD2 and BDF keep fixed points exactly)."""
