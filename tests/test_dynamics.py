@@ -208,3 +208,37 @@ def test_mean_output_coordinates_remove_the_bias_coupling():
     assert flat >= w_op / np.sqrt(n)
     assert mean <= (w_op**2 + h_op**2) / n + 2 * lam
     assert flat > 2 * mean
+
+
+FLOW_ARGS = ["flow", "-C", "3", "-N", "4", "-p", "5", "--lam-w", "0.02", "--lam-h", "0.02"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_flow_cli_json_beside_the_closed_form(bias, tmp_path, capsys):
+    """``ufm flow --json --out``: the issue's keys, the end point at the closed form, and the files."""
+    import json
+
+    from ufm.cli import main
+    from ufm.tables import read_csv
+
+    args = FLOW_ARGS + ["--json", "--out", str(tmp_path)] + ([] if bias else ["--no-bias"])
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    opt = ufm_optimum(3, 4, 0.02, 0.02, bias=bias)
+    assert out["status"] == 1 and out["grad_norm"] < 1e-8 and out["n_grad_evals"] > 0 and out["t"] > 0
+    assert out["closed_form"]["eps"] == opt.eps and out["closed_form"]["loss"] == opt.loss
+    assert out["loss"] == pytest.approx(opt.loss, rel=TOL_CLOSED)
+    assert out["eps"] == pytest.approx(opt.eps, abs=TOL_CLOSED)
+    assert out["cos_w"] == pytest.approx(-0.5 if bias else 0.0, abs=TOL_CLOSED)
+    assert out["nc1"] < TOL_CLOSED
+    rows = read_csv(tmp_path / "trajectory.csv")
+    assert rows[-1]["loss"] == out["loss"] and rows[-1]["t"] == out["t"]
+    assert all(a["t"] < b["t"] for a, b in zip(rows, rows[1:]))
+    assert (tmp_path / "flow.png").stat().st_size > 0
+
+
+def test_flow_cli_refuses_an_unknown_method(capsys):
+    from ufm.cli import main
+
+    assert main(FLOW_ARGS + ["--method", "Euler"]) == 2
+    assert "Euler" in capsys.readouterr().err
