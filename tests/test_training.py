@@ -188,3 +188,14 @@ def test_history_records_the_rate_each_epoch_trained_at(data):
     result = train(TrainConfig(**TINY), dataset=data)
     lrs = result.history["lr"]
     np.testing.assert_allclose(lrs, [0.02, 0.02, 0.02, 0.002, 0.0002], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [(dict(dataset="mnist:/elsewhere"), "config.dataset"), (dict(per_class=8), "config.per_class"),
+     (dict(test_per_class=3), "config.test_per_class")],
+)  # fmt: skip
+def test_a_dataset_that_is_not_the_configs_is_refused(data, change, named):
+    """config.json and resume trust the config: a dataset passed in must be the one it names."""
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        train(TrainConfig(**(TINY | change)), progress=False, dataset=data)

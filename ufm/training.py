@@ -365,6 +365,24 @@ def measure_network(
     return {k: float(v) for k, v in row.items()}
 
 
+def _check_dataset_matches(data: Dataset, config: TrainConfig) -> None:
+    """A dataset passed to ``train`` must be the one ``config`` names: config.json and resume trust it."""
+    if data.name != config.dataset:
+        raise ValueError(
+            f"the dataset given was loaded from {data.name!r} but config.dataset = {config.dataset!r}"
+        )
+    if config.per_class is not None and data.N != config.per_class:
+        raise ValueError(
+            f"the dataset given has N = {data.N} per class but config.per_class = {config.per_class}"
+        )
+    n_test = len(data.y_test)
+    if config.test_per_class is not None and n_test != data.C * config.test_per_class:
+        raise ValueError(
+            f"the dataset given has {n_test} test examples, not C * config.test_per_class = "
+            f"{data.C} * {config.test_per_class}"
+        )
+
+
 @contextlib.contextmanager
 def _one_cpu_thread():
     """Run LAPACK calls on one CPU thread: on a shared, busy CPU a multithreaded SVD of a 256 x 784
@@ -467,10 +485,8 @@ def train(
     data = dataset or load_dataset(
         config.dataset, per_class=config.per_class, test_per_class=config.test_per_class
     )
-    if config.per_class is not None and data.N != config.per_class:
-        raise ValueError(
-            f"the dataset given has N = {data.N} per class but config.per_class = {config.per_class}"
-        )
+    if dataset is not None:
+        _check_dataset_matches(dataset, config)
     C = data.C
     x_train, y_train = torch.from_numpy(data.x_train).to(device), torch.from_numpy(data.y_train).to(device)
     x_test, y_test = torch.from_numpy(data.x_test).to(device), torch.from_numpy(data.y_test).to(device)
