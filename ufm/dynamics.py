@@ -40,8 +40,8 @@ therefore integrated in the coordinates (H, W, m), m = W mu_G + b the mean outpu
 (``_MeanOutputCoordinates``). This is a change of variables, not a new flow: dm/dt = dW/dt mu_G +
 W dmu_G/dt + db/dt by the chain rule, one gradient per evaluation as before. In them
 dm/dt = -(1 + lam_b) m + (terms of size ||W||^2/n, lam), so the fast mode sits in Lambda alone and R's
-radius drops to the data curvatures (||W||_op^2 + ||H||_op^2)/n (0.0195 at the benchmark size;
-``tests/test_dynamics.py`` checks both radii). Every integrator uses these coordinates (they also give
+radius drops to about the data curvatures (||W||_op^2 + ||H||_op^2)/n (measured 0.0195 at the
+benchmark size's minimizer, where that sum is 0.0190; ``tests/test_dynamics.py`` checks both radii). Every integrator uses these coordinates (they also give
 BDF's diagonal approximate Jacobian the fast mode exactly); records, ``params`` and dense output are
 read back in (H, W, b). Deep and cross-entropy flows stay in plain coordinates.
 
