@@ -224,11 +224,15 @@ def test_flow_cli_json_beside_the_closed_form(bias, tmp_path, capsys):
     args = FLOW_ARGS + ["--json", "--out", str(tmp_path)] + ([] if bias else ["--no-bias"])
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    opt = ufm_optimum(3, 4, 0.02, 0.02, bias=bias)
+    # The closed form typed out (ufm.closed_form docstring): delta = C sqrt(N lam_w lam_h) = 0.12,
+    # k = C - 1 with a bias and C without, eps = k delta / C, loss = (k/C)(delta - delta^2/2).
+    k, delta = (2 if bias else 3), 3 * np.sqrt(4 * 0.02 * 0.02)
+    eps, loss = k * delta / 3, k / 3 * (delta - delta**2 / 2)
     assert out["status"] == 1 and out["grad_norm"] < 1e-8 and out["n_grad_evals"] > 0 and out["t"] > 0
-    assert out["closed_form"]["eps"] == opt.eps and out["closed_form"]["loss"] == opt.loss
-    assert out["loss"] == pytest.approx(opt.loss, rel=TOL_CLOSED)
-    assert out["eps"] == pytest.approx(opt.eps, abs=TOL_CLOSED)
+    assert out["closed_form"]["eps"] == pytest.approx(eps, rel=1e-12)
+    assert out["closed_form"]["loss"] == pytest.approx(loss, rel=1e-12)
+    assert out["loss"] == pytest.approx(loss, rel=TOL_CLOSED)
+    assert out["eps"] == pytest.approx(eps, abs=TOL_CLOSED)
     assert out["cos_w"] == pytest.approx(-0.5 if bias else 0.0, abs=TOL_CLOSED)
     assert out["nc1"] < TOL_CLOSED
     rows = read_csv(tmp_path / "trajectory.csv")
