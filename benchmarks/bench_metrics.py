@@ -8,7 +8,7 @@ For each (n, p, C) it times, in one process on the same features:
              (NumPy on CPU, torch on a GPU) with its default cutoff, in the features' dtype.
 
 Targets (issue 3): library >= 10x faster than naive, library <= 3x one pass. It also prints both NC1
-values (the naive one shows the pseudo-inverse trap of PEERS.md on float32 features) and the peak
+values (the naive one shows the pseudo-inverse trap of docs/theory.md §17.2 on float32 features) and the peak
 memory of the streaming accumulator for two n, which should not grow with n.
 
 Usage: python benchmarks/bench_metrics.py [--device cpu|cuda] [--quick] [--dtype float32|float64]

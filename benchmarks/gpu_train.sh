@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ufm.training import TrainConfig, format_theory_table, weight_decay_experiment
+from ufm.experiments.weight_decay import format_theory_table, weight_decay_experiment
 
 out = Path(os.environ["OUT"])
 if os.environ["UFM_GPU_TINY"] == "1":

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from problems import ANSWER_FIELDS, BY_NAME
 from scipy.optimize import minimize_scalar
 
 from ufm.closed_form import (
@@ -170,7 +171,27 @@ def test_cli_solve_json_agrees_with_minimization(C, N, p, lam_w, lam_h, bias):
         assert key in obj
     assert abs(obj["verify"]["loss_numeric"] - obj["loss"]) <= REL_LOSS * obj["loss"]
     assert obj["geometry"] in ("simplex_etf", "orthogonal_frame", "zero")
-    assert obj["f_correct"] == pytest.approx(1 - obj["eps"])
+
+
+# One catalogue case per geometry (tests/problems.py): the JSON carries the typed answers.
+CLI_CASES = ["etf_C4", "orth_C4", "smooth_frame_C3", "rank_one_C3", "zero_C3_bias_smooth"]
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_solve_json_gives_typed_answers(name):
+    case = BY_NAME[name]
+    args = ["solve", "-C", str(case.C), "-N", str(case.N), "-p", str(case.p), "--lam-w", str(case.lam_w),
+            "--lam-h", str(case.lam_h), "--label-smoothing", str(case.label_smoothing), "--json"]  # fmt: skip
+    out = _cli(*args, *([] if case.bias else ["--no-bias"]))
+    assert out.returncode == 0, out.stderr
+    obj = json.loads(out.stdout)
+    assert obj["geometry"] == case.geometry
+    for key in ANSWER_FIELDS:
+        expected = getattr(case, key)
+        if expected is None:
+            assert obj[key] is None, key
+        else:
+            assert obj[key] == pytest.approx(expected, rel=1e-12, abs=1e-15), key
 
 
 def test_cli_solve_table_and_errors():

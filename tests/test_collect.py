@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ufm import collect_features, model_nc_metrics, nc_metrics
+from ufm.collect import capture_activations
 from ufm.metrics import NCAccumulator
 
 RTOL_STREAM = 1e-10
@@ -54,6 +55,33 @@ def test_collect_named_layer_output(setup):
     by_input = collect_features(model, loader)
     torch.testing.assert_close(by_output.features, by_input.features, rtol=0, atol=0)
     assert by_output.classifier == "5"
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_capture_activations_hooks_one_layer_and_cleans_up(setup, eval_mode):
+    """The one forward hook: each forward call appends the layer's input or output, (batch, p), equal
+    to the hand computation; on exit, also after an error, no hook is left and the modes are restored."""
+    model, loader, x, y, C = setup
+    model.train()
+    with capture_activations(model, "4", capture="output", eval_mode=eval_mode) as out:
+        with capture_activations(model, "5") as inp:  # "input" by default
+            assert model[2].training != eval_mode
+            model(x[:7])
+            model(x[7:9])
+    with torch.no_grad():
+        z = model[3](model[1](model[0](x[:9])))  # dropout off: compared in eval mode only
+    assert [t.shape for t in out] == [(7, 5), (2, 5)] and [t.shape for t in inp] == [(7, 5), (2, 5)]
+    if eval_mode:
+        torch.testing.assert_close(torch.cat(out), torch.tanh(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(inp), torch.cat(out), rtol=0, atol=0)  # Tanh output = Linear input
+    assert not any(m._forward_hooks for m in model.modules()) and all(m.training for m in model.modules())
+    with pytest.raises(RuntimeError):
+        with capture_activations(model, "5", eval_mode=True):
+            model(torch.zeros(2, 3, dtype=torch.float64))  # wrong input width
+    assert not any(m._forward_hooks for m in model.modules()) and all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="unknown capture"):
+        with capture_activations(model, "5", capture="grad"):
+            pass
 
 
 def test_model_nc_metrics_streams_like_one_shot(setup):

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from ufm.datasets import DATASETS, balanced_indices, load_dataset, read_cifar10_batch, read_idx
+from ufm.datasets import DATASETS, Dataset, balanced_indices, load_dataset, read_cifar10_batch, read_idx
 
 # IDX type codes (Y. LeCun's MNIST page), written independently of the reader's table.
 IDX_CODES = {
@@ -131,6 +131,22 @@ def test_balanced_subsets_are_nested():
     np.testing.assert_array_equal(labels[small], np.repeat(np.arange(4), 3))
     for c in range(4):
         assert set(small[3 * c : 3 * c + 3]) <= set(large[6 * c : 6 * c + 6])
+
+
+def test_counts_and_N_of_a_hand_built_unbalanced_dataset(tmp_path, rng):
+    """The loaders give equal counts; a Dataset built by hand may not, and then has no N."""
+    fake_mnist(tmp_path, rng)
+    data = load_dataset(f"mnist:{tmp_path}")
+    assert data.counts == (3,) * 10 and data.balanced and data.N == 3
+    labels = np.array([0] * 8 + [1] * 4 + [2] * 2 + [3])
+    unbalanced = Dataset(
+        name="hand", x_train=np.zeros((15, 1, 2, 2), np.float32), y_train=labels,
+        x_test=np.zeros((0, 1, 2, 2), np.float32), y_test=np.zeros(0, np.int64),
+        classes=("a", "b", "c", "d"), source="test",
+    )  # fmt: skip
+    assert unbalanced.counts == (8, 4, 2, 1) and not unbalanced.balanced
+    with pytest.raises(ValueError, match=r"only for balanced classes; got counts \(8, 4, 2, 1\)"):
+        _ = unbalanced.N
 
 
 def test_unknown_dataset_lists_the_valid_ones():

@@ -1,4 +1,4 @@
-"""GD, SGD and the normalized flow (ufm.discrete) against the flow, GD itself and the closed form."""
+"""GD, SGD and the normalized flow (ufm.dynamics.discrete) against the flow, GD itself and the closed form."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ufm.closed_form import ufm_optimum
-from ufm.discrete import gradient_descent, normalized_flow, sgd
 from ufm.dynamics import gradient_flow
+from ufm.dynamics.discrete import gradient_descent, normalized_flow, sgd
 from ufm.model import UFMParams, UFMProblem, loss_and_grad
 
 
@@ -42,7 +42,7 @@ def test_full_batch_sgd_is_gd():
 
 def test_sgd_minibatch_is_unbiased():
     """The mean of the mini-batch gradients over one epoch equals the full gradient (each example once)."""
-    from ufm.discrete import _batch_gradient
+    from ufm.dynamics.discrete import _batch_gradient
 
     problem = UFMProblem(3, 4, 0.05, 0.02)
     x = UFMParams.random(problem, 4, rng=2)
@@ -64,7 +64,7 @@ def test_sgd_minibatch_is_unbiased():
 def test_sgd_evaluates_the_full_gradient_once_an_epoch(monkeypatch):
     """SGD's stopping rules look at the full gradient only at check steps (default: each epoch), so a
     step costs one mini-batch gradient; a target loss stops it at such a step."""
-    import ufm.discrete as discrete
+    import ufm.dynamics.discrete as discrete
 
     problem = UFMProblem(3, 8, 0.05, 0.02)
     x0 = UFMParams.random(problem, 4, rng=8)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ufm.closed_form import ufm_optimum
-from ufm.dynamics import _FlatCoordinates, _gradient_system, _MeanOutputCoordinates, gradient_flow
+from ufm.dynamics import gradient_flow
+from ufm.dynamics.flow import _FlatCoordinates, _gradient_system, _MeanOutputCoordinates
 from ufm.model import UFMParams, UFMProblem, loss_and_grad, outputs
 
 # Stationarity at ||grad|| < 1e-9 puts the state within ~1e-9/lam_min of the minimizer (lam_min
@@ -28,7 +29,7 @@ CASES = [
 
 @pytest.mark.parametrize(("C", "N", "p", "lam_w", "lam_h", "bias"), CASES)
 def test_flow_reaches_closed_form(C, N, p, lam_w, lam_h, bias):
-    """THEORY.md 5: from a random start the flow's limit is the closed-form global minimizer."""
+    """docs/theory.md §5, §13: from a random start the flow's limit is the closed-form global minimizer."""
     problem = UFMProblem(C, N, lam_w, lam_h, bias=bias)
     opt = ufm_optimum(C, N, lam_w, lam_h, bias=bias)
     r = gradient_flow(problem, UFMParams.random(problem, p, rng=1), tol=1e-9, **REF, n_records=5)

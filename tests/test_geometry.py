@@ -1,9 +1,10 @@
-"""Frames (THEORY.md statement 1) and distances from them."""
+"""Frames (docs/theory.md §1) and distances from them."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from problems import helmert_etf, procrustes_distance
 
 from ufm.geometry import frame_distance, frame_gram, orthogonal_frame, simplex_etf
 
@@ -34,20 +35,35 @@ def test_orthogonal_frame(C, extra, seed):
     assert frame_distance(F, "orthogonal_frame") < 1e-6
 
 
-@given(C=st.integers(3, 12), seed=st.integers(0, 2**32 - 1))
-def test_frame_distance_is_procrustes(C, seed):
-    """The closed-form distance equals a direct orthogonal-Procrustes solve (second method)."""
+@given(
+    C=st.integers(2, 12),
+    extra=st.integers(0, 3),
+    frame=st.sampled_from(["simplex_etf", "orthogonal_frame"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_frame_distance_is_procrustes(C, extra, frame, seed):
+    """The closed form sqrt(2 - 2 ||F^T V||_* / ||V||_F) equals the residual of an explicit orthogonal
+    Procrustes solve against a frame typed out in tests/problems.py (Helmert ETF or I/sqrt(C)), from
+    the smallest dimension that holds the frame (p = C-1 or C) up."""
+    k = C - 1 if frame == "simplex_etf" else C
     rng = np.random.default_rng(seed)
-    V = rng.standard_normal((C, C + 2))
-    V /= np.linalg.norm(V)
-    F = simplex_etf(C, C + 2) / np.sqrt(C)
-    u, _, vt = np.linalg.svd(F.T @ V)  # max tr(Q^T F^T V) over orthogonal Q
-    Q = u @ vt
-    direct = np.linalg.norm(V - F @ Q)
-    assert frame_distance(V) == pytest.approx(direct, abs=1e-10)
-    # Any other rotation is no closer.
-    Q2 = np.linalg.qr(rng.standard_normal((C + 2, C + 2)))[0]
-    assert np.linalg.norm(V - F @ Q2) >= direct - 1e-12
+    V = rng.standard_normal((C, k + extra))
+    direct = procrustes_distance(V, frame)
+    assert frame_distance(V, frame) == pytest.approx(direct, abs=1e-10)
+    # Any other map with orthonormal rows is no closer.
+    F = helmert_etf(C) / np.sqrt(C - 1) if frame == "simplex_etf" else np.eye(C) / np.sqrt(C)
+    Q = np.linalg.qr(rng.standard_normal((k + extra, k)))[0].T  # (k, p), orthonormal rows
+    assert np.linalg.norm(V / np.linalg.norm(V) - F @ Q) >= direct - 1e-12
+
+
+@given(C=st.integers(2, 30))
+def test_typed_helmert_frame_is_the_library_etf(C):
+    """The typed-out Helmert rows have the ETF's Gram I - 11^T/C, and frame_distance puts them (and
+    the library's own ETF) at distance 0 from it: the two frames agree up to rotation and scale."""
+    B = helmert_etf(C)
+    np.testing.assert_allclose(B @ B.T, np.eye(C) - 1.0 / C, atol=TOL)
+    assert frame_distance(B) < 1e-6  # sqrt of round-off
+    assert procrustes_distance(simplex_etf(C, C + 1, rng=C), "simplex_etf") < 1e-12
 
 
 def test_frames_are_distinct():

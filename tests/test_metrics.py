@@ -9,8 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from problems import procrustes_distance
 
-from ufm import frame_distance, nc_metrics, simplex_etf
+from ufm import nc_metrics, simplex_etf
 from ufm.cli import main
 from ufm.metrics import NCAccumulator, nc_metrics_stream
 
@@ -73,13 +74,13 @@ def _naive(H, y, W=None, b=None):
         ref["sv_w"] = np.linalg.svd(W, compute_uv=False)
         ref["rank_w"] = np.linalg.matrix_rank(W)
         if W.shape[1] >= C - 1:
-            ref["etf_distance_w"] = frame_distance(W)
+            ref["etf_distance_w"] = procrustes_distance(W, "simplex_etf")
         if W.shape[1] >= C:
-            ref["orth_distance_w"] = frame_distance(W, "orthogonal_frame")
+            ref["orth_distance_w"] = procrustes_distance(W, "orthogonal_frame")
     ref["stable_rank_means"] = np.linalg.norm(M) ** 2 / np.linalg.norm(M, 2) ** 2
     ref["sv_means"] = np.linalg.svd(M, compute_uv=False)[: min(C, p)]
     if p >= C - 1:
-        ref["etf_distance"] = frame_distance(M)
+        ref["etf_distance"] = procrustes_distance(M, "simplex_etf")
     ref["rank_means"] = np.linalg.matrix_rank(Sigma_B, rtol=REF_RCOND, hermitian=True)
     return ref
 
@@ -105,7 +106,7 @@ def _assert_same(a, b, rtol, skip=(), sv_scale=1.0):
             np.testing.assert_allclose(x, z, rtol=rtol, atol=rtol * 1e-3, err_msg=key)
 
 
-# ---------------------------------------------------------------- exact collapse (THEORY.md NC1-NC4)
+# ---------------------------------------------------------------- exact collapse (docs/theory.md §0.4, §17)
 @HYP
 @given(
     C=st.integers(2, 50),
@@ -241,7 +242,7 @@ def _nc1_pinv(H, y, rcond):
 
 
 def test_pinv_trap_float32_features():
-    """PEERS.md trap: inverting Sigma_B's rounding-noise eigenvalues. Textbook code on float32
+    """The pseudo-inverse trap (docs/theory.md §17.2): inverting Sigma_B's rounding-noise eigenvalues. Textbook code on float32
     features (NumPy's default pinv cutoff, float32 means) is wrong by orders of magnitude; the library
     equals the float64 reference with a correct cutoff."""
     H, y = _trap_problem(4000, 256, 40, np.float32)
@@ -255,7 +256,7 @@ def test_pinv_trap_float32_features():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_pinv_trap_full_size(dtype):
-    """PEERS.md's size: n = 50,000, p = 2,048, C = 100 (about a minute and 2 GB)."""
+    """The size of docs/theory.md §17.2: n = 50,000, p = 2,048, C = 100 (about a minute and 2 GB)."""
     H, y = _trap_problem(50_000, 2048, 100, dtype)
     ref = _nc1_pinv(H.astype(np.float64), y, REF_RCOND)
     assert nc_metrics(H, y).nc1 == pytest.approx(ref, rel=1e-9)
@@ -408,3 +409,13 @@ def test_cli_errors(saved, tmp_path, capsys):
     ]:
         assert main(["metrics", str(path)]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_means_equal_to_rounding_are_refused():
+    """Class means that coincide up to rounding (the rank-one minimizer: every class the same output)
+    have no between-class covariance; NC1 is refused rather than reported from rounding noise."""
+    mean = np.array([0.3, -1.2, 0.7])
+    X = np.tile(mean, (12, 1)) * (1 + 1e-17)  # identical rows: centred means are ~1e-17 noise
+    X[::2] += 1e-16 * np.array([1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="class means are equal"):
+        nc_metrics(X, np.repeat(np.arange(3), 4))

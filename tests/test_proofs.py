@@ -40,13 +40,81 @@ def test_whole_suite_verifies(results):
 
 
 def test_suite_covers_the_statements():
-    """The issue's list: ETF, Lemma 1, Lemma 2, the theorem (NC1-NC4), the UFM minimizer (bias and none)."""
+    """The issue's list: ETF, Lemma 1, Lemma 2, the theorem (NC1-NC4), the UFM minimizer (bias and none),
+    and the minimizer with label smoothing."""
     sources = " ".join(p.source for p in PROOFS.values())
     names = " ".join(p.name for p in PROOFS.values())
-    for needle in ("THEORY.md 1", "Lemma 1", "Lemma 2", "main theorem", "THEORY.md 5"):
+    for needle in ("docs/theory.md §1", "Lemma 1", "Lemma 2", "main theorem", "docs/theory.md §5"):
         assert needle in sources
-    for needle in ("NC1", "NC2", "NC3", "NC4", "with bias", "without bias", "interpolat"):
+    for needle in ("NC1", "NC2", "NC3", "NC4", "with bias", "without bias", "interpolat", "label smoothing"):
         assert needle in names
+
+
+LABEL_SMOOTHING_PROOFS = (
+    "label_smoothing_bias", "label_smoothing_nobias", "label_smoothing_rank_one", "label_smoothing_global",
+    "label_smoothing_regimes", "label_smoothing_sqi", "label_smoothing_numeric",
+)  # fmt: skip
+
+
+def test_label_smoothing_proofs_registered_and_named():
+    """Each label-smoothing statement is registered after the a = 0 minimizer it extends, and its name
+    says how it is proved: symbolically, or "checked at" given sizes."""
+    keys = list(PROOFS)
+    assert [k for k in keys if k.startswith("label_smoothing")] == list(LABEL_SMOOTHING_PROOFS)
+    assert keys.index("label_smoothing_bias") > keys.index("ufm_global")
+    for key in LABEL_SMOOTHING_PROOFS:
+        name = PROOFS[key].name
+        assert "label smoothing" in name and ("symbolic" in name or "checked at" in name), key
+    assert "checked at" in PROOFS["label_smoothing_numeric"].name
+    assert "stationary point, symbolic C, N, lam_w, lam_h, a" in PROOFS["label_smoothing_bias"].name
+    assert "soft-threshold value identity, symbolic" in PROOFS["label_smoothing_global"].name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", LABEL_SMOOTHING_PROOFS)
+def test_label_smoothing_proofs_verify_at_other_points(key):
+    """The label-smoothing proofs hold at another seed's spot-check points, too."""
+    result = verify(key, numeric_points=4, seed=7)
+    assert result.success, (result.message, result.residual)
+    assert result.n_claims > 0 and (result.nfev > 0 or key == "label_smoothing_numeric")
+
+
+# L-BFGS against the label-smoothing closed form: (C, N, a, bias, delta / the regime's upper end).
+# lam_w != lam_h, so that the balance of W and H is found, not started from.
+LBFGS_CASES = [
+    (3, 2, 0.2, True, 0.5),
+    (4, 3, 0.3, True, 0.6),
+    (3, 2, 0.2, False, 0.5),
+    (4, 3, 0.3, False, 0.6),
+    (4, 2, 0.4, False, "rank_one"),
+]
+
+
+@pytest.mark.parametrize(("C", "N", "a", "bias", "where"), LBFGS_CASES)
+def test_label_smoothing_closed_form_matches_lbfgs(C, N, a, bias, where):
+    """An independent reference: L-BFGS on ufm.model from random starts reaches the closed-form loss of
+    UFMProblem(..., label_smoothing=a) to 1e-8 relative, and never goes below it."""
+    from ufm.model import UFMProblem
+    from ufm.optimize import minimize_loss
+
+    # delta < 1 - a (collapse), or 1 - a < delta < 1 (rank one, no bias)
+    delta = 1 - a / 2 if where == "rank_one" else where * (1 - a)
+    product = (delta / C) ** 2 / N  # lam_w lam_h with ufm_delta = delta
+    lam_w, lam_h = np.sqrt(2 * product), np.sqrt(product / 2)
+    opt = cf.ufm_optimum(C, N, lam_w, lam_h, bias=bias, label_smoothing=a)
+    assert opt.geometry == (
+        "rank_one" if where == "rank_one" else "simplex_etf" if bias else "smoothed_frame"
+    )
+    want = (
+        cf.ufm_rank_one_loss(C, N, lam_w, lam_h, a)
+        if where == "rank_one"
+        else cf.ufm_loss(C, N, lam_w, lam_h, bias, label_smoothing=a)
+    )
+    assert opt.loss == pytest.approx(want, rel=1e-14)
+    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias, label_smoothing=a)
+    res = minimize_loss(problem, C + 1, n_starts=2, seed=C)
+    rel = (res.loss - opt.loss) / opt.loss
+    assert -1e-12 <= rel <= 1e-8, rel
 
 
 def test_cli_json_lists_every_proof(capsys):
@@ -73,7 +141,20 @@ def test_cli_table_and_failure_exit(capsys, monkeypatch):
 
 
 def _twice(f):
-    return lambda *args: 2 * f(*args)
+    return lambda *args, **kwargs: 2 * f(*args, **kwargs)
+
+
+def _typo_ls_loss(C, N, lam_w, lam_h, bias=True, label_smoothing=0):
+    """ufm_loss with a typo: (1 - a)^2 where the kept centred mode costs delta (1 - a)."""
+    delta, a = cf.ufm_delta(C, N, lam_w, lam_h), label_smoothing
+    value = (C - 1) * (delta * (1 - a) ** 2 - delta**2 / 2) / C
+    return value if bias else value + (delta - delta**2 / 2) / C
+
+
+def _typo_rank_one_loss(C, N, lam_w, lam_h, label_smoothing=0):
+    """ufm_rank_one_loss with (1 - a) where (1 - a)^2 belongs."""
+    delta = cf.ufm_delta(C, N, lam_w, lam_h)
+    return (delta - delta**2 / 2) / C + (C - 1) * (1 - label_smoothing) / (2 * C)
 
 
 WRONG_FORMULAS = [
@@ -90,6 +171,30 @@ WRONG_FORMULAS = [
     ("ufm_stationarity_nobias", {"loss": _twice(cf.ufm_loss)}, "ufm_loss"),
     ("ufm_global", {"loss": _twice(cf.ufm_loss)}, "ufm_loss"),
     ("ufm_global", {"collapse_bound": lambda C, N: 1 / (N * C)}, "threshold"),
+    ("label_smoothing_bias", {"loss": _typo_ls_loss}, "ufm_loss"),
+    ("label_smoothing_nobias", {"loss": _typo_ls_loss}, "ufm_loss"),
+    (
+        "label_smoothing_bias",
+        {"eps": lambda C, N, lw, lh, bias=True, label_smoothing=0: cf.ufm_eps(C, N, lw, lh, bias)},
+        "ufm_eps",
+    ),
+    (
+        "label_smoothing_nobias",
+        {"cos_w": lambda C, N, lw, lh, bias=True, label_smoothing=0: 0 * C},
+        "stationarity",
+    ),
+    ("label_smoothing_nobias", {"h_norm_sq": _twice(cf.ufm_h_norm_sq)}, "ufm_norm_product"),
+    ("label_smoothing_rank_one", {"rank_one_loss": _typo_rank_one_loss}, "ufm_rank_one_loss"),
+    ("label_smoothing_global", {"loss": _typo_ls_loss}, "value identity"),
+    ("label_smoothing_regimes", {"rank_one_loss": _typo_rank_one_loss}, "perfect square"),
+    (
+        "label_smoothing_regimes",
+        {"collapse_bound": lambda C, N, label_smoothing=0: (1 - label_smoothing) / (N * C**2)},
+        "threshold",
+    ),
+    ("label_smoothing_sqi", {"smoothing_eps": lambda C, a: a / C}, "smoothing_eps"),
+    ("label_smoothing_numeric", {"loss": _typo_ls_loss}, "ufm_optimum fields"),
+    ("label_smoothing_numeric", {"rank_one_loss": _typo_rank_one_loss}, "ufm_optimum fields"),
 ]
 
 
@@ -141,3 +246,11 @@ def test_ij_algebra_matches_explicit_matrices(C):
     assert A.frob_sq == sum(x**2 for x in MA) and A.trace == MA.trace()
     eig = MA.eigenvals()
     assert eig.get(A.eig_perp, 0) >= C - 1 and A.row_sum in eig
+    Pp, P1 = A.projectors
+    assert Pp.matrix(C) == sympy.eye(C) - sympy.ones(C, C) / C and P1.matrix(C) == sympy.ones(C, C) / C
+    psd = IJ(C, *map(sympy.Rational, rng.integers(1, 6, 2)))  # a, b > 0: positive eigenvalues
+    root = psd.sqrt()
+    assert [sympy.simplify(r) for r in (root * root - psd).coefficients()] == [0, 0]
+    R, M = (np.array(X.matrix(C).evalf(), dtype=float) for X in (root, psd))
+    np.testing.assert_allclose(R @ R, M, rtol=1e-12, atol=1e-12)
+    assert np.linalg.eigvalsh(R).min() > 0  # the PSD root, not another one

@@ -7,8 +7,8 @@ import pytest
 
 from ufm.closed_form import ufm_optimum
 from ufm.dynamics import gradient_flow
+from ufm.dynamics.reduced import manifold_frame, manifold_params, reduced_field, reduced_flow, reduced_loss
 from ufm.model import UFMProblem, loss
-from ufm.reduced import manifold_frame, manifold_params, reduced_field, reduced_flow, reduced_loss
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ufm.closed_form import ufm_optimum
-from ufm.reproduce import FLOW_AGREEMENT, reproduce
+from ufm.experiments.reproduce import FLOW_AGREEMENT, reproduce
 from ufm.tables import read_csv
 
 
@@ -27,13 +27,18 @@ def test_parts_succeed(result):
 
 
 def test_flows_match_an_independent_closed_form(result):
-    """Each flow's end point against ufm_optimum recomputed here (not the value stored beside it)."""
+    """Each flow's end point against ufm_optimum recomputed here (not the value stored beside it),
+    integrated with the library's default method."""
+    from ufm.dynamics import DEFAULT_METHOD
+
     for row in read_csv(result.out / "flows.csv"):
         opt = ufm_optimum(row["C"], row["N"], row["lam"], row["lam"], bias=row["bias"])
         assert row["loss_flow"] == pytest.approx(opt.loss, rel=FLOW_AGREEMENT)
         assert row["eps_flow"] == pytest.approx(opt.eps, rel=FLOW_AGREEMENT)
         if opt.collapsed:
             assert row["cos_w_flow"] == pytest.approx(opt.cos_w, abs=1e-6)
+        assert row["reached"] is True and row["method"] == DEFAULT_METHOD
+    assert f"integrated with {DEFAULT_METHOD} (the library's default" in result.report.read_text()
 
 
 def test_phase_diagram_crosses_the_threshold(result):

@@ -1,9 +1,9 @@
-"""Sweeps (ufm.sweep): grid expansion and validation, the results table, failures, resumption, Dask.
+"""Sweeps (ufm.experiments.sweep): grid expansion and validation, the results table, failures, resumption, Dask.
 
 The sweep mechanics (failures, resumption, CLI) are tested with a toy runner whose result has an
 exact answer (y = x^2) and which leaves one marker file per call, so calls are counted across worker
-processes. The flow sweep is checked against the closed-form minimizer ``ufm_optimum`` (an
-independent route to the same numbers), on a local process pool and on a real Dask LocalCluster.
+processes. The flow sweep is checked against the closed-form minimizer typed out here (docs/theory.md
+§5), on a local process pool and on a real Dask LocalCluster.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from ufm import sweep
 from ufm.cli import main
-from ufm.sweep import RUNNERS, Runner, expand_grid, read_table, run_sweep
+from ufm.experiments import sweep
+from ufm.experiments.sweep import RUNNERS, Runner, expand_grid, run_sweep
+from ufm.tables import read_table
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep_flow.toml"
 
@@ -123,6 +124,11 @@ def test_run_id_is_stable_and_depends_on_every_setting():
         ({"grid": {"lam_w": [0.1, 0.1]}}, "grid.lam_w repeats a value"),
         ({"grid": {"lam_w": [0.1, -1.0]}}, "bad flow run (lam_w=-1.0): lam_w must be a finite number >= 0"),
         ({"grid": {"dim": [1]}}, "dim = 1 is below 2 (C-1)"),
+        ({"grid": {"method": ["Euler"]}}, "unknown method 'Euler'"),
+        ({"grid": {"rtol": [1e-6, -1.0]}}, "rtol must be a finite number > 0, got -1.0"),
+        ({"grid": {"max_nfev": [0]}}, "max_nfev must be an integer >= 1, got 0"),
+        ({"grid": {"max_seconds": [0.0]}}, "max_seconds must be a finite number > 0"),
+        ({"grid": {"loss": ["hinge"]}}, "unknown loss 'hinge'"),
         ({"grid": {"classes": [3]}, "fixed": {"classes": 3}}, "appear in both 'grid' and 'fixed'"),
         ({"out": "table.xlsx"}, "unknown table format"),
         ({"workers": 0}, "workers must be an integer >= 1"),
@@ -222,36 +228,86 @@ def test_train_sweep_rows_equal_direct_training(tmp_path):
         assert row[key] == pytest.approx(direct.final[key], rel=1e-5), key
 
 
-# Both sides of the collapse threshold lam < 1/(C sqrt(N)) = 0.236 at C = 3, N = 2, with and without bias;
-# DOP853 reaches ||grad|| < 1e-8 on these in well under a second each.
+def test_flow_settings_default_to_the_library_policy():
+    """Unset integrator settings: the library's default method (named in the row and its run_id) and
+    None for rtol, atol, max_nfev, max_seconds (gradient_flow's own defaults)."""
+    from ufm.dynamics import DEFAULT_METHOD, METHODS
+
+    (run,) = expand_grid({"kind": "flow", "fixed": {"classes": 3, "dim": 3}, "out": "t.csv"})
+    assert run["method"] == DEFAULT_METHOD and run["method"] in METHODS
+    assert [run[k] for k in ("rtol", "atol", "max_nfev", "max_seconds")] == [None] * 4
+    (named,) = expand_grid(
+        {"kind": "flow", "fixed": {"classes": 3, "dim": 3, "method": DEFAULT_METHOD}, "out": "t.csv"}
+    )
+    assert sweep.run_id("flow", named) == sweep.run_id("flow", run)
+
+
+# C = 3, N = 2, lam_h = 0.1: delta = C sqrt(N lam_w lam_h) = 0.4243 at lam_w = 0.1 (collapse) and
+# 1.2 at lam_w = 0.8 (past the threshold: the zero solution), with and without a bias. The integrator
+# and its tolerances are the library's defaults.
 FLOW_SWEEP = {
     "kind": "flow",
-    "grid": {"lam_w": [0.1, 0.5], "bias": [True, False]},
-    "fixed": {
-        "classes": 3,
-        "per_class": 2,
-        "dim": 3,
-        "lam_h": 0.1,
-        "method": "DOP853",
-        "t_max": 2e3,
-        "tol": 1e-8,
-    },
+    "grid": {"lam_w": [0.1, 0.8], "bias": [True, False]},
+    "fixed": {"classes": 3, "per_class": 2, "dim": 3, "lam_h": 0.1, "t_max": 2e3, "tol": 1e-8},
 }
 
 
+def _typed_closed_form(lam_w: float, lam_h: float, bias: bool) -> dict:
+    """docs/theory.md §5 at C = 3, N = 2, typed out: k = C-1 with a bias, C without;
+    delta < 1: eps = k delta/C, loss = (k/C)(delta - delta^2/2), cos_w = -1/(C-1) or 0, cos_h = -1/(C-1);
+    delta >= 1 (zero solution): eps = k/C, loss = k/(2C), no directions."""
+    C, N = 3, 2
+    k, delta = (C - 1 if bias else C), C * math.sqrt(N * lam_w * lam_h)
+    if delta >= 1:
+        return {"eps": k / C, "loss": k / (2 * C), "geometry": "zero", "cos_w": None, "cos_h": None}
+    return {
+        "eps": k * delta / C, "loss": k / C * (delta - delta**2 / 2),
+        "geometry": "simplex_etf" if bias else "orthogonal_frame",
+        "cos_w": -0.5 if bias else 0.0, "cos_h": -0.5,
+    }  # fmt: skip
+
+
 def _assert_flow_rows_match_closed_form(rows):
-    from ufm.closed_form import ufm_optimum
+    from ufm.dynamics import DEFAULT_METHOD
 
     assert len(rows) == 4
     for r in rows:
         assert r["status"] == "ok" and r["success"] is True and r["flow_status"] == 1, r
-        opt = ufm_optimum(3, 2, r["lam_w"], r["lam_h"], bias=r["bias"])  # the independent reference
-        assert r["cf_eps"] == opt.eps and r["cf_geometry"] == opt.geometry
-        assert r["eps"] == pytest.approx(opt.eps, abs=FLOW_RTOL)
-        assert r["final_loss"] == pytest.approx(opt.loss, rel=FLOW_RTOL)
-        if opt.collapsed:
-            assert r["cos_w"] == pytest.approx(opt.cos_w, abs=FLOW_RTOL)  # -1/2 with bias, 0 without
-            assert r["cos_h"] == pytest.approx(-0.5, abs=FLOW_RTOL)
+        assert r["method"] == DEFAULT_METHOD
+        ref = _typed_closed_form(r["lam_w"], r["lam_h"], r["bias"])
+        # The closed-form columns are the closed form of the row's own settings.
+        assert r["cf_eps"] == pytest.approx(ref["eps"], rel=1e-12)
+        assert r["cf_loss"] == pytest.approx(ref["loss"], rel=1e-12)
+        assert r["cf_geometry"] == ref["geometry"] and r["closed_form_note"] is None
+        # The flow's end point reaches it.
+        assert r["eps"] == pytest.approx(ref["eps"], abs=FLOW_RTOL)
+        assert r["final_loss"] == pytest.approx(ref["loss"], rel=FLOW_RTOL)
+        assert r["reached"] is True
+        if ref["cos_w"] is not None:
+            assert r["cos_w"] == pytest.approx(ref["cos_w"], abs=FLOW_RTOL)
+            assert r["cos_h"] == pytest.approx(ref["cos_h"], abs=FLOW_RTOL)
+        else:
+            assert r["w_row_norm_sq"] < 1e-8  # the zero solution
+
+
+def test_flow_sweep_budget_and_a_loss_without_closed_form(tmp_path):
+    """max_nfev stops a run with its own status (a finished row, not a failed run); cross-entropy has no
+    closed form, so its closed-form columns are empty and the note says why."""
+    config = {
+        "kind": "flow",
+        "grid": {"loss": ["mse", "ce"]},
+        "fixed": {"classes": 3, "per_class": 2, "dim": 3, "lam_w": 0.1, "lam_h": 0.1, "max_nfev": 5},
+        "out": str(tmp_path / "budget.csv"),
+    }
+    res = run_sweep(config, workers=1, progress=False)
+    assert (res.n_done, res.n_failed) == (2, 0)
+    mse, ce = res.rows
+    for r in res.rows:
+        assert r["success"] is False and r["flow_status"] == 3 and "max_nfev" in r["message"]
+        assert r["nfev"] <= 5 + 2  # an integrator may finish the step it is in
+    assert mse["cf_loss"] == pytest.approx(_typed_closed_form(0.1, 0.1, True)["loss"], rel=1e-12)
+    assert ce["cf_loss"] is None and ce["cf_eps"] is None and ce["reached"] is None
+    assert ce["closed_form_note"]
 
 
 def test_flow_sweep_on_pool_and_dask_cluster_agree_with_the_closed_form(tmp_path):
@@ -271,7 +327,7 @@ def test_flow_sweep_on_pool_and_dask_cluster_agree_with_the_closed_form(tmp_path
         assert a["run_id"] == b["run_id"]
         assert b["eps"] == pytest.approx(a["eps"], abs=1e-12) and b["nfev"] == a["nfev"]
     # Smoke test of the sweep figures on these rows (the claims: flow end point = closed form).
-    from ufm.plots import plot_sweep, plot_theory_vs_measurement
+    from ufm.experiments.plots import plot_sweep, plot_theory_vs_measurement
 
     assert plot_theory_vs_measurement(local.table, tmp_path / "scatter.png").stat().st_size > 0
     assert (

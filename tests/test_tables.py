@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ufm.tables import read_csv, write_csv, write_json
+from ufm.tables import read_csv, read_table, write_csv, write_json
 
 scalars = st.one_of(
     st.none(),
@@ -33,3 +33,10 @@ def test_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "x.json", {"x": float("nan")})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_read_table_reads_csv_and_refuses_other_formats(tmp_path):
+    rows = [{"run_id": "a", "x": 0.1, "ok": True, "note": None}]
+    assert read_table(write_csv(tmp_path / "t.csv", rows)) == rows
+    with pytest.raises(ValueError, match=r"unknown table format '\.xlsx'"):
+        read_table(tmp_path / "t.xlsx")

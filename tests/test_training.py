@@ -1,6 +1,7 @@
 """Training: the poster's loss and weight decay, measurements equal to the NC library's, exact resume,
 divergence handling, the CLI and the weight-decay experiment, all on tiny subsets of the digits."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,9 +10,10 @@ import torch
 
 from ufm.cli import main
 from ufm.datasets import load_dataset
+from ufm.experiments.weight_decay import format_theory_table, weight_decay_experiment
 from ufm.metrics import nc_metrics
 from ufm.networks import build_network
-from ufm.training import TrainConfig, format_theory_table, measure_network, train, weight_decay_experiment
+from ufm.training import TrainConfig, measure_network, train
 
 # Seconds-scale settings: 10 digits of each class, a small MLP.
 TINY = dict(per_class=10, test_per_class=5, width=16, depth=3, batch_size=20, lr=0.02, epochs=4, device="cpu")
@@ -42,24 +44,43 @@ def test_a_few_epochs_learn_and_record_everything(data):
     assert len(result.singular_values) == 3 and result.singular_values[2].shape == (10,)
 
 
-def test_square_loss_and_weight_decay_step_match_the_poster(tmp_path, data):
+@pytest.mark.parametrize("a", [0.0, 0.1])
+def test_square_loss_and_weight_decay_step_match_the_poster(tmp_path, data, a):
     """One full-batch step without momentum equals SGD(weight_decay=lambda) on
-    1/(2NC) sum_{n,c,i} (y - f)^2, written out independently here."""
-    cfg = TrainConfig(**(TINY | dict(batch_size=100, epochs=1, momentum=0.0, checkpoint_every=1)))
+    1/(2NC) sum_{n,c,i} (t - f)^2 with targets t = (1 - a) y + a/C, written out independently here."""
+    cfg = TrainConfig(
+        **(TINY | dict(batch_size=100, epochs=1, momentum=0.0, checkpoint_every=1, label_smoothing=a))
+    )
     train(cfg, out=tmp_path, progress=False, dataset=data)
     trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
 
     net = build_network("mlp", data.input_shape, 10, depth=3, width=16, seed=0)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    Y = torch.eye(10)[y]  # (NC, C) one-hot
     N, C = 10, 10
-    loss = ((Y - net(x)) ** 2).sum() / (2 * N * C)
+    T = (1 - a) * torch.eye(C)[y] + a / C  # (NC, C) smoothed one-hot
+    loss = ((T - net(x)) ** 2).sum() / (2 * N * C)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     opt.zero_grad()
     loss.backward()
     opt.step()
     for name, value in net.state_dict().items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("a", [0.0, 0.1, 0.5])
+def test_mini_batch_objective_with_label_smoothing_is_typed_out(a):
+    """The data term training minimizes, on a fixed (n, C) tensor: 0.5 mean_i ||f_i - t_i||^2 with
+    t_i = (1 - a) e_{y_i} + a/C, summed here element by element (float64, rounding only)."""
+    C = 3
+    f = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75], [1.5, 1.0, 0.125], [-2.0, 0.5, 0.0]])
+    y = torch.tensor([0, 2, 1, 2])
+    expected = 0.0
+    for i in range(4):
+        for c in range(C):
+            t = (1 - a) * (c == int(y[i])) + a / C
+            expected += 0.5 * (float(f[i, c]) - t) ** 2 / 4
+    got = TrainConfig(label_smoothing=a).data_loss.torch_value(f, y, C)
+    assert float(got) == pytest.approx(expected, rel=1e-14, abs=1e-15)
 
 
 def test_measurements_from_hooks_equal_the_library(data):
@@ -97,6 +118,68 @@ def test_measurements_from_hooks_equal_the_library(data):
     assert np.isnan(measure_network(net, x, y, xt, yt, 0.0)["w_scale_pred"])
 
 
+@pytest.mark.parametrize(("loss", "a"), [("mse", 0.1), ("ce", 0.0), ("ce", 0.2)])
+def test_measured_losses_follow_the_configured_loss(data, loss, a):
+    """train_loss/test_loss are 1/n sum_i l(f_i, t_i) of the run's loss: the square loss
+    0.5 ||f - t||^2, or the cross-entropy -<t, log softmax f>, with t = (1 - a) e_y + a/C."""
+    net = build_network("mlp", data.input_shape, 10, depth=3, width=16, seed=5)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    xt, yt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    wd = 1e-2
+    row = measure_network(net, x, y, xt, yt, wd, loss=TrainConfig(loss=loss, label_smoothing=a).data_loss)
+    with torch.no_grad():
+        f, ft = net(x).double().numpy(), net(xt).double().numpy()
+
+    def typed(f, labels):
+        t = np.full(f.shape, a / 10)
+        t[np.arange(len(labels)), labels] += 1 - a
+        if loss == "mse":
+            return 0.5 * np.sum((f - t) ** 2) / len(labels)
+        log_p = f - f.max(1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+        return -np.sum(t * log_p) / len(labels)
+
+    assert row["train_loss"] == pytest.approx(typed(f, data.y_train), rel=1e-12)
+    assert row["test_loss"] == pytest.approx(typed(ft, data.y_test), rel=1e-12)
+    reg = 0.5 * wd * sum(float((W.detach().double() ** 2).sum()) for W in net.weights())
+    assert row["objective"] == pytest.approx(row["train_loss"] + reg, rel=1e-12)
+
+
+def test_measurements_on_unbalanced_classes_equal_the_library(data):
+    """Counts (10, 7, 3, 10, ...): class means over each class's own examples and mu_G over all n,
+    as nc_metrics computes them from features taken without the hook."""
+    counts = (10, 7, 3) + (10,) * 7
+    keep = np.concatenate([np.flatnonzero(data.y_train == c)[:k] for c, k in enumerate(counts)])
+    net = build_network("mlp", data.input_shape, 10, depth=3, width=16, seed=3)
+    x, y = torch.from_numpy(data.x_train[keep]), torch.from_numpy(data.y_train[keep])
+    xt, yt = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    assert tuple(np.bincount(y.numpy())) == counts
+    row = measure_network(net, x, y, xt, yt, 1e-2)
+    with torch.no_grad():
+        H = net.features(x).double().numpy()
+        W = net.classifier_weight().double().numpy()
+        f = net(x).double().numpy()
+    ref = nc_metrics(H, y.numpy(), W=W, outputs=f)
+    for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4", "eps"):
+        assert row[key] == pytest.approx(getattr(ref, key), rel=1e-12, abs=1e-15), key
+    mu = np.stack([H[y.numpy() == c].mean(0) for c in range(10)])
+    Mt = mu - H.mean(0)  # mu_G over all examples
+    assert row["w_scale"] == pytest.approx(np.sum(W * Mt) / np.sum(Mt**2), rel=1e-10)
+
+
+def test_training_on_a_hand_built_unbalanced_dataset(data):
+    """Nothing in train needs N per class: the probe takes what each class has; per_class must then be None."""
+    keep = np.concatenate([np.flatnonzero(data.y_train == c)[: 4 if c == 0 else 10] for c in range(10)])
+    unbalanced = dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    assert unbalanced.counts == (4,) + (10,) * 9 and not unbalanced.balanced
+    cfg = TrainConfig(**(TINY | dict(per_class=None, epochs=2)))
+    result = train(cfg, progress=False, dataset=unbalanced)
+    # 94 examples in batches of 20: 4 steps an epoch, the last epoch's 4 tracked for the SGD noise.
+    assert result.success and result.nsteps == 2 * 4 and result.final["noise_steps"] == 4
+    with pytest.raises(ValueError, match=r"counts \(4, 10,.*config\.per_class = 10"):
+        train(TrainConfig(**TINY), progress=False, dataset=unbalanced)
+
+
 @pytest.mark.parametrize("weight_norm", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, data, weight_norm):
     cfg = TrainConfig(**(TINY | dict(checkpoint_every=1, weight_norm=weight_norm)))
@@ -120,6 +203,35 @@ def test_resume_refuses_another_configuration(tmp_path, data):
     train(TrainConfig(**(TINY | dict(epochs=1))), out=tmp_path, progress=False, dataset=data)
     with pytest.raises(ValueError, match="differs in lr"):
         train(TrainConfig(**(TINY | dict(epochs=1, lr=0.5))), out=tmp_path, resume=True, dataset=data)
+
+
+def test_a_checkpoint_from_before_the_loss_fields_resumes(tmp_path, data):
+    """A stored identity without ``loss``/``label_smoothing`` (written before they existed) was a run
+    with the defaults: it resumes to the uninterrupted run, and refuses a smoothed one by name."""
+    cfg = TrainConfig(**(TINY | dict(checkpoint_every=1)))
+    full = train(cfg, progress=False, dataset=data)
+    train(cfg, out=tmp_path, progress=False, dataset=data, stop_after_epoch=2)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["identity"]["loss"], state["identity"]["label_smoothing"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="differs in label_smoothing$"):
+        smoothed = TrainConfig(**(TINY | dict(checkpoint_every=1, label_smoothing=0.1)))
+        train(smoothed, out=tmp_path, resume=True, dataset=data)
+    resumed = train(cfg, out=tmp_path, resume=True, progress=False, dataset=data)
+    assert resumed.success
+    for key, column in full.history.items():
+        np.testing.assert_array_equal(resumed.history[key], column, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(dict(loss="hinge"), r"unknown loss 'hinge'.*'mse'.*'ce'"), (dict(label_smoothing=1.0), r"\[0, 1\)"),
+     (dict(label_smoothing=-0.1), r"\[0, 1\)")],
+)  # fmt: skip
+def test_config_refuses_an_unknown_loss_or_smoothing(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change)
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
@@ -162,6 +274,19 @@ def test_cli_json_last_line(tmp_path, capsys):
         (eps - 10 * eps**2 / 9) / (10 * wd), rel=1e-12
     )
     assert (tmp_path / "history.csv").is_file() and (tmp_path / "final.json").is_file()
+
+
+def test_cli_label_smoothing_is_trained_and_recorded(tmp_path, capsys):
+    """``ufm train --label-smoothing 0.1`` runs and config.json records a = 0.1 (and the square loss)."""
+    code = main(
+        ["train", "--per-class", "10", "--epochs", "1", "--width", "16", "--depth", "2", "--batch-size", "20"]
+        + ["--device", "cpu", "--out", str(tmp_path), "--label-smoothing", "0.1", "--json"]
+    )
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["epoch"] == 1
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["label_smoothing"] == 0.1 and config["loss"] == "mse"
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """ufm: a theory sandbox for neural collapse.
 
-The unconstrained-features model (UFM) of THEORY.md checked three ways: closed forms verified in
+The unconstrained-features model (UFM) of docs/theory.md checked three ways: closed forms verified in
 SymPy, gradient-flow dynamics, and measurements on trained networks.
 
 The public names below are imported on first use (PEP 562), so ``import ufm`` and the ``ufm``
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Submodule -> the public names it defines.
 _EXPORTS: dict[str, tuple[str, ...]] = {
@@ -27,17 +27,30 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "collect": ("collect_features", "CollectedFeatures", "model_nc_metrics"),
     "datasets": ("Dataset", "DATASETS", "load_dataset"),
-    "discrete": ("DescentResult", "gradient_descent", "normalized_flow", "sgd"),
-    "dynamics": ("FlowResult", "gradient_flow"),
+    "dynamics": (
+        "DEFAULT_METHOD",
+        "DescentResult",
+        "FlowResult",
+        "gradient_descent",
+        "gradient_flow",
+        "METHODS",
+        "normalized_flow",
+        "reduced_flow",
+        "ReducedFlowResult",
+        "sgd",
+    ),
+    "experiments.compare": ("compare_flow", "FlowComparison"),
+    "experiments.sweep": ("run_sweep", "RUNNERS", "SweepResult"),
+    "experiments.weight_decay": ("weight_decay_experiment", "WeightDecayExperiment"),
     "geometry": ("frame_distance", "orthogonal_frame", "simplex_etf"),
     "metrics": ("load_features", "nc_metrics", "nc_metrics_stream", "NCAccumulator", "NCMetrics"),
-    "model": ("loss", "loss_and_grad", "LOSSES", "outputs", "torch_loss", "UFMParams", "UFMProblem"),
+    "losses": ("CrossEntropy", "get_loss", "Loss", "LOSSES", "NoClosedForm", "SquareLoss"),
+    "model": ("loss", "loss_and_grad", "outputs", "torch_loss", "UFMParams", "UFMProblem"),
     "networks": ("ARCHITECTURES", "build_network", "HomogeneousNet"),
     "optimize": ("check_optimum", "minimize_loss", "MinimizeResult", "OptimumCheck"),
     "proofs": ("Proof", "ProofResult", "run_proofs"),
-    "reduced": ("reduced_flow", "ReducedFlowResult"),
-    "sweep": ("read_table", "run_sweep", "RUNNERS", "SweepResult"),
-    "training": ("train", "TrainConfig", "TrainResult", "weight_decay_experiment", "WeightDecayExperiment"),
+    "tables": ("read_table",),
+    "training": ("train", "TrainConfig", "TrainResult"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

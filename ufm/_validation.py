@@ -42,6 +42,14 @@ def check_nonneg(name: str, value: Any) -> float:
     return v
 
 
+def check_label_smoothing(a: Any) -> float:
+    """Label smoothing a in [0, 1): a = 1 would make every target 1/C and erase the labels."""
+    v = float(a)
+    if not (0.0 <= v < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {a!r}")
+    return v
+
+
 def check_finite(name: str, array: Any) -> np.ndarray:
     """A float array with no NaN or infinity; reports how many entries are bad."""
     a = np.asarray(array, dtype=float)

@@ -1,38 +1,23 @@
 """Closed forms: the poster's theorem, Lemma 1, and the global minimizer of the regularized UFM.
 
 Every formula here is written once and evaluates on NumPy numbers and on SymPy symbols alike, so
-``proofs/`` checks the very expressions the library computes.
+``ufm.proofs`` checks the very expressions the library computes.
 
-Global minimizer of the regularized UFM (derived here; THEORY.md statement 5)
------------------------------------------------------------------------------
-Square loss, balanced classes, depth 1, ``L = 1/(2n)||W H + b 1^T - Y||^2 + lam_w/2||W||^2 + lam_h/2||H||^2``,
-n = N C, bias unregularized (lam_b = 0) or absent.
+Global minimizer (docs/theory.md §5). Square loss, balanced classes, depth 1, bias unregularized or
+absent, label smoothing a (targets T = (1 - a) Y + a/C):
 
-1. For fixed product Z = W H with p >= rank Z,
-   ``min {lam_w/2 ||W||^2 + lam_h/2 ||H||^2 : W H = Z} = sqrt(lam_w lam_h) ||Z||_*``
-   (AM-GM on the balanced factorization W = c U S^{1/2}, H = c^{-1} S^{1/2} V^T).
-2. With a free bias, b = (Y - Z) 1 / n; the feature mean enters only through b and costs ||H||^2,
-   so it is zero, b = 1/C and the targets become the centred Y~ = Y - 11^T/C, whose nonzero
-   singular values are sqrt(N), C-1 times. Without a bias the targets are Y: sqrt(N), C times.
-3. ``min_Z 1/(2n)||Z - T||^2 + tau ||Z||_*`` is singular-value soft thresholding at n tau, so every
-   singular value of T becomes sqrt(N) - N C sqrt(lam_w lam_h) = sqrt(N)(1 - delta) with
+1. For fixed Z = W H, min {lam_w/2 ||W||^2 + lam_h/2 ||H||^2 : W H = Z} = sqrt(lam_w lam_h) ||Z||_*
+   (the balanced factorization attains it).
+2. T = A Y with A = (1 - a)(I - 11^T/C) + 11^T/C: its singular values are sqrt(N)(1 - a) on the C-1
+   centred directions and sqrt(N) on the mean direction. A free bias takes the mean direction
+   (b = 1/C) at no cost.
+3. min_Z 1/(2n)||Z - T||^2 + sqrt(lam_w lam_h)||Z||_* soft-thresholds every singular value at
+   sqrt(N) delta, delta = C sqrt(N lam_w lam_h); a value sigma (units sqrt(N)) costs
+   (delta sigma - delta^2/2)/C if sigma > delta, else sigma^2/(2C).
 
-       delta = C sqrt(N lam_w lam_h),
-
-   and Z = (1 - delta) T when delta < 1 (collapse), Z = 0 otherwise (the zero solution). Collapse
-   happens exactly when N C^2 lam_w lam_h < 1.
-
-Consequences (k = C-1 with a bias, k = C without; "with bias" in brackets):
-
-* outputs: correct class 1 - delta (C-1)/C [with bias] or 1 - delta [no bias]; wrong class delta/C
-  [with bias] or 0 [no bias]. Hence eps = (C-1) sqrt(N lam_w lam_h) with a bias (symmetric
-  quasi-interpolation, f_other = eps/(C-1)), and eps = delta without.
-* geometry: W W^T and the class-mean Gram are proportional to I - 11^T/C (simplex ETF, cosine
-  -1/(C-1)) with a bias, to I (orthogonal frame, cosine 0) without.
-* ||W_c||^2 = sqrt(lam_h N/lam_w) (1 - delta) k/C,  ||mu_c||^2 = sqrt(lam_w/(lam_h N)) (1 - delta) k/C,
-  and W_c = delta/(C lam_w) mu_c. With a bias mu_G = 0 and this is the theorem's NC3 scale
-  eps/(lam (C-1)); without one the centred means mu_c - mu_G still form a simplex ETF.
-* minimal loss: (k/C)(delta - delta^2/2) for delta < 1, k/(2C) at and above the threshold.
+Regimes: collapse iff delta < 1 - a (simplex ETF with a bias; orthogonal frame without at a = 0, a
+"smoothed frame" with positive row cosines at a > 0); without a bias and 1 - a <= delta < 1 only
+the mean direction survives (rank one: every class gets the same output); otherwise zero.
 """
 
 from __future__ import annotations
@@ -42,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_classes, check_nonneg, check_positive_int
+from ._validation import check_classes, check_label_smoothing, check_nonneg, check_positive_int
 from .geometry import orthogonal_frame, simplex_etf
-from .model import UFMParams
+from .params import UFMParams
 
 
 def _is_symbolic(*xs: Any) -> bool:
@@ -73,14 +58,16 @@ def _one(*xs: Any) -> Any:
 # Poster, theorem: critical points of gradient flow under symmetric quasi-interpolation (SQI).
 
 
-def sqi_w_scale(C: Any, eps: Any, lam: Any) -> Any:
-    """NC3 scale: W_L^c = eps/(lam (C-1)) (mu_c - mu_G) (poster, theorem, from dW_L^c/dt = 0)."""
-    return eps / (lam * (C - 1))
+def sqi_w_scale(C: Any, eps: Any, lam: Any, label_smoothing: Any = 0) -> Any:
+    """NC3 scale: W_L^c = (eps - eps_a)/(lam (C-1)) (mu_c - mu_G) (poster, theorem, from dW_L^c/dt = 0),
+    eps_a = a (C-1)/C the smoothed targets' own eps (0 without smoothing; docs/theory.md §4.3)."""
+    return (eps - ufm_smoothing_eps(C, label_smoothing)) / (lam * (C - 1))
 
 
-def sqi_w_row_norm_sq(C: Any, eps: Any, lam: Any) -> Any:
-    """NC2 equinorm: ||W_L^c||^2 = (eps - C eps^2/(C-1)) / (C lam) (poster, theorem)."""
-    return (eps - C * eps**2 / (C - 1)) / (C * lam)
+def sqi_w_row_norm_sq(C: Any, eps: Any, lam: Any, label_smoothing: Any = 0) -> Any:
+    """NC2 equinorm: ||W_L^c||^2 = (eps - eps_a)(1 - C eps/(C-1)) / (C lam), which is the poster's
+    (eps - C eps^2/(C-1)) / (C lam) without smoothing (docs/theory.md §4.3)."""
+    return (eps - ufm_smoothing_eps(C, label_smoothing)) * (1 - C * eps / (C - 1)) / (C * lam)
 
 
 def sqi_cosine(C: Any) -> Any:
@@ -116,25 +103,29 @@ def ufm_delta(C: Any, N: Any, lam_w: Any, lam_h: Any) -> Any:
     return C * _sqrt(N * lam_w * lam_h)
 
 
-def ufm_collapse_bound(C: Any, N: Any) -> Any:
-    """Largest lam_w * lam_h with a nonzero minimizer: 1/(N C^2) (collapse iff lam_w lam_h < this)."""
-    return _one(C, N) / (N * C**2)
+def ufm_collapse_bound(C: Any, N: Any, label_smoothing: Any = 0) -> Any:
+    """Largest lam_w * lam_h with a collapsed minimizer: (1 - a)^2/(N C^2) (delta < 1 - a)."""
+    return (1 - label_smoothing) ** 2 * _one(C, N) / (N * C**2)
 
 
-def ufm_eps(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """eps = 1 - correct-class output: (C-1) sqrt(N lam_w lam_h) with a bias, delta without (delta < 1)."""
-    delta = ufm_delta(C, N, lam_w, lam_h)
-    return delta * (C - 1) / C if bias else delta
+def ufm_smoothing_eps(C: Any, label_smoothing: Any) -> Any:
+    """eps of the smoothed targets themselves: a (C-1)/C (they are SQI targets; docs/theory.md §5.3)."""
+    return label_smoothing * (C - 1) * _one(C) / C
 
 
-def ufm_f_other(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """Output on a wrong class: delta/C = eps/(C-1) with a bias, 0 without (delta < 1)."""
-    return ufm_delta(C, N, lam_w, lam_h) / C if bias else 0 * C
+def ufm_eps(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """eps = 1 - correct-class output on the collapse side (delta < 1 - a): (C-1)(a + delta)/C with a
+    bias, ((C-1)(a + delta) + delta)/C without; at a = 0, (C-1) sqrt(N lam_w lam_h) and delta."""
+    delta, a = ufm_delta(C, N, lam_w, lam_h), label_smoothing
+    eps = (C - 1) * (a + delta) * _one(C) / C
+    return eps if bias else eps + delta / C
 
 
-def _rank_fraction(C: Any, bias: bool) -> Any:
-    """k/C with k = rank of the targets: C-1 (centred, with a bias) or C (no bias)."""
-    return (C - 1) * _one(C) / C if bias else _one(C)
+def ufm_f_other(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """Output on a wrong class (delta < 1 - a): (a + delta)/C = eps/(C-1) with a bias (SQI), a/C
+    without (the wrong-class target itself)."""
+    a = label_smoothing
+    return (a + ufm_delta(C, N, lam_w, lam_h)) / C if bias else a * _one(C) / C
 
 
 def ufm_w_scale(N: Any, lam_w: Any, lam_h: Any) -> Any:
@@ -142,58 +133,99 @@ def ufm_w_scale(N: Any, lam_w: Any, lam_h: Any) -> Any:
     return _sqrt(lam_h * N / lam_w)
 
 
-def ufm_norm_product(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """||W_c|| ||mu_c|| = (1 - delta) k/C: the thresholded singular value sqrt(N)(1 - delta) shared
-    between W and H, per class (delta < 1)."""
-    return (1 - ufm_delta(C, N, lam_w, lam_h)) * _rank_fraction(C, bias)
-
-
-def ufm_w_row_norm_sq(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """||W_c||^2 = sqrt(lam_h N / lam_w) (1 - delta) k/C at the global minimizer (delta < 1)."""
-    return ufm_w_scale(N, lam_w, lam_h) * ufm_norm_product(C, N, lam_w, lam_h, bias)
-
-
-def ufm_h_norm_sq(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """||mu_c||^2 = ||h_i||^2 = sqrt(lam_w / (lam_h N)) (1 - delta) k/C (delta < 1)."""
-    return ufm_norm_product(C, N, lam_w, lam_h, bias) / ufm_w_scale(N, lam_w, lam_h)
-
-
-def ufm_loss(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True) -> Any:
-    """Minimal loss (k/C)(delta - delta^2/2) on the collapse side (delta < 1)."""
+def _mode_weights(
+    C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool, label_smoothing: Any
+) -> tuple[Any, Any]:
+    """(q_perp, q_1): the thresholded singular values of the targets, in units of sqrt(N), on the
+    centred directions 1^perp and on the mean direction 1/sqrt(C) (collapse side, delta < 1 - a).
+    With a bias the mean direction is the bias's, so q_1 = 0 (docs/theory.md §5.2)."""
     delta = ufm_delta(C, N, lam_w, lam_h)
-    return _rank_fraction(C, bias) * (delta - delta**2 / 2)
+    return 1 - label_smoothing - delta, 0 * delta if bias else 1 - delta
 
 
-def ufm_zero_loss(C: Any, bias: bool = True) -> Any:
-    """Loss of the zero solution W = H = 0 (b = 1/C with a bias): k/(2C)."""
-    return _rank_fraction(C, bias) / 2
+def ufm_norm_product(
+    C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0
+) -> Any:
+    """q = ||W_c|| ||mu_c|| = q_perp (C-1)/C + q_1/C: the thresholded singular values shared between W
+    and H, per class (delta < 1 - a); (1 - delta) k/C at a = 0."""
+    q_perp, q_1 = _mode_weights(C, N, lam_w, lam_h, bias, label_smoothing)
+    return (q_perp * (C - 1) + q_1) * _one(C) / C
 
 
-GEOMETRIES = ("simplex_etf", "orthogonal_frame", "zero")
+def ufm_w_row_norm_sq(
+    C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0
+) -> Any:
+    """||W_c||^2 = sqrt(lam_h N / lam_w) q at the global minimizer (delta < 1 - a)."""
+    return ufm_w_scale(N, lam_w, lam_h) * ufm_norm_product(C, N, lam_w, lam_h, bias, label_smoothing)
+
+
+def ufm_h_norm_sq(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """||mu_c||^2 = ||h_i||^2 = sqrt(lam_w / (lam_h N)) q (delta < 1 - a)."""
+    return ufm_norm_product(C, N, lam_w, lam_h, bias, label_smoothing) / ufm_w_scale(N, lam_w, lam_h)
+
+
+def ufm_cos_w(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """Cosine of two classifier rows (delta < 1 - a): -1/(C-1) with a bias (simplex ETF); without one
+    q_1 - q_perp over C q, i.e. a/((1 - a - delta)(C-1) + 1 - delta), 0 at a = 0 (orthogonal frame)."""
+    if bias:
+        return sqi_cosine(C)
+    q_perp, q_1 = _mode_weights(C, N, lam_w, lam_h, bias, label_smoothing)
+    return (q_1 - q_perp) / (q_perp * (C - 1) + q_1)
+
+
+def ufm_loss(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """Minimal loss on the collapse side (delta < 1 - a): the soft-threshold cost
+    (delta sigma - delta^2/2)/C of each target singular value sigma (units sqrt(N)): C-1 values 1 - a,
+    and without a bias also 1 (the mean direction). (k/C)(delta - delta^2/2) at a = 0."""
+    delta = ufm_delta(C, N, lam_w, lam_h)
+    value = (C - 1) * (delta * (1 - label_smoothing) - delta**2 / 2) * _one(C) / C
+    return value if bias else value + (delta - delta**2 / 2) / C
+
+
+def ufm_rank_one_loss(C: Any, N: Any, lam_w: Any, lam_h: Any, label_smoothing: Any = 0) -> Any:
+    """No bias, 1 - a <= delta < 1: only the mean direction survives the threshold; its cost plus the
+    C-1 centred values left at zero, (delta - delta^2/2)/C + (C-1)(1 - a)^2/(2C)."""
+    delta = ufm_delta(C, N, lam_w, lam_h)
+    return (delta - delta**2 / 2) / C + (C - 1) * (1 - label_smoothing) ** 2 / (2 * C)
+
+
+def ufm_zero_loss(C: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
+    """Loss of the zero solution W = H = 0 (b = 1/C with a bias): every target singular value left
+    unfitted, (C-1)(1 - a)^2/(2C), plus 1/(2C) without a bias; k/(2C) at a = 0."""
+    value = (C - 1) * (1 - label_smoothing) ** 2 * _one(C) / (2 * C)
+    return value if bias else value + _one(C) / (2 * C)
+
+
+GEOMETRIES = ("simplex_etf", "orthogonal_frame", "smoothed_frame", "rank_one", "zero")
 
 
 @dataclass(frozen=True)
 class UFMOptimum:
-    """Global minimizer of the regularized square-loss UFM (module docstring).
+    """Global minimizer of the regularized square-loss UFM (docs/theory.md §5).
 
     Attributes
     ----------
     C, N, lam_w, lam_h, bias : the problem (bias unregularized when present).
-    delta : C sqrt(N lam_w lam_h); the minimizer is nonzero iff delta < 1.
+    label_smoothing : a; the targets are (1 - a) y + a/C.
+    delta : C sqrt(N lam_w lam_h); the minimizer collapses iff delta < 1 - a.
     eps : 1 minus the output on the correct class.
+    eps_label_smoothing : a (C-1)/C, the eps of the smoothed targets themselves, beside ``eps``.
     f_correct, f_other : outputs on the correct and on a wrong class.
     w_row_norm_sq : ||W_c||^2 of every classifier row.
     h_norm_sq : ||mu_c||^2 of every class mean (= ||h_i||^2: features are collapsed). With a bias
-        mu_G = 0, so this is also ||mu_c - mu_G||^2; without one ||mu_c - mu_G||^2 = h_norm_sq (1 - 1/C).
-    cos_w : cosine between two distinct classifier rows: -1/(C-1) (ETF) or 0 (orthogonal frame).
-    cos_h : cosine between two distinct centred class means mu_c - mu_G: -1/(C-1) in both cases,
-        since centring an orthogonal frame gives a simplex ETF.
+        mu_G = 0, so this is also ||mu_c - mu_G||^2.
+    cos_w : cosine between two distinct classifier rows: -1/(C-1) (ETF), 0 (orthogonal frame),
+        a/((1 - a - delta)(C-1) + 1 - delta) (smoothed frame), 1 (rank one).
+    cos_h : cosine between two distinct centred class means mu_c - mu_G: -1/(C-1) whenever the
+        minimizer collapses (centring an orthogonal or smoothed frame gives a simplex ETF).
     w_scale : s in W_c = s mu_c (= s (mu_c - mu_G) with a bias, the theorem's NC3).
-    Fields that describe a direction are None for the "zero" geometry.
+    Fields that describe a direction are None where it is undefined (the zero solution; cos_h of the
+    rank-one solution, whose class means coincide).
     loss : the minimal loss.
-    collapsed : delta < 1.
-    geometry : "simplex_etf" (with bias), "orthogonal_frame" (no bias) or "zero".
-    lam_product_max : 1/(N C^2), the collapse threshold on lam_w * lam_h.
+    collapsed : delta < 1 - a (classes separated, NC1-NC3 hold).
+    geometry : one of GEOMETRIES: "simplex_etf" (bias), "orthogonal_frame" (no bias, a = 0),
+        "smoothed_frame" (no bias, a > 0), "rank_one" (no bias, 1 - a <= delta < 1), "zero".
+    lam_product_max : (1 - a)^2/(N C^2), the collapse threshold on lam_w * lam_h.
     """
 
     C: int
@@ -214,17 +246,22 @@ class UFMOptimum:
     collapsed: bool
     geometry: str
     lam_product_max: float
+    label_smoothing: float = 0.0
+    eps_label_smoothing: float = 0.0
 
     @property
     def min_dim(self) -> int:
-        """Smallest feature dimension p that holds the minimizer: C-1 with a bias, C without."""
+        """Smallest feature dimension p that holds the minimizer: C-1 with a bias, 1 for the rank-one
+        solution, C otherwise."""
+        if self.geometry == "rank_one":
+            return 1
         return self.C - 1 if self.bias else self.C
 
     @property
     def attained(self) -> bool:
-        """False when exactly one of lam_w, lam_h is zero on the collapse side: rescaling
+        """False when exactly one of lam_w, lam_h is zero and the minimizer is nonzero: rescaling
         (W, H) -> (W/t, t H) then lowers the loss towards an infimum that no point reaches."""
-        return not (self.collapsed and (self.lam_w == 0) != (self.lam_h == 0))
+        return not (self.w_row_norm_sq > 0 and (self.lam_w == 0) != (self.lam_h == 0))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,63 +269,88 @@ class UFMOptimum:
     def build(self, p: int, *, rng: np.random.Generator | int | None = None) -> UFMParams:
         """An exact global minimizer (H (p, n), W (C, p), b) in dimension p, optionally rotated.
 
-        W = a F and H = m F[labels]^T, with F the unit frame (simplex ETF with a bias, orthogonal
-        frame without), a^2 = w_row_norm_sq, m^2 = h_norm_sq, and b = 1/C.
+        W = sqrt(s) (sqrt(q_perp) P_perp + sqrt(q_1) P_1) R, so that W W^T = s (q_perp P_perp + q_1 P_1)
+        (docs/theory.md §5.2), with R orthonormal rows and P_perp, P_1 the projections on 1^perp and 1;
+        H = (W/s)[labels]^T and b = 1/C. With q_1 = 0 the rows are a simplex ETF (p >= C-1 suffices).
         """
         p = check_positive_int("p", p)
         if p < self.min_dim:
-            raise ValueError(
-                f"the minimizer needs p >= {self.min_dim} ({'C-1' if self.bias else 'C'}), got {p}"
-            )
+            raise ValueError(f"the minimizer ({self.geometry}) needs p >= {self.min_dim}, got {p}")
         if not self.attained:
             raise ValueError("with exactly one of lam_w, lam_h zero the infimum is not attained")
-        frame = (simplex_etf if self.bias else orthogonal_frame)(self.C, p, rng=rng)  # (C, p) unit rows
-        labels = np.repeat(np.arange(self.C), self.N)
-        W = np.sqrt(self.w_row_norm_sq) * frame
-        H = np.sqrt(self.h_norm_sq) * frame[labels].T  # (p, n)
-        b = np.full(self.C, 1.0 / self.C) if self.bias else None
+        C = self.C
+        q_perp, q_1 = self._mode_weights()
+        if q_1 == 0:
+            core = np.sqrt(q_perp * (C - 1) / C) * simplex_etf(C, p, rng=rng)  # (C, p)
+        elif q_perp == 0:
+            e = np.eye(1, p) if rng is None else np.random.default_rng(rng).standard_normal((1, p))
+            core = np.sqrt(q_1 / C) * np.ones((C, 1)) @ (e / np.linalg.norm(e))
+        else:
+            R = orthogonal_frame(C, p, rng=rng)
+            mean_row = R.mean(axis=0, keepdims=True)  # P_1 R
+            core = np.sqrt(q_perp) * (R - mean_row) + np.sqrt(q_1) * mean_row
+        scale = self.w_scale if self.w_scale is not None else 1.0
+        W = np.sqrt(scale) * core
+        labels = np.repeat(np.arange(C), self.N)
+        H = (W / scale)[labels].T  # (p, n)
+        b = np.full(C, 1.0 / C) if self.bias else None
         return UFMParams(H, (W,), b)
 
+    def _mode_weights(self) -> tuple[float, float]:
+        """(q_perp, q_1) of this minimizer, zero for the modes the threshold removed."""
+        if self.geometry == "zero":
+            return 0.0, 0.0
+        if self.geometry == "rank_one":
+            return 0.0, 1.0 - self.delta
+        return 1.0 - self.label_smoothing - self.delta, 0.0 if self.bias else 1.0 - self.delta
 
-def ufm_optimum(C: int, N: int, lam_w: float, lam_h: float, *, bias: bool = True) -> UFMOptimum:
-    """Global minimizer of the square-loss UFM with an unregularized bias or none (derived here).
+
+def ufm_optimum(
+    C: int, N: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0
+) -> UFMOptimum:
+    """Global minimizer of the square-loss UFM with an unregularized bias or none (docs/theory.md §5).
 
     Parameters
     ----------
     C : classes (>= 2); N : examples per class (>= 1); lam_w, lam_h : weight decays (>= 0);
-    bias : with an unregularized bias (simplex ETF) or without one (orthogonal frame).
+    bias : with an unregularized bias or without one; label_smoothing : a in [0, 1).
 
-    With lam_w = lam_h = 0 the minimizer interpolates (eps = 0) and its scale is free; ``build`` then
-    returns the balanced one (||W||^2 = ||H||^2/N per class, as with equal decays).
+    With lam_w = lam_h = 0 the minimizer interpolates the targets and its scale is free; ``build``
+    then returns the balanced one (||W_c||^2 = N ||mu_c||^2, as with equal decays).
     """
     C = check_classes(C)
     N = check_positive_int("N", N)
     lam_w = check_nonneg("lam_w", lam_w)
     lam_h = check_nonneg("lam_h", lam_h)
+    a = check_label_smoothing(label_smoothing)
     delta = float(ufm_delta(C, N, lam_w, lam_h))
-    if delta < 1:
-        # The scale s = ||W_c||/||mu_c|| is free when both decays vanish: take the balanced one.
-        scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
-        product = float(ufm_norm_product(C, N, lam_w, lam_h, bias))
+    args = (C, N, lam_w, lam_h)
+    # The scale s = ||W_c||/||mu_c|| is free when both decays vanish: take the balanced one.
+    scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
+    common = dict(
+        label_smoothing=a, eps_label_smoothing=float(ufm_smoothing_eps(C, a)),
+        lam_product_max=float(ufm_collapse_bound(C, N, a)),
+    )  # fmt: skip
+    if delta < 1 - a:
+        product = float(ufm_norm_product(*args, bias, a))
+        eps = float(ufm_eps(*args, bias, a))
+        geometry = "simplex_etf" if bias else ("orthogonal_frame" if a == 0 else "smoothed_frame")
         return UFMOptimum(
-            C, N, lam_w, lam_h, bias, delta,
-            eps=float(ufm_eps(C, N, lam_w, lam_h, bias)),
-            f_correct=float(1 - ufm_eps(C, N, lam_w, lam_h, bias)),
-            f_other=float(ufm_f_other(C, N, lam_w, lam_h, bias)),
-            w_row_norm_sq=scale * product,
-            h_norm_sq=product / scale,
-            cos_w=float(sqi_cosine(C)) if bias else 0.0,
-            cos_h=float(sqi_cosine(C)),
-            w_scale=scale,
-            loss=float(ufm_loss(C, N, lam_w, lam_h, bias)),
-            collapsed=True,
-            geometry="simplex_etf" if bias else "orthogonal_frame",
-            lam_product_max=float(ufm_collapse_bound(C, N)),
+            C, N, lam_w, lam_h, bias, delta, eps=eps, f_correct=1.0 - eps,
+            f_other=float(ufm_f_other(*args, bias, a)), w_row_norm_sq=scale * product,
+            h_norm_sq=product / scale, cos_w=float(ufm_cos_w(*args, bias, a)), cos_h=float(sqi_cosine(C)),
+            w_scale=scale, loss=float(ufm_loss(*args, bias, a)), collapsed=True, geometry=geometry, **common,
+        )  # fmt: skip
+    if not bias and delta < 1:
+        f_out = (1.0 - delta) / C
+        return UFMOptimum(
+            C, N, lam_w, lam_h, bias, delta, eps=1.0 - f_out, f_correct=f_out, f_other=f_out,
+            w_row_norm_sq=scale * f_out, h_norm_sq=f_out / scale, cos_w=1.0, cos_h=None, w_scale=scale,
+            loss=float(ufm_rank_one_loss(*args, a)), collapsed=False, geometry="rank_one", **common,
         )  # fmt: skip
     f_out = 1.0 / C if bias else 0.0
     return UFMOptimum(
         C, N, lam_w, lam_h, bias, delta, eps=1.0 - f_out, f_correct=f_out, f_other=f_out,
         w_row_norm_sq=0.0, h_norm_sq=0.0, cos_w=None, cos_h=None, w_scale=None,
-        loss=float(ufm_zero_loss(C, bias)), collapsed=False, geometry="zero",
-        lam_product_max=float(ufm_collapse_bound(C, N)),
+        loss=float(ufm_zero_loss(C, bias, a)), collapsed=False, geometry="zero", **common,
     )  # fmt: skip

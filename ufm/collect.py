@@ -1,7 +1,8 @@
 """Penultimate features, labels and the classifier of any torch model, for the NC measurements.
 
-A forward hook on a named submodule captures its input (default: the features entering the
-classifier) or its output, batch by batch, on the model's own device. The model is not changed: no
+A forward hook on a named submodule (:func:`capture_activations`, the package's only one) captures
+its input (default: the features entering the classifier) or its output, batch by batch, on the
+model's own device. The model is not changed: no
 parameter is touched, the hook is removed and every submodule's train/eval mode is restored afterwards,
 even on error.
 """
@@ -19,6 +20,9 @@ from torch import nn
 from ._validation import check_choice
 from .metrics import NCAccumulator, NCMetrics
 
+__all__ = ["CAPTURE", "CollectedFeatures", "capture_activations", "collect_features", "model_nc_metrics"]
+
+# Which side of the hooked layer is captured.
 CAPTURE = ("input", "output")
 
 
@@ -68,8 +72,30 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _hooked(model: nn.Module, layer: str, capture: str, eval_mode: bool) -> Iterator[list[torch.Tensor]]:
-    """Yield a list that receives the hooked layer's (batch, p) activations, one per forward call."""
+def capture_activations(
+    model: nn.Module, layer: str, *, capture: str = "input", eval_mode: bool = False
+) -> Iterator[list[torch.Tensor]]:
+    """Hook ``layer`` of ``model``; yield a list that receives its (batch, p) activations.
+
+    The one forward hook of the package: :func:`collect_features`, :func:`model_nc_metrics` and the
+    training measurements (:func:`ufm.training.measure_network`) all capture features through it.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer : str
+        Name of the submodule to hook, as in ``model.named_modules()``.
+    capture : "input" or "output"
+        Which side of ``layer`` is captured; each forward call appends one detached tensor, flattened
+        to (batch, p).
+    eval_mode : bool
+        Put the model in eval mode while hooked.
+
+    Notes
+    -----
+    On exit (also on error) the hook is removed and every submodule's train/eval mode is restored.
+    """
+    check_choice("capture", capture, CAPTURE)
     captured: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
@@ -180,7 +206,7 @@ def collect_features(
     layer, classifier = _resolve(model, layer, capture, classifier)
     device = _model_device(model)
     feats, labels, outs = [], [], []
-    with _hooked(model, layer, capture, eval_mode) as captured:
+    with capture_activations(model, layer, capture=capture, eval_mode=eval_mode) as captured:
         for h, y, out in _batches(model, loader, captured, device):
             feats.append(h.to(store_device))
             labels.append(y.to(store_device))
@@ -224,7 +250,7 @@ def model_nc_metrics(
         layers = [t.detach() for t in model.parameters() if t.ndim >= 2]
     acc = NCAccumulator(C, W=W, b=b, layers=layers)
     device = _model_device(model)
-    with _hooked(model, layer, capture, eval_mode) as captured:
+    with capture_activations(model, layer, capture=capture, eval_mode=eval_mode) as captured:
         for _ in range(2):
             for h, y, out in _batches(model, loader, captured, device):
                 keep = use_outputs and out is not None and out.shape[1] == acc.C

@@ -1,30 +1,75 @@
 """The subcommands of ``ufm``, each a thin wrapper over one public function.
 
 One ``@command`` function per subcommand; keep each one short: parse, call the library, print.
+``ufm.cli`` builds the parser from ``COMMANDS``. Building it imports no torch, SymPy or SciPy: the
+library modules behind a command are imported inside its handler.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 
-from .cli import command, print_json  # noqa: F401
+from .losses import LOSSES
 
-# ufm flow's default path tolerance for ETD2: the loss along the path within ~4e-7 (relative) of BDF
-# at rtol 1e-10, at (C, N, p) = (10, 100, 64), lam = 5e-4; stationary at tol 1e-8 after 2191 gradients
-# (BDF at its rtol 1e-12: 6510, and 7x the wall time). Measured 2026-11-30.
-ETD2_RTOL = 1e-5
+# Each entry adds one subcommand to the parser and sets ``run`` to its handler (``ufm.cli``).
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(register: Callable[[argparse._SubParsersAction], None]):
+    """Decorator: add a subcommand registration function to the CLI."""
+    COMMANDS.append(register)
+    return register
+
+
+def print_json(obj) -> None:
+    """Print one JSON object on one line (NaN is not valid JSON, so it is refused)."""
+    print(json.dumps(obj, allow_nan=False, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _counts(text: str) -> int | tuple[int, ...]:
+    """``-N``: one count (``5``) or C comma-separated per-class counts (``8,4,2``)."""
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count or comma-separated per-class counts (8,4,2), got {text!r}"
+        ) from None
+    return counts[0] if len(counts) == 1 else counts
 
 
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
     """The UFM problem's flags, shared by ``solve`` and ``flow``."""
     p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
-    p.add_argument("--per-class", "-N", type=int, required=True, help="examples per class N")
+    p.add_argument(
+        "--per-class", "-N", type=_counts, required=True, metavar="N",
+        help="examples per class: one count N, or C comma-separated counts N_1,...,N_C (e.g. 8,4,2)",
+    )  # fmt: skip
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
     p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
     p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
     p.add_argument(
         "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
     )
+    _add_label_smoothing(p)
+
+
+def _add_label_smoothing(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--label-smoothing", type=float, default=None, metavar="A",
+        help="label smoothing a in [0, 1): targets (1 - a) y + a/C (default 0)",
+    )  # fmt: skip
 
 
 @command
@@ -39,11 +84,14 @@ def _solve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_solve(args: argparse.Namespace) -> int:
-    from .closed_form import ufm_optimum
+    from .model import UFMProblem
     from .optimize import check_optimum
 
     bias = not args.no_bias
-    opt = ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias)
+    a = args.label_smoothing or 0.0
+    # The library says when there is no closed form (e.g. imbalanced counts): NoClosedForm, exit 2.
+    problem = UFMProblem(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias, label_smoothing=a)
+    opt = problem.loss.closed_form(problem)
     if args.dim < opt.min_dim:
         raise ValueError(
             f"--dim {args.dim} is below {opt.min_dim} ({'C-1' if bias else 'C'}), the minimizer's rank"
@@ -52,7 +100,7 @@ def _run_solve(args: argparse.Namespace) -> int:
     if args.verify:
         chk = check_optimum(
             args.classes, args.per_class, args.dim, args.lam_w, args.lam_h,
-            bias=bias, n_starts=args.starts, seed=args.seed,
+            bias=bias, n_starts=args.starts, seed=args.seed, label_smoothing=a,
         )  # fmt: skip
         out["verify"] = {
             "loss_numeric": chk.numeric.loss,
@@ -67,8 +115,11 @@ def _run_solve(args: argparse.Namespace) -> int:
         return 0
     rows = [
         ("geometry", opt.geometry), ("collapsed", opt.collapsed),
-        ("delta = C sqrt(N lam_w lam_h)", opt.delta), ("lam_w lam_h threshold 1/(N C^2)", opt.lam_product_max),
-        ("eps (1 - correct output)", opt.eps), ("f_correct", opt.f_correct), ("f_other", opt.f_other),
+        ("delta = C sqrt(N lam_w lam_h)", opt.delta), ("lam_w lam_h threshold (1-a)^2/(N C^2)", opt.lam_product_max),
+        ("label smoothing a", opt.label_smoothing),
+        # The poster: SQI is "similar to label smoothing"; the two eps side by side.
+        ("eps of SQI (1 - correct output)", opt.eps), ("eps of the smoothing a(C-1)/C", opt.eps_label_smoothing),
+        ("f_correct", opt.f_correct), ("f_other", opt.f_other),
         ("||W_c||^2", opt.w_row_norm_sq), ("||mu_c - mu_G||^2", opt.h_norm_sq),
         ("cos(W_c, W_c')", opt.cos_w), ("cos(mu_c, mu_c')", opt.cos_h),
         ("W_c / (mu_c - mu_G)", opt.w_scale), ("minimal loss", opt.loss),
@@ -84,7 +135,7 @@ def _run_solve(args: argparse.Namespace) -> int:
           f"lam_w={args.lam_w:g} lam_h={args.lam_h:g}, {b}")  # fmt: skip
     for name, value in rows:
         shown = "-" if value is None else f"{value:.10g}" if isinstance(value, float) else str(value)
-        print(f"  {name:<34} {shown}")
+        print(f"  {name:<38} {shown}")
     return 0
 
 
@@ -119,7 +170,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 # Flags of ``ufm train`` that map one to one onto TrainConfig fields.
 _TRAIN_FIELDS = (
     "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
-    "weight_norm", "seed", "device",
+    "weight_norm", "seed", "device", "loss", "label_smoothing",
 )  # fmt: skip
 
 
@@ -128,8 +179,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     # Defaults are left to TrainConfig (flags default to None), so building the parser imports no torch.
     p = sub.add_parser(
         "train",
-        help="train a bias-free homogeneous ReLU network with the square loss and measure NC1-NC4",
-        description="Train with SGD on 1/(2NC) sum ||y - f(x)||^2 + lambda/2 sum_k ||W_k||^2 and record "
+        help="train a bias-free homogeneous ReLU network (square loss by default) and measure NC1-NC4",
+        description="Train with SGD on 1/n sum_i l(f(x_i), t_i) + lambda/2 sum_k ||W_k||^2 (by default the "
+        "square loss l = 1/2 ||t - f||^2, targets t = (1 - a) y + a/C with label smoothing a) and record "
         "NC1-NC4, norms, ranks, SQI residuals and the theorem's predictions every epoch. Unset flags "
         "take the defaults of ufm.TrainConfig (print them with --show-defaults).",
     )
@@ -142,6 +194,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--per-class", type=int, metavar="N", help="training examples per class")
+    p.add_argument("--loss", choices=tuple(LOSSES), help="loss, one of ufm.losses.LOSSES")
+    _add_label_smoothing(p)
     p.add_argument(
         "--weight-norm", action="store_true", default=None, help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)"
     )
@@ -161,7 +215,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import sys
 
-    from .training import TrainConfig, format_theory_table, train
+    from .experiments.weight_decay import format_theory_table
+    from .training import TrainConfig, train
 
     given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
     config = TrainConfig(**given)
@@ -192,7 +247,7 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
         "sweep",
         help="run a grid of gradient-flow or training runs into one results table",
         description="Run every combination of a sweep CONFIG (TOML or JSON: kind, grid, fixed, out, "
-        "workers; see ufm.sweep) on a local process pool or a Dask cluster. Rows are appended to the "
+        "workers; see ufm.experiments.sweep) on a local process pool or a Dask cluster. Rows are appended to the "
         "table as runs finish; a re-run skips the runs already ok and retries the failed ones.",
     )
     p.add_argument("config", metavar="CONFIG", help="sweep configuration, .toml or .json")
@@ -203,7 +258,7 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from .experiments.sweep import run_sweep
 
     res = run_sweep(args.config, scheduler=args.scheduler, workers=args.workers, progress=not args.json)
     failed = [r for r in res.rows if r["status"] != "ok"]
@@ -262,7 +317,7 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .experiments.reproduce import reproduce
 
     res = reproduce(args.out, quick=args.quick, seed=args.seed, progress=not args.json)
     summary = {
@@ -288,16 +343,30 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
 @command
 def _register_flow(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("flow", help="integrate gradient flow of the UFM from a random start to stationarity")
+    p = sub.add_parser(
+        "flow",
+        help="integrate gradient flow of the UFM from a random start to stationarity",
+        description="Gradient flow from a random start (ufm.experiments.compare.compare_flow), its end "
+        "point beside the closed-form minimizer where the problem has one. The integrator, its "
+        "tolerances and the budgets default to the library's (ufm.dynamics).",
+        formatter_class=_MethodsHelpFormatter,
+    )
     _add_problem_arguments(p)
     p.add_argument(
-        "--loss", choices=["mse", "ce"], default="mse", help="square loss (default) or cross-entropy"
+        "--loss", choices=tuple(LOSSES), default="mse", help="loss, one of ufm.losses.LOSSES (default mse)"
     )
-    p.add_argument("--method", default="ETD2", help="integrator, one of ufm.dynamics.METHODS (default ETD2)")
+    p.add_argument(
+        "--method", default=None,
+        help="integrator, one of {methods} (default {default_method}, the library's default)",
+    )  # fmt: skip
     p.add_argument(
         "--rtol", type=float, default=None,
-        help=f"relative tolerance of the path (default {ETD2_RTOL:g} for ETD2; for the others min(1e-8, tol/1e4), "
-        "since at a loose tolerance their error floors ||grad L||)",
+        help="relative tolerance of the path (default: the integrator's own, "
+        "METHODS[method].default_tolerances(tol))",
+    )  # fmt: skip
+    p.add_argument(
+        "--atol", type=float, default=None,
+        help="absolute tolerance of the path (default: the integrator's own, as --rtol)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the random start (default 0)")
     p.add_argument(
@@ -306,54 +375,75 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tol", type=float, default=1e-8, help="stationarity threshold on ||grad L|| (default 1e-8)"
     )
+    p.add_argument(
+        "--max-nfev", type=int, default=None, metavar="N",
+        help="budget of gradient evaluations (default: the library's, {max_nfev})",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-seconds", type=float, default=None, metavar="S",
+        help="budget of wall time in seconds (default: the library's, {max_seconds:g})",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="directory for trajectory.csv and flow.png")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     p.set_defaults(run=_run_flow)
 
 
+class _MethodsHelpFormatter(argparse.HelpFormatter):
+    """Fills ``{methods}``, ``{default_method}``, ``{max_nfev}`` and ``{max_seconds}`` in help texts
+    from ``ufm.dynamics`` when help is shown, so that building the parser imports no SciPy."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{" in text:
+            from . import dynamics
+
+            text = text.format(
+                methods=", ".join(dynamics.METHODS), default_method=dynamics.DEFAULT_METHOD,
+                max_nfev=dynamics.DEFAULT_MAX_NFEV, max_seconds=dynamics.DEFAULT_MAX_SECONDS,
+            )  # fmt: skip
+        return text
+
+
+# ``ufm flow --json`` keys (as before the canonical row) <- keys of the canonical row.
+_FLOW_JSON = {
+    "success": "success", "status": "flow_status", "message": "message", "method": "method",
+    "t": "t", "n_grad_evals": "nfev", "grad_norm": "grad_norm", "loss": "loss", "eps": "eps",
+    "nc1": "nc1", "cos_w": "cos_w", "nc2_equinorm_w": "nc2_equinorm_w", "nc3": "nc3",
+}  # fmt: skip
+_FLOW_JSON_CLOSED_FORM = {
+    "eps": "cf_eps", "loss": "cf_loss", "cos_w": "cf_cos_w", "w_row_norm_sq": "cf_w_row_norm_sq",
+    "geometry": "cf_geometry", "delta": "cf_delta",
+}  # fmt: skip
+
+
 def _run_flow(args: argparse.Namespace) -> int:
-    import math
+    import sys
 
-    from .closed_form import ufm_optimum
-    from .dynamics import gradient_flow
-    from .model import UFMParams, UFMProblem
+    from .experiments.compare import compare_flow
+    from .model import UFMProblem
 
-    bias = not args.no_bias
-    problem = UFMProblem(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias, loss=args.loss)
-    start = UFMParams.random(problem, args.dim, rng=args.seed)
-    rtol = args.rtol
-    if rtol is None:
-        # ETD2 ends at the fixed point at any rtol (its step cap), so rtol only sets the path's accuracy.
-        # The others hover at their stability limit with errors of the size of the tolerance, which
-        # floors ||grad L||: 1e4x below the stationarity threshold.
-        rtol = ETD2_RTOL if args.method == "ETD2" else min(1e-8, args.tol * 1e-4)
-    r = gradient_flow(problem, start, method=args.method, t_max=args.t_max, tol=args.tol, rtol=rtol,
-                      atol=rtol * 1e-2, progress=args.progress)  # fmt: skip
-    opt = (
-        ufm_optimum(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias)
-        if args.loss == "mse"
-        else None
+    problem = UFMProblem(
+        args.classes, args.per_class, args.lam_w, args.lam_h, bias=not args.no_bias, loss=args.loss,
+        label_smoothing=args.label_smoothing or 0.0,
+    )  # fmt: skip
+    comparison = compare_flow(
+        problem, args.dim, seed=args.seed, method=args.method, t_max=args.t_max, tol=args.tol,
+        rtol=args.rtol, atol=args.atol, max_nfev=args.max_nfev, max_seconds=args.max_seconds,
+        progress=args.progress,
+    )  # fmt: skip
+    row, r = comparison.row(), comparison.flow
+    out = {key: row.get(canonical) for key, canonical in _FLOW_JSON.items()}
+    out["closed_form"] = (
+        None
+        if comparison.optimum is None
+        else {key: row[canonical] for key, canonical in _FLOW_JSON_CLOSED_FORM.items()}
     )
-
-    def final(name: str):
-        v = float(r.metrics[name][-1])
-        return None if math.isnan(v) else v
-
-    out = {
-        "success": r.success, "status": r.status, "message": r.message, "method": r.method,
-        "t": r.t_final, "n_grad_evals": r.nfev, "grad_norm": r.grad_norm, "loss": float(r.loss[-1]),
-        "eps": final("eps"), "nc1": final("nc1"), "cos_w": final("cos_w"),
-        "nc2_equinorm_w": final("nc2_equinorm_w") if "nc2_equinorm_w" in r.metrics else None,
-        "nc3": final("nc3") if "nc3" in r.metrics else None,
-        "closed_form": None if opt is None else {
-            "eps": opt.eps, "loss": opt.loss, "cos_w": opt.cos_w, "w_row_norm_sq": opt.w_row_norm_sq,
-            "geometry": opt.geometry, "delta": opt.delta,
-        },
-        "closed_form_note": None if opt is not None else "no closed form for cross-entropy",
-    }  # fmt: skip
+    out["closed_form_note"] = row["closed_form_note"]
     if args.out:
-        out["files"] = _write_flow_outputs(args.out, r, opt)
+        out["files"] = _write_flow_outputs(args.out, r, comparison.optimum)
+    if not r.success:
+        print(f"ufm flow: {r.message}", file=sys.stderr)
     if args.json:
         print_json(out)
         return 0 if r.success else 1
@@ -364,8 +454,8 @@ def _run_flow(args: argparse.Namespace) -> int:
         v, c = out[name], cf.get(name)
         shown = "-" if v is None else f"{v:.10g}"
         print(f"  {name:<12} {shown:>16} {'-' if c is None else format(c, '.10g'):>16}")
-    if opt is None:
-        print("  (no closed form for cross-entropy)")
+    if comparison.optimum is None:
+        print(f"  (no closed form: {row['closed_form_note']})")
     for path in out.get("files", []):
         print(f"  wrote {path}")
     return 0 if r.success else 1
@@ -375,7 +465,7 @@ def _write_flow_outputs(directory: str, r, opt) -> list[str]:
     """trajectory.csv (t, loss, measures) and flow.png (measures and eps against t, closed form dashed)."""
     from pathlib import Path
 
-    from .plots import plot_flow_measures
+    from .experiments.plots import plot_flow_measures
     from .tables import write_csv
 
     d = Path(directory)

@@ -1,7 +1,7 @@
 """Image classification data for the trained-network experiments: an embedded default and local readers.
 
 Every loader returns a :class:`Dataset` whose training part is **balanced** (``N`` examples in each of
-the ``C`` classes, stored class-major as in THEORY.md) and whose test part is a fixed held-out set.
+the ``C`` classes, stored class-major as in docs/theory.md §0.1) and whose test part is a fixed held-out set.
 Sample arrays are ``n_samples x ...`` (rows are examples, as in PyTorch).
 
 Registry ``DATASETS`` (choose with a spec string ``NAME`` or ``NAME:DIR``):
@@ -102,16 +102,20 @@ CIFAR10_CLASSES = (
 
 @dataclass(frozen=True)
 class Dataset:
-    """A balanced classification data set, ready for training.
+    """A classification data set, ready for training.
+
+    The loaders (:func:`load_dataset`) return a balanced training part, N examples in each class,
+    class-major; a Dataset built by hand may have unequal classes, which :func:`ufm.training.train`
+    and :func:`ufm.training.measure_network` handle (only :attr:`N` is then undefined).
 
     Attributes
     ----------
     name : str
         The spec it was loaded from (``"default"``, ``"mnist:/data/mnist"``, ...).
-    x_train : ndarray, shape (N*C, channels, height, width), float32
-        Standardized training images, class-major (the first N belong to class 0, and so on).
-    y_train : ndarray, shape (N*C,), int64
-        Training labels, ``np.repeat(arange(C), N)``.
+    x_train : ndarray, shape (n, channels, height, width), float32
+        Standardized training images, n = sum(counts) (= N*C, class-major, from the loaders).
+    y_train : ndarray, shape (n,), int64
+        Training labels in 0..C-1 (``np.repeat(arange(C), N)`` from the loaders).
     x_test : ndarray, shape (n_test, channels, height, width), float32
     y_test : ndarray, shape (n_test,), int64
     classes : tuple of str
@@ -133,9 +137,20 @@ class Dataset:
         return len(self.classes)
 
     @property
+    def counts(self) -> tuple[int, ...]:
+        """Training examples of each class, length C (all equal for the loaders' data sets)."""
+        return tuple(int(k) for k in np.bincount(self.y_train, minlength=self.C))
+
+    @property
+    def balanced(self) -> bool:
+        return len(set(self.counts)) == 1
+
+    @property
     def N(self) -> int:
-        """Training examples per class."""
-        return self.x_train.shape[0] // self.C
+        """Training examples per class; a ValueError for a data set built by hand with unequal classes."""
+        if not self.balanced:
+            raise ValueError(f"N exists only for balanced classes; got counts {self.counts}")
+        return self.counts[0]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -1,11 +1,11 @@
 """Frames that neural collapse converges to, and distances from them.
 
 Convention: a frame is stored as **rows**, one vector per class, shape (C, p), like the classifier
-W (C, p) and like the class means stacked as rows. THEORY.md's M (p x C, columns) is the transpose.
+W (C, p) and like the class means stacked as rows. The M of docs/theory.md §0.3 (p x C, columns) is the transpose.
 
 Frames
 ------
-* Simplex ETF (THEORY.md statement 1): for P in R^{p x C'} with orthonormal columns,
+* Simplex ETF (docs/theory.md §1): for P in R^{p x C'} with orthonormal columns,
   ``sqrt(C/(C-1)) P (I - 11^T/C)`` has unit columns, Gram ``C/(C-1) (I - 11^T/C)`` and pairwise
   cosines ``-1/(C-1)``. It spans C-1 dimensions, so it exists in any p >= C-1.
 * Orthogonal frame: C orthonormal vectors, p >= C (the bias-free MSE minimizer's geometry).
@@ -44,7 +44,7 @@ def simplex_etf(
 ) -> np.ndarray:
     """Simplex equiangular tight frame of C unit vectors in R^p, as rows (C, p).
 
-    Rows have norm ``scale``, sum to zero, and have pairwise cosine -1/(C-1) (THEORY.md, 1).
+    Rows have norm ``scale``, sum to zero, and have pairwise cosine -1/(C-1) (docs/theory.md §1).
 
     Parameters
     ----------

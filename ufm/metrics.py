@@ -1,7 +1,7 @@
 """Neural-collapse measurements NC1-NC4 (Papyan, Han and Donoho 2020), exact, streaming and cheap.
 
-Conventions (THEORY.md): sample matrices are **rows**, ``features`` (n, p); labels 0..C-1; the
-classifier ``W`` is (C, p) with rows W^c and the bias ``b`` is (C,). THEORY.md's M (p x C, columns
+Conventions (docs/theory.md §0.1): sample matrices are **rows**, ``features`` (n, p); labels 0..C-1; the
+classifier ``W`` is (C, p) with rows W^c and the bias ``b`` is (C,). docs/theory.md §0.3's M (p x C, columns
 mu_c - mu_G) is stored here as rows, ``means - mu_G`` (C, p).
 
 How it stays O(n p C) with no p x p matrix
@@ -19,7 +19,7 @@ O(C p) whatever n is.
 
 The rank cutoff never keeps rounding noise: sum_c n_c (mu_c - mu_G) = 0 exactly, so M has rank at most
 C-1 in exact arithmetic and r = min(C-1, #{s_k > max(C, p) eps s_max}). A plain ``pinv`` of the p x p
-Sigma_B (relative cutoff 1e-15) keeps a noise eigenvalue and inverts it (PEERS.md: NC1 = 5.3e12
+Sigma_B (relative cutoff 1e-15) keeps a noise eigenvalue and inverts it (docs/theory.md §17.2: NC1 = 5.3e12
 instead of 25.5 at n = 50,000, p = 2,048, C = 100).
 """
 
@@ -64,13 +64,13 @@ class NCMetrics:
         when p < C.
     nc3 : || W^T/||W||_F - M/||M||_F ||_F^2.
     nc4 : fraction of examples whose argmax_c (W h + b)_c differs from argmin_c ||h - mu_c||.
-    eps : 1 - mean correct-class output (symmetric quasi-interpolation, THEORY.md 4).
+    eps : 1 - mean correct-class output (symmetric quasi-interpolation, docs/theory.md §0.4).
     sqi_spread : root-mean-square deviation of the wrong-class outputs from eps/(C-1).
     sqi_correct_std : std of the correct-class outputs (0 under exact SQI).
     sv_means, rank_means, stable_rank_means : singular values of M (descending), its numerical rank
         (the r used for NC1) and stable rank ||M||_F^2/||M||_2^2.
     sv_w, rank_w, stable_rank_w : the same for W (rank cutoff max(C, p) eps s_max).
-    rho : product of the Frobenius norms of the layer weights (THEORY.md, normalization).
+    rho : product of the Frobenius norms of the layer weights (docs/theory.md §16).
     """
 
     n: int
@@ -333,10 +333,12 @@ class NCAccumulator:
         self.n = int(counts.sum())
         sums = self._sums.cpu().double().numpy()
         self._mu_G = sums.sum(axis=0) / self.n  # (p,) mean over all examples
-        M = sums / counts[:, None] - self._mu_G  # (C, p): THEORY.md's M, as rows
+        M = sums / counts[:, None] - self._mu_G  # (C, p): the M of docs/theory.md §0.3, as rows
         A, s, Vt = np.linalg.svd(M, full_matrices=False)  # M = A diag(s) Vt
-        if s[0] == 0:
-            raise ValueError("all class means are equal: the between-class covariance is zero")
+        # Centring C equal means leaves rounding noise ~eps times their size, not exact zeros.
+        scale = np.abs(sums / counts[:, None]).max()
+        if s[0] <= _RANK_RTOL_FACTOR * max(M.shape) * np.finfo(float).eps * scale:
+            raise ValueError("all class means are equal (to rounding): the between-class covariance is zero")
         # sum_c n_c M_c = 0 exactly, so rank <= C-1; the C-th singular value is rounding noise.
         r = min(self.C - 1, _rank(s, M.shape))
         self._M, self._sv_means, self._r, self._coords = M, s, r, A * s
@@ -476,7 +478,7 @@ def nc_metrics(
 
     Notes
     -----
-    Definitions (Papyan, Han and Donoho 2020, with THEORY.md's statistics), for n_c examples of class c:
+    Definitions (Papyan, Han and Donoho 2020, with the statistics of docs/theory.md §0.3), for n_c examples of class c:
 
     * mu_c = class mean; mu_G = 1/n sum_i h_i, the mean over **all examples** (so each class is
       weighted by n_c/n when the classes are unbalanced); M_c = mu_c - mu_G.
@@ -487,10 +489,10 @@ def nc_metrics(
     * NC2 on the M_c (and on the rows W^c for the ``_w`` variants): equinorm = std_c ||M_c|| /
       mean_c ||M_c||; equiangle = std over c != c' of cos(M_c, M_c'); maxangle = mean over c != c'
       of |cos + 1/(C-1)|. Every class counts once regardless of n_c.
-    * NC3 = || W/||W||_F - M/||M||_F ||_F^2 with M as rows (C, p), i.e. THEORY.md's
+    * NC3 = || W/||W||_F - M/||M||_F ||_F^2 with M as rows (C, p), i.e. docs/theory.md §17.4's
       || W^T/||W||_F - M/||M||_F ||_F^2.
     * NC4 = 1/n #{i : argmax_c (W h_i + b)_c != argmin_c ||h_i - mu_c||}; the bias is included.
-    * SQI (THEORY.md 4) with f the outputs (given, else W h + b): eps = 1 - 1/n sum_i f_{y_i}(x_i);
+    * SQI (docs/theory.md §17.6) with f the outputs (given, else W h + b): eps = 1 - 1/n sum_i f_{y_i}(x_i);
       sqi_spread = sqrt(1/(n(C-1)) sum_i sum_{c != y_i} (f_c(x_i) - eps/(C-1))^2);
       sqi_correct_std = std_i f_{y_i}(x_i).
     * Singular values, numerical rank (cutoff max(rows, cols) eps s_max) and stable rank

@@ -1,4 +1,4 @@
-"""Deep homogeneous ReLU classifiers with no biases (THEORY.md): f_W(x) = W_L s(W_{L-1} ... s(W_1 x)).
+"""Deep homogeneous ReLU classifiers with no biases (docs/theory.md §18): f_W(x) = W_L s(W_{L-1} ... s(W_1 x)).
 
 Both architectures are positively homogeneous of degree L in their weights: scaling every W_k by
 a_k > 0 scales f by prod_k a_k, which is what the poster's Lemma 2 and theorem use. Hence no biases,

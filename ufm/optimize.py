@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ._validation import check_positive_int
-from .closed_form import UFMOptimum, ufm_optimum
+from .closed_form import UFMOptimum
 from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
 
 # L-BFGS stops on a relative decrease below FTOL or a projected gradient below GTOL. These are far
@@ -115,14 +115,13 @@ class OptimumCheck:
 
 
 def check_optimum(
-    C: int, N: int, p: int, lam_w: float, lam_h: float, *, bias: bool = True, n_starts: int = 4, seed: int = 0
-) -> OptimumCheck:
-    """Compare ``ufm_optimum`` with ``minimize_loss`` on the same square-loss UFM (depth 1, lam_b = 0)."""
-    opt = ufm_optimum(C, N, lam_w, lam_h, bias=bias)
+    C: int, N: int, p: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0,
+    n_starts: int = 4, seed: int = 0,
+) -> OptimumCheck:  # fmt: skip
+    """Compare the closed form with ``minimize_loss`` on the same square-loss UFM (depth 1, lam_b = 0)."""
+    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias, label_smoothing=label_smoothing)
+    opt = problem.loss.closed_form(problem)
     if p < opt.min_dim:
-        raise ValueError(
-            f"p = {p} is below the minimizer's dimension {opt.min_dim} ({'C-1' if bias else 'C'})"
-        )
-    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias)
+        raise ValueError(f"p = {p} is below the minimizer's dimension {opt.min_dim} ({opt.geometry})")
     built = loss(problem, opt.build(p, rng=seed)) if opt.attained else None
     return OptimumCheck(opt, built, minimize_loss(problem, p, n_starts=n_starts, seed=seed))

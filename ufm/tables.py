@@ -3,7 +3,7 @@
 Every table ``ufm`` writes (training histories, sweep results, the report's tables) goes through
 these functions, so one encoding holds everywhere: None and NaN are empty cells, floats are written
 with ``repr`` (read back bit for bit), and files are replaced atomically, so an interrupted run leaves
-the previous file whole.
+the previous file whole. ``read_table`` also reads the Parquet tables of a sweep (with pyarrow).
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ._validation import check_choice
+
+# Formats of a results table (a sweep's ``out``): CSV always, Parquet with pyarrow.
+TABLE_FORMATS = (".csv", ".parquet")
 
 
 def cell_text(value: Any) -> str:
@@ -78,3 +83,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a results table (.csv or .parquet, e.g. a sweep's) as dicts; missing values are None."""
+    path = Path(path)
+    check_choice("table format", path.suffix, TABLE_FORMATS)
+    if path.suffix == ".parquet":
+        return pyarrow_parquet().read_table(path).to_pylist()
+    return read_csv(path)
+
+
+def pyarrow_parquet():
+    """``pyarrow.parquet``, or a ValueError saying how to get it (Parquet is optional)."""
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise ValueError("Parquet tables need pyarrow (pip install pyarrow); or use a .csv path") from None
+    return pq

@@ -1,33 +1,41 @@
-"""Training deep homogeneous networks with the poster's regularized square loss, measuring collapse.
+"""Training deep homogeneous networks on a regularized loss (the poster's square loss by default),
+measuring collapse.
 
-Objective (poster; THEORY.md), over the N*C training examples with one-hot targets y:
+Objective (poster; docs/theory.md §18), over the n training examples x_i with labels y_i, one-hot targets
+e_{y_i} smoothed by a = ``label_smoothing`` to t_i = (1 - a) e_{y_i} + a/C:
 
-    L(W) = 1/(2NC) sum_{n,c,i} (y_{n(c)}^(i) - f^(i)(x_{n(c)}))^2 + lambda/2 sum_k ||W_k||_F^2.
+    L(W) = 1/n sum_i l(f(x_i), t_i) + lambda/2 sum_k ||W_k||_F^2,
 
-On a mini-batch B the data term is estimated by 1/(2|B|) sum_{x in B} ||y - f(x)||^2 (the sum runs over
-all C outputs, the mean over examples). Weight decay is added to the gradient explicitly,
-grad += lambda W_k for every layer k (or lambda rho_k under weight normalization, where ||W_k||^2 =
-rho_k^2), before the step of plain SGD with momentum; this is the same update as
-``torch.optim.SGD(weight_decay=lambda)``, written out so that the Lagrange-multiplier projection of
-:mod:`ufm.networks` sees the full gradient.
+with l(f, t) = 1/2 ||t - f||^2 for the square loss (``loss="mse"``, the default; at a = 0 and balanced
+classes this is the poster's 1/(2NC) sum_{n,c,i} (y_{n(c)}^(i) - f^(i)(x_{n(c)}))^2) or the softmax
+cross-entropy (``loss="ce"``); the loss objects live in :mod:`ufm.losses`. On a mini-batch B the data
+term is estimated by ``loss.torch_value`` on B (the mean over its examples). Weight decay is added to
+the gradient explicitly, grad += lambda W_k for every layer k (or lambda rho_k under weight
+normalization, where ||W_k||^2 = rho_k^2), before the step of plain SGD with momentum; this is the same
+update as ``torch.optim.SGD(weight_decay=lambda)``, written out so that the Lagrange-multiplier
+projection of :mod:`ufm.networks` sees the full gradient.
 
 Every ``measure_every`` epochs (and at epoch 0 and the last epoch) :func:`measure_network` records:
 train/test loss and accuracy; NC1-NC4 from :func:`ufm.metrics.nc_metrics` on the penultimate features
-(collected by a forward hook); the Frobenius norm of every layer and their product rho; the numerical
-and stable rank of every weight matrix; the symmetric quasi-interpolation (SQI) residuals; and the
-poster's theorem evaluated at the measured eps and lambda beside the measured values:
+(collected by the forward hook of :func:`ufm.collect.capture_activations`); the Frobenius norm of every
+layer and their product rho; the numerical and stable rank of every weight matrix; the symmetric
+quasi-interpolation (SQI) residuals; and the poster's theorem evaluated at the measured eps and lambda
+beside the measured values:
 
 * ||W_L^c||^2 = (eps - C eps^2/(C-1)) / (C lambda)                 (NC2 equinorm)
 * W_L^c = eps/(lambda (C-1)) (mu_c - mu_G)                          (NC3; scale fitted by least squares)
 * cos(W_L^c, W_L^c') = -1/(C-1)                                      (NC2 equiangularity)
 
 During the last epoch the weights and the outputs on a fixed probe set are tracked step by step: their
-fluctuation across those late steps is the SGD noise of the journal paper.
+fluctuation across those late steps is the SGD noise of the journal paper (:class:`_SGDNoise`).
 
-Checkpoints (model, optimizer, scheduler, the state of the generator that orders mini-batches, history) are written every
-``checkpoint_every`` epochs; ``resume=True`` continues from the last one and, on the CPU, reaches
-bit-identical weights and history. A run whose loss becomes non-finite or explodes stops with a clear
-message, leaving the last good checkpoint untouched.
+Checkpoints (model, optimizer, scheduler, the state of the generator that orders mini-batches, history)
+are written every ``checkpoint_every`` epochs (:class:`_Checkpoint`); ``resume=True`` continues from the
+last one and, on the CPU, reaches bit-identical weights and history. A run whose loss becomes
+non-finite or explodes stops with a clear message, leaving the last good checkpoint untouched.
+
+The poster's experiment built on :func:`train` (the same run with and without weight decay) is
+:func:`ufm.experiments.weight_decay.weight_decay_experiment`.
 """
 
 from __future__ import annotations
@@ -37,17 +45,20 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import closed_form
-from ._validation import check_choice, check_nonneg, check_positive_int
+from ._validation import check_choice, check_label_smoothing, check_nonneg, check_positive_int
+from .collect import capture_activations
 from .datasets import Dataset, load_dataset
 from .geometry import mean_cosine
+from .losses import Loss, get_loss
+from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .tables import write_csv, write_json
 
@@ -55,16 +66,14 @@ __all__ = [
     "SCHEDULES",
     "TrainConfig",
     "TrainResult",
-    "WeightDecayExperiment",
-    "format_theory_table",
     "measure_network",
+    "resolve_device",
     "train",
-    "weight_decay_experiment",
 ]
 
 # A loss above this multiple of the loss at initialization (or a non-finite loss) means divergence:
-# the square loss of a fitting run only decreases from its start, so a 1e3-fold increase is no
-# fluctuation but the blow-up of a too-large step.
+# the loss of a fitting run only decreases from its start, so a 1e3-fold increase is no fluctuation
+# but the blow-up of a too-large step.
 DIVERGENCE_FACTOR = 1e3
 
 # Singular values below this fraction of the largest one count as zero in the numerical rank
@@ -121,6 +130,10 @@ class TrainConfig:
         L weight layers; hidden units (MLP) or channels (CNN), p = width.
     wd : float
         lambda, weight decay on every layer.
+    loss : str
+        Name of the data term's loss in :data:`ufm.losses.LOSSES` (``"mse"``: the poster's square loss).
+    label_smoothing : float
+        a in [0, 1): the targets are (1 - a) e_y + a/C.
     lr : float
         Initial learning rate eta.
     epochs, batch_size : int
@@ -148,6 +161,8 @@ class TrainConfig:
     depth: int = 3
     width: int = 128
     wd: float = 5e-3
+    loss: str = "mse"
+    label_smoothing: float = 0.0
     lr: float = 0.02
     epochs: int = 300
     batch_size: int = 50
@@ -177,6 +192,15 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.loss, str):
+            raise ValueError(f"loss must be a name (a key of ufm.losses.LOSSES), got {self.loss!r}")
+        check_label_smoothing(self.label_smoothing)  # a in [0, 1)
+        get_loss(self.loss, self.label_smoothing)  # an unknown name: ValueError listing the valid ones
+
+    @property
+    def data_loss(self) -> Loss:
+        """The loss object of the data term: ``ufm.losses.get_loss(loss, label_smoothing)``."""
+        return get_loss(self.loss, self.label_smoothing)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -231,12 +255,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _square_loss(f: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
-    """1/(2n) sum_{n,i} (y_n^(i) - f^(i)(x_n))^2 with one-hot y: the poster's 1/(2NC) sum over n, c, i."""
-    onehot = torch.nn.functional.one_hot(y, C).to(f.dtype)  # (n, C)
-    return 0.5 * ((f - onehot) ** 2).sum(dim=1).mean()
-
-
 def _matrix(W: torch.Tensor) -> np.ndarray:
     """A weight as a float64 matrix (out, fan_in); convolutions are flattened over (in, k, k)."""
     return W.detach().reshape(W.shape[0], -1).double().cpu().numpy()
@@ -244,15 +262,9 @@ def _matrix(W: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _forward_with_features(model: HomogeneousNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs f (n, C) and penultimate features h (n, p), float64, via a forward hook on FEATURE_LAYER."""
-    captured: list[torch.Tensor] = []
-    hook = model.get_submodule(FEATURE_LAYER).register_forward_hook(
-        lambda module, inputs, output: captured.append(output.detach())
-    )
-    try:
+    """Outputs f (n, C) and penultimate features h (n, p), float64, hooked at FEATURE_LAYER's output."""
+    with capture_activations(model, FEATURE_LAYER, capture="output") as captured:
         outputs = [model(x[i : i + MEASURE_CHUNK]) for i in range(0, x.shape[0], MEASURE_CHUNK)]
-    finally:
-        hook.remove()
     f = torch.cat(outputs).double().cpu().numpy()
     h = torch.cat(captured).double().cpu().numpy()
     return f, h
@@ -286,17 +298,23 @@ def measure_network(
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     wd: float,
+    *,
+    loss: str | Loss = "mse",
 ) -> dict[str, float]:
     """All per-epoch measurements of one network, in float64.
 
     Parameters
     ----------
     model : HomogeneousNet
-    x_train : Tensor, shape (N*C, ...); y_train : Tensor, shape (N*C,), int64
-        Balanced training set (the NC statistics are taken over it).
+    x_train : Tensor, shape (n, ...); y_train : Tensor, shape (n,), int64
+        Training set, the NC statistics are taken over it. Any class counts n_c, every class present:
+        mu_G is the mean over all n examples, as in :func:`ufm.metrics.nc_metrics`.
     x_test : Tensor, shape (n_test, ...); y_test : Tensor, shape (n_test,)
     wd : float
         lambda, for the regularization term and the theorem's predictions.
+    loss : str or Loss
+        The data term (:func:`ufm.losses.get_loss`), with its label smoothing: ``train_loss`` is
+        ``loss.value(f.T, loss.targets(y_train, C))`` = 1/n sum_i l(f_i, t_i), the same for the test set.
 
     Returns
     -------
@@ -311,29 +329,28 @@ def measure_network(
       ``sqi_correct_std`` (both zero under SQI);
     * theory vs measurement: ``w_row_norm_sq`` (mean_c ||W_L^c||^2) and ``w_row_norm_sq_pred``;
       ``w_scale`` (least-squares a in W_L^c ~ a (mu_c - mu_G)) and ``w_scale_pred`` =
-      eps/(lambda(C-1)); ``w_cos_mean`` (mean pairwise cosine of W_L's rows) and ``w_cos_pred`` =
+      (eps - eps_a)/(lambda(C-1)), eps_a = a (C-1)/C with label smoothing a (NaN for a loss whose
+      residual is not linear, e.g. cross-entropy); ``w_cos_mean`` (mean pairwise cosine of W_L's rows) and ``w_cos_pred`` =
       -1/(C-1); ``mu_cos_mean`` the same for the centred class means;
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
       ``rho`` also comes from ``nc_metrics``.
     """
-    from .metrics import nc_metrics  # written alongside; imported late to keep import order loose
-
+    loss = get_loss(loss)
     model.eval()
-    y_tr = y_train.cpu().numpy()
+    y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
     f_tr, H = _forward_with_features(model, x_train)  # (n, C), (n, p)
     f_te, _ = _forward_with_features(model, x_test)
-    n, C = f_tr.shape
-    onehot = np.eye(C)[y_tr]  # (n, C)
+    C = f_tr.shape[1]
     Ws = [_matrix(W) for W in model.weights()]
     W_L = Ws[-1]  # (C, p)
     sq_norms = np.array([np.sum(W**2) for W in Ws])
     row = {
-        "train_loss": 0.5 * np.sum((f_tr - onehot) ** 2) / n,
-        "test_loss": 0.5 * np.sum((f_te - np.eye(C)[y_test.cpu().numpy()]) ** 2) / f_te.shape[0],
+        "train_loss": loss.value(f_tr.T, loss.targets(y_tr, C)),  # outputs and targets (C, n)
+        "test_loss": loss.value(f_te.T, loss.targets(y_te, C)),
         "train_acc": np.mean(f_tr.argmax(1) == y_tr),
-        "test_acc": np.mean(f_te.argmax(1) == y_test.cpu().numpy()),
+        "test_acc": np.mean(f_te.argmax(1) == y_te),
     }
     row["train_err"] = 1.0 - row["train_acc"]
     row["objective"] = row["train_loss"] + 0.5 * wd * sq_norms.sum()
@@ -343,14 +360,16 @@ def measure_network(
         row[key] = float(getattr(nc, key))
     eps = nc.eps
 
-    # Theorem at the measured eps and lambda (undefined without weight decay).
+    # Theorem at the measured eps and lambda: undefined without weight decay, and for a loss whose
+    # residual is not (f - T)/n (docs/theory.md §4.3; label smoothing a shifts eps by a (C-1)/C).
     mu = np.stack([H[y_tr == c].mean(axis=0) for c in range(C)])  # (C, p) class means
     Mt = mu - H.mean(axis=0)  # (C, p): rows mu_c - mu_G
-    has_wd = wd > 0
+    predicts = wd > 0 and loss.linear_residual
+    a = loss.label_smoothing
     row["w_row_norm_sq"] = np.mean(np.sum(W_L**2, axis=1))
-    row["w_row_norm_sq_pred"] = closed_form.sqi_w_row_norm_sq(C, eps, wd) if has_wd else np.nan
+    row["w_row_norm_sq_pred"] = closed_form.sqi_w_row_norm_sq(C, eps, wd, a) if predicts else np.nan
     row["w_scale"] = np.sum(W_L * Mt) / np.sum(Mt**2)
-    row["w_scale_pred"] = closed_form.sqi_w_scale(C, eps, wd) if has_wd else np.nan
+    row["w_scale_pred"] = closed_form.sqi_w_scale(C, eps, wd, a) if predicts else np.nan
     row["w_cos_mean"] = mean_cosine(W_L)
     row["mu_cos_mean"] = mean_cosine(Mt)
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
@@ -363,24 +382,6 @@ def measure_network(
     row["rho"] = nc.rho
     row["wl_sv_ratio"] = s[C - 1] / s[0] if len(s) >= C else 0.0  # s: singular values of W_L
     return {k: float(v) for k, v in row.items()}
-
-
-def _check_dataset_matches(data: Dataset, config: TrainConfig) -> None:
-    """A dataset passed to ``train`` must be the one ``config`` names: config.json and resume trust it."""
-    if data.name != config.dataset:
-        raise ValueError(
-            f"the dataset given was loaded from {data.name!r} but config.dataset = {config.dataset!r}"
-        )
-    if config.per_class is not None and data.N != config.per_class:
-        raise ValueError(
-            f"the dataset given has N = {data.N} per class but config.per_class = {config.per_class}"
-        )
-    n_test = len(data.y_test)
-    if config.test_per_class is not None and n_test != data.C * config.test_per_class:
-        raise ValueError(
-            f"the dataset given has {n_test} test examples, not C * config.test_per_class = "
-            f"{data.C} * {config.test_per_class}"
-        )
 
 
 @contextlib.contextmanager
@@ -410,6 +411,169 @@ def _singular_values(W: torch.Tensor, *, exact: bool = True) -> np.ndarray:
         return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().flip(0).cpu().numpy()
 
 
+# ----------------------------------------------------------------------------------------------------
+# The pieces of a run: data on the device, its state, checkpoints, SGD noise, one step, the record.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_dataset_matches(data: Dataset, config: TrainConfig) -> None:
+    """A dataset passed to ``train`` must be the one ``config`` names: config.json and resume trust it."""
+    if data.name != config.dataset:
+        raise ValueError(
+            f"the dataset given was loaded from {data.name!r} but config.dataset = {config.dataset!r}"
+        )
+    if config.per_class is not None and data.counts != (config.per_class,) * data.C:
+        have = f"N = {data.N}" if data.balanced else f"counts {data.counts}"
+        raise ValueError(f"the dataset given has {have} per class but config.per_class = {config.per_class}")
+    n_test = len(data.y_test)
+    if config.test_per_class is not None and n_test != data.C * config.test_per_class:
+        raise ValueError(
+            f"the dataset given has {n_test} test examples, not C * config.test_per_class = "
+            f"{data.C} * {config.test_per_class}"
+        )
+
+
+class _Tensors(NamedTuple):
+    """The data on the training device: inputs (n, ...), int64 labels (n,), and the noise probe."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    x_probe: torch.Tensor  # (n_probe, ...): up to NOISE_PROBE_PER_CLASS training inputs of each class
+    C: int
+
+
+def _tensors(config: TrainConfig, dataset: Dataset | None, device: torch.device) -> tuple[Dataset, _Tensors]:
+    """Load (or check) the data set of ``config`` and move it to ``device``."""
+    if dataset is None:
+        dataset = load_dataset(
+            config.dataset, per_class=config.per_class, test_per_class=config.test_per_class
+        )
+    else:
+        _check_dataset_matches(dataset, config)
+    n = dataset.y_train.shape[0]
+    if config.batch_size > n:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training examples")
+    probe = np.concatenate(
+        [np.flatnonzero(dataset.y_train == c)[:NOISE_PROBE_PER_CLASS] for c in range(dataset.C)]
+    )
+    x_train = torch.from_numpy(dataset.x_train).to(device)
+    tensors = _Tensors(
+        x_train=x_train,
+        y_train=torch.from_numpy(dataset.y_train).to(device),
+        x_test=torch.from_numpy(dataset.x_test).to(device),
+        y_test=torch.from_numpy(dataset.y_test).to(device),
+        x_probe=x_train[torch.from_numpy(probe).to(device)],
+        C=dataset.C,
+    )
+    return dataset, tensors
+
+
+@dataclass
+class _TrainState:
+    """What changes as a run goes on, and what a checkpoint holds; ``epoch``: the last epoch done."""
+
+    model: HomogeneousNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    shuffle: torch.Generator
+    epoch: int = 0
+    nsteps: int = 0
+    history: list[dict] = field(default_factory=list)
+    noise: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
+        model = build_network(
+            config.arch,
+            data.input_shape,
+            data.C,
+            depth=config.depth,
+            width=config.width,
+            weight_norm=config.weight_norm,
+            seed=config.seed,
+        ).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        scheduler = SCHEDULES[config.schedule](optimizer, config.epochs)
+        # The order of mini-batches is the only randomness after initialization; it has its own
+        # generator (saved in checkpoints), so measurements or other torch code never perturb it.
+        shuffle = torch.Generator().manual_seed(config.seed)
+        return cls(model, optimizer, scheduler, shuffle)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def _identity(config: TrainConfig) -> dict:
+    """The fields that must match for a checkpoint to be resumed (all but the device)."""
+    return {k: v for k, v in config.as_dict().items() if k != "device"}
+
+
+def _identity_differences(stored: dict, config: TrainConfig) -> list[str]:
+    """Fields in which a checkpoint's stored identity differs from ``config``'s.
+
+    A field missing from ``stored`` counts as its default: checkpoints written before the field
+    existed (``loss``, ``label_smoothing``) were written by runs that used the default.
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    current = _identity(config)
+    return sorted(
+        k for k in current.keys() | stored.keys() if stored.get(k, defaults.get(k)) != current.get(k)
+    )
+
+
+class _Checkpoint:
+    """``out/checkpoint.pt``: written atomically, resumed only by a run of the same identity."""
+
+    def __init__(self, out: Path | None):
+        self.path = None if out is None else out / CHECKPOINT
+        self.saved_epoch: int | None = None  # epoch of the checkpoint on disk (None: none written)
+
+    def exists(self) -> bool:
+        return self.path is not None and self.path.is_file()
+
+    def restore(self, state: _TrainState, config: TrainConfig, device: torch.device) -> None:
+        """Load the checkpoint into ``state``; a ValueError naming the fields if it is another run's."""
+        # weights_only: a checkpoint holds tensors and plain Python values only, so no code can run.
+        saved = torch.load(self.path, map_location=device, weights_only=True)
+        diff = _identity_differences(saved["identity"], config)
+        if diff:
+            raise ValueError(f"cannot resume {self.path}: its configuration differs in {', '.join(diff)}")
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.shuffle.set_state(saved["shuffle"].cpu())  # a CPU generator, whatever map_location did
+        state.epoch, state.nsteps = saved["epoch"], saved["nsteps"]
+        state.history, state.noise = saved["history"], saved["noise"]
+        self.saved_epoch = saved["epoch"]
+
+    def save(self, state: _TrainState, config: TrainConfig) -> None:
+        saved = {
+            "identity": _identity(config),
+            "epoch": state.epoch,
+            "nsteps": state.nsteps,
+            "history": state.history,
+            "noise": state.noise,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "shuffle": state.shuffle.get_state(),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(saved, tmp)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves half a file
+        self.saved_epoch = state.epoch
+
+    def kept(self) -> str:
+        """What divergence leaves on disk, for the message."""
+        if self.saved_epoch is None:
+            return "this run had written no checkpoint"
+        return f"the last good checkpoint ({self.path}, epoch {self.saved_epoch}) is kept"
+
+
 class _Welford:
     """Running mean and summed squared deviation of a stream of tensors (Welford's algorithm)."""
 
@@ -431,13 +595,106 @@ class _Welford:
         return math.sqrt(float(self.m2.sum()) / self.count) / float(self.mean.norm())
 
 
+class _SGDNoise:
+    """SGD noise (journal paper): the fluctuation of W_1, ..., W_L and of the outputs on a fixed probe
+    set over the steps of one epoch, each as sqrt(sum of variances) / ||mean||."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [_Welford() for _ in range(n_layers)]
+        self.outputs = _Welford()
+
+    @torch.no_grad()
+    def add(self, model: HomogeneousNet, x_probe: torch.Tensor) -> None:
+        for tracker, W in zip(self.layers, model.weights()):
+            tracker.add(W)
+        self.outputs.add(model(x_probe))
+
+    def result(self) -> dict:
+        """``noise_W{k}``, ``noise_out`` and ``noise_steps`` (the steps tracked)."""
+        noise = {f"noise_W{k}": t.relative_std() for k, t in enumerate(self.layers, start=1)}
+        return noise | {"noise_out": self.outputs.relative_std(), "noise_steps": self.outputs.count}
+
+
+def _sgd_step(model: HomogeneousNet, optimizer: torch.optim.Optimizer, data_term: torch.Tensor, wd: float):
+    """One step on data_term + lambda/2 sum_k ||W_k||^2, weight decay added to the gradient by hand."""
+    optimizer.zero_grad(set_to_none=True)
+    data_term.backward()
+    with torch.no_grad():
+        for p in model.decay_parameters():
+            p.grad.add_(p, alpha=wd)  # d/dW of lambda/2 ||W||^2
+    model.project_gradients_()
+    optimizer.step()
+    model.renormalize_()
+
+
+def _diverged(value: float, reference_loss: float) -> bool:
+    """Non-finite, or above DIVERGENCE_FACTOR times the start (at least 1)."""
+    return not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(reference_loss, 1.0)
+
+
+def _divergence_message(epoch: int, step: int, value: float, config: TrainConfig, kept: str) -> str:
+    why = "not finite" if not math.isfinite(value) else f"above {DIVERGENCE_FACTOR:g} x its start"
+    return (
+        f"training diverged in epoch {epoch} (step {step}): mini-batch loss {value:.4g} is "
+        f"{why}; lower --lr (now {config.lr:g}) or --wd (now {config.wd:g}); {kept}"
+    )
+
+
+def _record(state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, lr: float) -> dict:
+    """Measure after ``state.epoch``, which trained at learning rate ``lr``; append to the history."""
+    row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr}
+    row |= measure_network(
+        state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd, loss=config.data_loss
+    )
+    state.history.append(row)
+    if out is not None:
+        write_csv(out / HISTORY, state.history)
+    return row
+
+
 def _jsonable(row: dict) -> dict:
     return {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def _identity(config: TrainConfig) -> dict:
-    """The fields that must match for a checkpoint to be resumed (all but the device)."""
-    return {k: v for k, v in config.as_dict().items() if k != "device"}
+def _result(
+    config: TrainConfig,
+    state: _TrainState,
+    status: int,
+    message: str,
+    success: bool,
+    out: Path | None,
+    t0: float,
+) -> TrainResult:
+    """The TrainResult of a run that ended; writes ``final.json`` unless it diverged."""
+    final = _jsonable(state.history[-1] | state.noise)
+    # A diverged model holds non-finite weights: its singular values are not reported.
+    svals = () if status else tuple(_singular_values(W) for W in state.model.weights())
+    if out is not None and status == 0:
+        write_json(
+            out / FINAL,
+            final | {"singular_values": [s.tolist() for s in svals], "status": status, "message": message},
+        )
+    history = state.history
+    columns = {
+        k: np.array([np.nan if r[k] is None else r[k] for r in history], dtype=float) for k in history[0]
+    }
+    return TrainResult(
+        config=config,
+        history=columns,
+        final=final,
+        singular_values=svals,
+        success=success,
+        status=status,
+        message=message,
+        nsteps=state.nsteps,
+        wall_s=time.perf_counter() - t0,
+        out=out,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
 
 
 def train(
@@ -449,7 +706,7 @@ def train(
     stop_after_epoch: int | None = None,
     dataset: Dataset | None = None,
 ) -> TrainResult:
-    """Train a deep homogeneous network with SGD on the regularized square loss, measuring collapse.
+    """Train a deep homogeneous network with SGD on the regularized loss, measuring collapse.
 
     Parameters
     ----------
@@ -482,89 +739,24 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     if stop_after_epoch is not None:
         check_positive_int("stop_after_epoch", stop_after_epoch)
-    data = dataset or load_dataset(
-        config.dataset, per_class=config.per_class, test_per_class=config.test_per_class
-    )
-    if dataset is not None:
-        _check_dataset_matches(dataset, config)
-    C = data.C
-    x_train, y_train = torch.from_numpy(data.x_train).to(device), torch.from_numpy(data.y_train).to(device)
-    x_test, y_test = torch.from_numpy(data.x_test).to(device), torch.from_numpy(data.y_test).to(device)
-    n = x_train.shape[0]
-    if config.batch_size > n:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {n} training examples")
-    probe = torch.from_numpy(
-        np.concatenate([np.flatnonzero(data.y_train == c)[:NOISE_PROBE_PER_CLASS] for c in range(C)])
-    ).to(device)
-
-    model = build_network(
-        config.arch,
-        data.input_shape,
-        C,
-        depth=config.depth,
-        width=config.width,
-        weight_norm=config.weight_norm,
-        seed=config.seed,
-    ).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    scheduler = SCHEDULES[config.schedule](optimizer, config.epochs)
-    # The order of mini-batches is the only randomness after initialization; it has its own generator
-    # (saved in checkpoints), so measurements or other torch code never perturb it.
-    shuffle = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    start_epoch, nsteps, noise, note = 0, 0, {}, ""
-    saved_epoch = None  # epoch of the checkpoint on disk (None: none written)
-    ckpt_path = None if out is None else out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        # weights_only: a checkpoint holds tensors and plain Python values only, so no code can run.
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["identity"] != _identity(config):
-            diff = sorted(k for k, v in _identity(config).items() if state["identity"].get(k) != v)
-            raise ValueError(f"cannot resume {ckpt_path}: its configuration differs in {', '.join(diff)}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        shuffle.set_state(state["shuffle"].cpu())  # a CPU generator, whatever map_location did
-        start_epoch, nsteps = state["epoch"], state["nsteps"]
-        history, noise, saved_epoch = state["history"], state["noise"], state["epoch"]
+    dataset, data = _tensors(config, dataset, device)
+    state = _TrainState.start(config, dataset, device)
+    checkpoint, note = _Checkpoint(out), ""
+    if resume and checkpoint.exists():
+        checkpoint.restore(state, config, device)
     elif resume:
         note = " (no checkpoint to resume from: started from scratch)"
     if out is not None:
         write_json(out / CONFIG, config.as_dict())
 
-    def save_checkpoint(epoch: int) -> None:
-        nonlocal saved_epoch
-        state = {
-            "identity": _identity(config),
-            "epoch": epoch,
-            "nsteps": nsteps,
-            "history": history,
-            "noise": noise,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "shuffle": shuffle.get_state(),
-        }
-        torch.save(state, ckpt_path.with_suffix(".tmp"))
-        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)  # atomic: a crash never leaves half a file
-        saved_epoch = epoch
-
-    def record(epoch: int, lr: float) -> dict:
-        """Measure after ``epoch``, which trained at learning rate ``lr``."""
-        row = {"epoch": epoch, "step": nsteps, "lr": lr}
-        row |= measure_network(model, x_train, y_train, x_test, y_test, config.wd)
-        history.append(row)
-        if out is not None:
-            write_csv(out / HISTORY, history)
-        return row
-
-    if start_epoch == 0 and not history:
-        record(0, optimizer.param_groups[0]["lr"])
-    reference_loss = history[0]["train_loss"]
+    if state.epoch == 0 and not state.history:
+        _record(state, data, config, out, lr=state.lr)
+    loss, model, n = config.data_loss, state.model, data.y_train.shape[0]
+    reference_loss = state.history[0]["train_loss"]
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     status, message = 0, f"finished {config.epochs} epochs{note}"
     bar = tqdm(
-        range(start_epoch + 1, last_epoch + 1),
+        range(state.epoch + 1, last_epoch + 1),
         desc="train",
         unit="epoch",
         file=sys.stderr,
@@ -572,211 +764,37 @@ def train(
     )
     for epoch in bar:
         model.train()
-        late = epoch == config.epochs
-        if late:
-            trackers = [_Welford() for _ in model.layers] + [_Welford()]
-        order = torch.randperm(n, generator=shuffle).to(device)
+        noise = _SGDNoise(len(model.layers)) if epoch == config.epochs else None  # the last epoch's
+        order = torch.randperm(n, generator=state.shuffle).to(device)
         diverged = None
         for i in range(0, n - config.batch_size + 1, config.batch_size):
             idx = order[i : i + config.batch_size]
-            loss = _square_loss(model(x_train[idx]), y_train[idx], C)
-            value = float(loss.detach())
-            if not math.isfinite(value) or value > DIVERGENCE_FACTOR * max(reference_loss, 1.0):
+            data_term = loss.torch_value(model(data.x_train[idx]), data.y_train[idx], data.C)
+            value = float(data_term.detach())
+            if _diverged(value, reference_loss):
                 diverged = value
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                for p in model.decay_parameters():
-                    p.grad.add_(p, alpha=config.wd)  # d/dW of lambda/2 ||W||^2
-            model.project_gradients_()
-            optimizer.step()
-            model.renormalize_()
-            nsteps += 1
-            if late:
-                with torch.no_grad():
-                    for tracker, W in zip(trackers, model.weights()):
-                        tracker.add(W)
-                    trackers[-1].add(model(x_train[probe]))
+            _sgd_step(model, state.optimizer, data_term, config.wd)
+            state.nsteps += 1
+            if noise is not None:
+                noise.add(model, data.x_probe)
         if diverged is not None:
             status = 1
-            kept = (
-                "this run had written no checkpoint"
-                if saved_epoch is None
-                else f"the last good checkpoint ({ckpt_path}, epoch {saved_epoch}) is kept"
-            )
-            why = "not finite" if not math.isfinite(diverged) else f"above {DIVERGENCE_FACTOR:g} x its start"
-            message = (
-                f"training diverged in epoch {epoch} (step {nsteps + 1}): mini-batch loss {diverged:.4g} is "
-                f"{why}; lower --lr (now {config.lr:g}) or --wd (now {config.wd:g}); {kept}"
-            )
+            message = _divergence_message(epoch, state.nsteps + 1, diverged, config, checkpoint.kept())
             break
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
-        if late:
-            noise = {f"noise_W{k}": t.relative_std() for k, t in enumerate(trackers[:-1], start=1)}
-            noise |= {"noise_out": trackers[-1].relative_std(), "noise_steps": trackers[-1].count}
+        lr_used = state.lr
+        state.scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
+        state.epoch = epoch
+        if noise is not None:
+            state.noise = noise.result()
         if epoch % config.measure_every == 0 or epoch == config.epochs:
-            row = record(epoch, lr_used)
+            row = _record(state, data, config, out, lr=lr_used)
             bar.set_postfix(
                 loss=f"{row['train_loss']:.3g}", acc=f"{row['train_acc']:.3f}", nc1=f"{row['nc1']:.3g}"
             )
-        if ckpt_path is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
-            save_checkpoint(epoch)
+        if out is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
+            checkpoint.save(state, config)
     bar.close()
     if status == 0 and last_epoch < config.epochs:
         message = f"stopped after epoch {last_epoch} of {config.epochs}; continue with resume"
-
-    final = _jsonable(history[-1] | noise)
-    # A diverged model holds non-finite weights: its singular values are not reported.
-    svals = () if status else tuple(_singular_values(W) for W in model.weights())
-    if out is not None and status == 0:
-        write_json(
-            out / FINAL,
-            final | {"singular_values": [s.tolist() for s in svals], "status": status, "message": message},
-        )
-    columns = {
-        k: np.array([np.nan if r[k] is None else r[k] for r in history], dtype=float) for k in history[0]
-    }
-    return TrainResult(
-        config=config,
-        history=columns,
-        final=final,
-        singular_values=svals,
-        success=status == 0 and last_epoch == config.epochs,
-        status=status,
-        message=message,
-        nsteps=nsteps,
-        wall_s=time.perf_counter() - t0,
-        out=out,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# The poster's experiment: the same run without weight decay and with two weight decays.
-# ----------------------------------------------------------------------------------------------------
-
-# Weight decays compared: none, the default, and twice the default.
-EXPERIMENT_WDS = (0.0, TrainConfig.wd, 2 * TrainConfig.wd)
-
-# Quick mode (smoke tests, ``ufm reproduce --quick``): 50 digits per class, 1,200 steps, about 10 s a
-# run. The larger learning rate keeps lr * wd * steps high enough that the effect still shows (measured:
-# NC3 4.0x and NC1 4.7x lower with the default lambda than without; zero training error in both).
-QUICK_OVERRIDES = {"per_class": 50, "batch_size": 25, "epochs": 60, "lr": 0.05}
-
-# Columns of the theory-vs-measurement table, (key, heading).
-_TABLE_COLUMNS = (
-    ("wd", "lambda"),
-    ("train_acc", "train acc"),
-    ("test_acc", "test acc"),
-    ("nc1", "NC1"),
-    ("nc2_equinorm", "NC2 norm"),
-    ("nc2_equiangle", "NC2 angle"),
-    ("nc3", "NC3"),
-    ("nc4", "NC4"),
-    ("eps", "eps"),
-    ("sqi_spread", "SQI spread"),
-    ("w_row_norm_sq", "|W_c|^2"),
-    ("w_row_norm_sq_pred", "|W_c|^2 thm"),
-    ("w_scale", "NC3 scale"),
-    ("w_scale_pred", "scale thm"),
-    ("w_cos_mean", "cos W"),
-    ("w_cos_pred", "cos thm"),
-    ("wl_sv_ratio", "s_C/s_1 W_L"),
-    ("rho", "rho"),
-    ("noise_out", "SGD noise f"),
-)
-
-
-@dataclass(frozen=True)
-class WeightDecayExperiment:
-    """Outcome of :func:`weight_decay_experiment`.
-
-    Attributes
-    ----------
-    results : tuple of TrainResult
-        One run per weight decay, same seed, data and schedule.
-    table : tuple of dict
-        One row per run: the last epoch's measures beside the theorem's predictions (``*_pred``,
-        None without weight decay); keys as in ``_TABLE_COLUMNS``.
-    figure : Path or None
-        NC1-NC4 and training error against epoch (:func:`ufm.plots.plot_nc_training`).
-    """
-
-    results: tuple[TrainResult, ...]
-    table: tuple[dict, ...]
-    figure: Path | None
-
-    @property
-    def histories(self) -> dict[str, dict[str, np.ndarray]]:
-        """Label ``"lambda = <wd>"`` -> history, one per run."""
-        return _labelled_histories(self.results)
-
-
-def _labelled_histories(results: Sequence[TrainResult]) -> dict[str, dict[str, np.ndarray]]:
-    return {f"lambda = {r.config.wd:g}": r.history for r in results}
-
-
-def weight_decay_experiment(
-    *,
-    wds: Sequence[float] = EXPERIMENT_WDS,
-    quick: bool = False,
-    out: str | Path | None = None,
-    progress: bool = False,
-    **overrides,
-) -> WeightDecayExperiment:
-    """The poster's experiment (Figs. 1-2): collapse with weight decay and not without it.
-
-    Trains the default network (:class:`TrainConfig`) once per weight decay in ``wds``, with the same
-    seed, data and learning-rate schedule, then tabulates the last epoch's NC1-NC4 and the theorem's
-    predictions at the measured eps (THEORY.md statement 4) and draws NC1-NC4 against epoch.
-
-    Parameters
-    ----------
-    wds : sequence of float
-        Weight decays lambda (default: 0, the default lambda and twice it).
-    quick : bool
-        Use ``QUICK_OVERRIDES`` (about 10 s a run on a CPU) instead of the full defaults (minutes).
-    out : str or Path, optional
-        Directory for one sub-directory per run (``wd_<lambda>``), the figure ``nc_weight_decay.png``
-        and the table ``theory_vs_measurement.csv``. Without it nothing is written and no figure made.
-    progress : bool
-        Progress bars on stderr.
-    **overrides
-        Any other :class:`TrainConfig` field (``seed``, ``device``, ``epochs``, ...).
-
-    Returns
-    -------
-    WeightDecayExperiment
-    """
-    if len(wds) == 0:
-        raise ValueError("wds is empty: give at least one weight decay")
-    settings = (QUICK_OVERRIDES if quick else {}) | overrides
-    configs = [TrainConfig(**(settings | {"wd": check_nonneg("wd", wd)})) for wd in wds]
-    data = load_dataset(
-        configs[0].dataset, per_class=configs[0].per_class, test_per_class=configs[0].test_per_class
-    )
-    out = None if out is None else Path(out)
-    results = tuple(
-        train(c, out=None if out is None else out / f"wd_{c.wd:g}", progress=progress, dataset=data)
-        for c in configs
-    )
-    table = tuple(
-        {key: r.config.wd if key == "wd" else r.final.get(key) for key, _ in _TABLE_COLUMNS} for r in results
-    )
-    figure = None
-    if out is not None:
-        from .plots import plot_nc_training
-
-        figure = plot_nc_training(_labelled_histories(results), out / "nc_weight_decay.png")
-        write_csv(out / "theory_vs_measurement.csv", list(table))
-    return WeightDecayExperiment(results=results, table=table, figure=figure)
-
-
-def format_theory_table(table: Sequence[dict]) -> str:
-    """The theory-vs-measurement table as aligned text (4 significant digits; '-' where undefined)."""
-    lines = ["  ".join(f"{head:>11}" for _, head in _TABLE_COLUMNS)]
-    for row in table:
-        cells = ["-" if row.get(key) is None else f"{row[key]:.4g}" for key, _ in _TABLE_COLUMNS]
-        lines.append("  ".join(f"{c:>11}" for c in cells))
-    return "\n".join(lines)
+    return _result(config, state, status, message, status == 0 and last_epoch == config.epochs, out, t0)

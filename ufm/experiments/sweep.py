@@ -23,9 +23,16 @@ minimizer's rank) is a ValueError raised before anything runs.
 
 Every run becomes one row of a tidy table: ``run_id`` (a hash of the run's full configuration, the
 defaults included), ``kind``, one column per parameter, ``status`` ("ok" or "failed"), ``error`` (the
-exception of a failed run), ``seconds``, then the runner's result columns (one named like a setting gets the prefix ``final_``). Rows are appended as runs
-finish, so an interrupted sweep loses nothing; running the same sweep again skips the runs already
-"ok" in the table and retries the failed ones.
+exception of a failed run), ``seconds``, then the runner's result columns (one named like a setting
+gets the prefix ``final_``). A flow run's results are the canonical row of
+:mod:`ufm.experiments.compare` (``final_loss`` is its ``loss``). Rows are appended as runs finish,
+so an interrupted sweep loses nothing; running the same sweep again skips the runs already "ok" in
+the table and retries the failed ones.
+
+A flow run's integrator settings follow the library's numerical policy: ``method`` defaults to
+``ufm.dynamics.DEFAULT_METHOD`` (written into the row and its run_id), and ``rtol``, ``atol``,
+``max_nfev``, ``max_seconds`` to None, the integrator's ``default_tolerances(tol)`` and the library's
+budgets (a run that spends its budget is an "ok" row with ``flow_status`` 3 or 4).
 
 Execution: a local :class:`concurrent.futures.ProcessPoolExecutor` (processes from a fork server, which
 are safe with torch), or with ``scheduler="tcp://HOST:8786"`` a Dask distributed cluster. On an HPC batch
@@ -61,18 +68,17 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_choice, check_positive_int
-from .closed_form import ufm_optimum
-from .dynamics import METHODS, gradient_flow, record_state
-from .geometry import mean_cosine
-from .model import UFMParams, UFMProblem, last_features
-from .tables import cell_text, columns_of, read_csv, write_csv
-from .training import TrainConfig, train
+from .._validation import check_choice, check_positive_int
+from ..closed_form import ufm_optimum
+from ..dynamics import DEFAULT_METHOD, METHODS, gradient_flow
+from ..model import UFMProblem
+from ..tables import TABLE_FORMATS, cell_text, columns_of, pyarrow_parquet, read_table, write_csv
+from ..training import TrainConfig, train
+from .compare import compare_flow
 
 __all__ = ["RUNNERS", "Runner", "SweepResult", "expand_grid", "load_config", "read_table", "run_sweep"]
 
 CONFIG_KEYS = ("kind", "grid", "fixed", "out", "workers")
-TABLE_FORMATS = (".csv", ".parquet")
 
 # Columns every row has, before the parameters; the status columns follow the parameters.
 ID_COLUMNS = ("run_id", "kind")
@@ -113,11 +119,13 @@ class Runner:
     check: Callable[[dict[str, Any]], None]
 
 
-# Flow runs: the plain or deep UFM (ufm.model.UFMProblem) integrated by ufm.dynamics.gradient_flow from a
-# seeded random start (UFMParams.random), measured at its end (ufm.dynamics.record_state) and set beside
-# the closed-form minimizer ufm.closed_form.ufm_optimum (depth 1, square loss only). The integrator's
-# settings take gradient_flow's own defaults.
+# Flow runs: the plain or deep UFM (ufm.model.UFMProblem), from a seeded random start to its end,
+# against the closed form: ufm.experiments.compare.compare_flow. The numerical policy is the library's:
+# method defaults to ufm.dynamics.DEFAULT_METHOD (resolved here, so the table and run_id name the
+# integrator used), and rtol, atol, max_nfev, max_seconds default to None, which gradient_flow reads
+# as the integrator's default_tolerances(tol) and the library's budgets.
 _FLOW_DEFAULTS = inspect.signature(gradient_flow).parameters
+FLOW_OPTIONS = ("method", "t_max", "tol", "rtol", "atol", "max_nfev", "max_seconds")
 FLOW_PARAMETERS: dict[str, tuple[tuple[type, ...], Any]] = {
     "classes": ((int,), 4),
     "per_class": ((int,), 5),
@@ -126,12 +134,17 @@ FLOW_PARAMETERS: dict[str, tuple[tuple[type, ...], Any]] = {
     "lam_h": ((float,), 1e-3),
     "bias": ((bool,), True),
     "loss": ((str,), "mse"),
+    "label_smoothing": ((float,), 0.0),
     "depth": ((int,), 1),
     "activation": ((str,), "linear"),
     "init_scale": ((float,), 1.0),
     "seed": ((int,), 0),
-    **{name: ((type(_FLOW_DEFAULTS[name].default),), _FLOW_DEFAULTS[name].default)
-       for name in ("method", "t_max", "tol", "rtol", "atol")},
+    "method": ((str,), DEFAULT_METHOD),
+    **{name: ((float,), _FLOW_DEFAULTS[name].default) for name in ("t_max", "tol")},
+    "rtol": ((float, type(None)), None),
+    "atol": ((float, type(None)), None),
+    "max_nfev": ((int, type(None)), None),
+    "max_seconds": ((float, type(None)), None),
 }  # fmt: skip
 
 
@@ -139,7 +152,7 @@ def _flow_problem(settings: dict[str, Any]) -> UFMProblem:
     s = settings
     return UFMProblem(
         s["classes"], s["per_class"], s["lam_w"], s["lam_h"], bias=s["bias"], loss=s["loss"],
-        depth=s["depth"], activation=s["activation"],
+        depth=s["depth"], activation=s["activation"], label_smoothing=s["label_smoothing"],
     )  # fmt: skip
 
 
@@ -151,9 +164,12 @@ def _check_flow(settings: dict[str, Any]) -> None:
         raise ValueError(
             f"dim = {settings['dim']} is below {min_dim} ({'C-1' if problem.bias else 'C'}), the minimizer's rank"
         )
-    for name in ("t_max", "tol", "rtol", "atol", "init_scale"):
-        if not (math.isfinite(settings[name]) and settings[name] > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {settings[name]!r}")
+    for name in ("t_max", "tol", "rtol", "atol", "max_seconds", "init_scale"):
+        value = settings[name]
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if settings["max_nfev"] is not None:
+        check_positive_int("max_nfev", settings["max_nfev"])
 
 
 def run_flow(settings: dict[str, Any]) -> dict[str, Any]:
@@ -162,51 +178,29 @@ def run_flow(settings: dict[str, Any]) -> dict[str, Any]:
     Parameters
     ----------
     settings : dict with the keys of ``FLOW_PARAMETERS``: the problem (classes C, per_class N, dim p,
-        lam_w, lam_h, bias, loss, depth, activation), the start (init_scale, seed: ``UFMParams.random``)
-        and the integrator (method, t_max, tol, rtol, atol: ``gradient_flow``).
+        lam_w, lam_h, bias, loss, label_smoothing, depth, activation), the start (init_scale, seed:
+        ``UFMParams.random``) and the integrator (``FLOW_OPTIONS``: method, t_max, tol, rtol, atol,
+        max_nfev, max_seconds of ``gradient_flow``; None is the library's default).
 
     Returns
     -------
     dict
-        From the flow: ``t`` (final time), ``grad_norm``, ``nfev``, ``success``, ``flow_status``,
-        ``message``. At its end point (``record_state``): ``final_loss`` (the setting ``loss`` names the
-        loss function), ``eps``, ``cos_w``, ``nc1``,
-        ``nc2_*``, ``nc3``, ``nc4``, ... and ``cos_h``, the mean pairwise cosine of the centred class
-        means; None where undefined (directions of the zero solution). For the depth-1 square-loss UFM
-        the closed form of ``ufm_optimum``: ``cf_eps``, ``cf_loss``, ``cf_cos_w``, ``cf_cos_h``,
-        ``cf_geometry``, and the gaps ``eps_err`` = eps - cf_eps and ``loss_rel_err`` =
-        (final_loss - cf_loss)/cf_loss; None for other models, which have no closed form here.
+        The canonical row of :func:`ufm.experiments.compare.compare_flow` without ``method`` (the
+        setting column holds the integrator used): the flow (``t``, ``grad_norm``, ``nfev``,
+        ``success``, ``flow_status``, ``message``), its end point (``loss``, which the table shows as
+        ``final_loss`` since the setting ``loss`` names the loss function, ``eps``, ``cos_w``,
+        ``cos_h``, ``nc1``, ``nc2_*``, ``nc3``, ``nc4``, norms), the closed form (``cf_eps``,
+        ``cf_loss``, ``cf_cos_w``, ``cf_cos_h``, ``cf_w_row_norm_sq``, ``cf_geometry``, ``cf_delta``)
+        and the gaps (``eps_err``, ``loss_rel_err``, ``reached``); the ``cf_*`` and gap columns are
+        None where the model has no closed form, and ``closed_form_note`` says why.
     """
-    problem = _flow_problem(settings)
-    start = UFMParams.random(problem, settings["dim"], scale=settings["init_scale"], rng=settings["seed"])
-    flow = gradient_flow(
-        problem, start, metrics=False, n_records=2,
-        **{k: settings[k] for k in ("method", "t_max", "tol", "rtol", "atol")},
+    comparison = compare_flow(
+        _flow_problem(settings), settings["dim"], seed=settings["seed"], init_scale=settings["init_scale"],
+        metrics=False, n_records=2, **{k: settings[k] for k in FLOW_OPTIONS},
     )  # fmt: skip
-    row = {
-        "t": flow.t_final, "grad_norm": flow.grad_norm, "nfev": flow.nfev, "success": flow.success,
-        "flow_status": flow.status, "message": flow.message,
-    }  # fmt: skip
-    row |= record_state(problem, flow.params)
-    row["cos_h"] = mean_cosine(_centred_class_means(problem, flow.params))
-    cf = dict.fromkeys(
-        ("cf_eps", "cf_loss", "cf_cos_w", "cf_cos_h", "cf_geometry", "eps_err", "loss_rel_err")
-    )
-    if problem.depth == 1 and problem.loss == "mse":
-        opt = ufm_optimum(problem.C, problem.N, settings["lam_w"], settings["lam_h"], bias=problem.bias)
-        cf = {
-            "cf_eps": opt.eps, "cf_loss": opt.loss, "cf_cos_w": opt.cos_w, "cf_cos_h": opt.cos_h,
-            "cf_geometry": opt.geometry, "eps_err": row["eps"] - opt.eps,
-            "loss_rel_err": (row["loss"] - opt.loss) / opt.loss if opt.loss else row["loss"],
-        }  # fmt: skip
-    return row | cf
-
-
-def _centred_class_means(problem: UFMProblem, params: UFMParams) -> np.ndarray:
-    """M = [mu_c - mu_G] as rows, (C, p), of the features entering the classifier."""
-    Z = last_features(problem, params)  # (p, n), class-major
-    mu = Z.reshape(Z.shape[0], problem.C, problem.N).mean(axis=2).T  # (C, p)
-    return mu - mu.mean(axis=0)
+    row = comparison.row()
+    del row["method"]  # the setting (DEFAULT_METHOD when not given) is the integrator used
+    return row
 
 
 def _train_parameters() -> dict[str, tuple[tuple[type, ...], Any]]:
@@ -389,23 +383,6 @@ def _plan(config, workers: int | None) -> _Plan:
 # The results table
 
 
-def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a sweep table (.csv or .parquet) as dicts; missing values are None."""
-    path = Path(path)
-    check_choice("table format", path.suffix, TABLE_FORMATS)
-    if path.suffix == ".parquet":
-        return _pyarrow_parquet().read_table(path).to_pylist()
-    return read_csv(path)
-
-
-def _pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError:
-        raise ValueError("Parquet tables need pyarrow (pip install pyarrow); or use a .csv path") from None
-    return pq
-
-
 class _TableWriter:
     """The results table on disk, extended one row at a time.
 
@@ -432,7 +409,7 @@ class _TableWriter:
     def _rewrite(self) -> None:
         full = [{c: row.get(c) for c in self.columns} for row in self.rows]
         if self.path.suffix == ".parquet":
-            pq = _pyarrow_parquet()  # a clear error when pyarrow is missing
+            pq = pyarrow_parquet()  # a clear error when pyarrow is missing
             import pyarrow as pa
 
             try:

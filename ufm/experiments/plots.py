@@ -88,7 +88,7 @@ def plot_nc_training(histories: Mapping[str, Mapping[str, np.ndarray]], path: st
 
 
 def plot_flow_measures(t, metrics, path: str | Path, *, eps_closed_form: float | None = None) -> Path:
-    """Claim (THEORY.md 5): along gradient flow the NC measures vanish and eps settles at the closed form.
+    """Claim (docs/theory.md §5): along gradient flow the NC measures vanish and eps settles at the closed form.
 
     |NC1|, |NC2|, |NC3| and eps of one flow against t on log axes (t = 0 drawn at the first t > 0),
     with the closed form's eps dashed.
@@ -117,7 +117,7 @@ def plot_flow_measures(t, metrics, path: str | Path, *, eps_closed_form: float |
 
 
 def plot_flows(trajectories, summary, path: str | Path) -> Path:
-    """Claim (THEORY.md 5): gradient flow from a random start reaches the closed-form global minimizer.
+    """Claim (docs/theory.md §5): gradient flow from a random start reaches the closed-form global minimizer.
 
     Three panels against t: eps (dashed lines: the closed form's eps), the gap L(t) - L* to the
     closed-form minimal loss, and NC1. One line per run.
@@ -156,7 +156,7 @@ def plot_flows(trajectories, summary, path: str | Path) -> Path:
 
 
 def plot_phase_diagram(rows, path: str | Path) -> Path:
-    """Claim (THEORY.md 5, derived threshold): the UFM collapses iff lam < lam* = 1/(C sqrt(N)).
+    """Claim (docs/theory.md §5, derived threshold): the UFM collapses iff lam < lam* = 1/(C sqrt(N)).
 
     eps (left) and the squared classifier-row norm ||W_c||^2 (right) against lam/lam*: the closed
     form (line, from ``ufm_optimum``) and the end points of gradient flow (markers). Past lam* the
@@ -168,7 +168,7 @@ def plot_phase_diagram(rows, path: str | Path) -> Path:
         ``w_row_norm_sq_flow`` (as ``phase.csv``).
     path : output file.
     """
-    from .closed_form import ufm_optimum
+    from ..closed_form import ufm_optimum
 
     if not rows:
         raise ValueError("no rows to plot")
@@ -190,12 +190,12 @@ def plot_phase_diagram(rows, path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figures from sweep tables (ufm.sweep): one row per run.
+# Figures from sweep tables (ufm.experiments.sweep): one row per run.
 
 
 def _sweep_rows(table) -> list[dict]:
     """Rows of a sweep table given as a path (.csv/.parquet) or already as a list of dicts."""
-    from .sweep import read_table
+    from ..tables import read_table
 
     rows = read_table(table) if isinstance(table, str | Path) else list(table)
     ok = [r for r in rows if r.get("status", "ok") == "ok"]
@@ -223,7 +223,7 @@ def _column(rows: list[dict], name: str) -> np.ndarray:
 def plot_theory_vs_measurement(
     table, path: str | Path, *, measured: str = "eps", predicted: str = "cf_eps", hue: str | None = "bias"
 ) -> Path:
-    """Claim (THEORY.md 5): gradient flow from random starts ends at the closed-form minimizer.
+    """Claim (docs/theory.md §5): gradient flow from random starts ends at the closed-form minimizer.
 
     Scatter of a measured column against its prediction, one point per finished run, with the identity
     line: every point on it means theory and measurement agree (e.g. eps of the flow's end point against
@@ -231,7 +231,7 @@ def plot_theory_vs_measurement(
 
     Parameters
     ----------
-    table : path of a sweep table (.csv/.parquet) or its rows (list of dicts), as :func:`ufm.sweep.read_table`.
+    table : path of a sweep table (.csv/.parquet) or its rows (list of dicts), as :func:`ufm.tables.read_table`.
     path : output file (format from the suffix).
     measured, predicted : column names (default ``eps`` and ``cf_eps`` of a flow sweep).
     hue : column whose values get their own colour (None: one colour).

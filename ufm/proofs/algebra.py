@@ -9,7 +9,9 @@ needed is J^2 = C J (1^T 1 = C), which makes the set closed under products:
 Facts used by the proofs (each a one-line consequence of J 1 = C 1 and J x = 0 for x orthogonal to 1):
 
 * entries: diagonal a + b, off-diagonal b;
-* eigenvalues: a + C b on 1 (once) and a on 1^perp (C - 1 times);
+* eigenvalues: a + C b on 1 (once) and a on 1^perp (C - 1 times), so that
+  a I + b J = a P_perp + (a + C b) P_1 with P_perp = I - J/C, P_1 = J/C, and functions (square roots)
+  act on the two eigenvalues;
 * trace C (a + b); squared Frobenius norm of a symmetric element C (a + b)^2 + C (C - 1) b^2;
 * with the one-hot targets Y (C, N C), Y Y^T = N I, so ||A Y||_F^2 = N ||A||_F^2.
 """
@@ -100,6 +102,21 @@ class IJ:
     def frob_sq(self) -> Any:
         """||a I + b J||_F^2 = C (a + b)^2 + C (C - 1) b^2."""
         return self.C * self.diag**2 + self.C * (self.C - 1) * self.off**2
+
+    @property
+    def projectors(self) -> tuple[IJ, IJ]:
+        """(P_perp, P_1) = (I - J/C, J/C): the orthogonal idempotents onto 1^perp and onto 1."""
+        return IJ.centring(self.C), IJ.ones(self.C) / self.C
+
+    def sqrt(self) -> IJ:
+        """The PSD square root sqrt(eig_perp) P_perp + sqrt(row_sum) P_1 (for a PSD element).
+
+        Each eigenvalue is factored before its root is taken, so that SymPy splits the root of a
+        product of positive factors (the proofs' parametrizations make the eigenvalues such products).
+        """
+        P_perp, P_1 = self.projectors
+        root = lambda x: sympy.sqrt(sympy.factor(sympy.cancel(x)))
+        return root(self.eig_perp) * P_perp + root(self.row_sum) * P_1
 
     def coefficients(self) -> tuple[Any, Any]:
         """(a, b): the element is zero iff both vanish (I and J are linearly independent for C >= 2)."""

@@ -37,9 +37,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._validation import check_nonneg, check_positive_int
-from .dynamics import FlowResult, _integrate, _Progress, _stack_records, _System, linear_part, record_state
-from .model import UFMParams, UFMProblem, check_params, loss_and_grad
+from .._validation import check_nonneg, check_positive_int
+from ..model import UFMParams, UFMProblem, check_params, loss_and_grad
+from .flow import FlowResult, _Progress, _stack_records, _System, integrate, linear_part, record_state
 
 
 @dataclass(frozen=True)
@@ -296,25 +296,27 @@ def normalized_flow(
     problem: UFMProblem,
     start: UFMParams,
     *,
-    method: str = "DOP853",
+    method: str | None = None,
     t_max: float = 1e6,
     tol: float = 1e-8,
-    rtol: float = 1e-8,
-    atol: float = 1e-10,
+    rtol: float | None = None,
+    atol: float | None = None,
     t_eval: np.ndarray | None = None,
     n_records: int = 60,
     metrics: bool = True,
     progress: bool = False,
+    max_nfev: int | None = None,
+    max_seconds: float | None = None,
 ) -> FlowResult:
-    """The normalized dynamics (module docstring), integrated like ``ufm.dynamics.gradient_flow``.
+    """The normalized dynamics (module docstring), integrated by the driver of ``ufm.dynamics.gradient_flow`` (same methods, defaults and budget).
 
     The stationarity event compares ||(H', rho', V', b')|| with ``tol``; ``metrics`` gain ``rho_k``,
     ``rho`` = prod_k rho_k and ``v_norm_err`` = max_k | ||V_k|| - 1 |. ``params`` is W_k = rho_k V_k.
     The ``ETD2`` method runs on the host only (the field is NumPy).
     """
     check_params(problem, start)
-    return _integrate(
+    return integrate(
         _normalized_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
         t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=None, dense_output=False,
-        progress=progress, device="cpu",
+        progress=progress, device="cpu", max_nfev=max_nfev, max_seconds=max_seconds,
     )  # fmt: skip

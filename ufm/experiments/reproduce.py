@@ -5,7 +5,7 @@ written from those CSV files alone, so every number in it can be traced to a tab
 
 1. ``proofs``: the SymPy proof suite (``ufm.proofs``).
 2. ``flows``: gradient flow of the UFM from random starts against the closed-form minimizer, for
-   several weight decays, with and without a bias (THEORY.md statement 5).
+   several weight decays, with and without a bias (docs/theory.md §5).
 3. ``phase``: the collapse threshold. With lam_w = lam_h = lam the minimizer collapses iff
    lam < lam* = 1/(C sqrt(N)); closed-form eps against the flow's, and the flow's NC1, across lam/lam*.
 4. ``network``: the poster's experiment (Figs. 1-2) on the embedded digits: a bias-free ReLU network
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .closed_form import ufm_optimum
-from .model import UFMParams, UFMProblem
-from .tables import read_csv, write_csv
+from ..model import UFMProblem
+from ..tables import read_csv, write_csv
+from .compare import AGREEMENT_RTOL, compare_flow
 
 # Sizes of the UFM parts: small enough for 2 CPU cores, large enough that C, N and p all matter.
 FLOW_SIZES = {"quick": dict(C=4, N=5, extra_dim=2), "full": dict(C=6, N=10, extra_dim=4)}
@@ -31,15 +31,26 @@ FLOW_SIZES = {"quick": dict(C=4, N=5, extra_dim=2), "full": dict(C=6, N=10, extr
 FLOW_DELTAS = (0.1, 0.5, 0.9, 1.3)
 PHASE_POINTS = {"quick": 9, "full": 17}
 PHASE_RANGE = (0.1, 1.7)  # lam / lam*, avoiding lam = lam* where the flow slows down critically
-# Stop the flow when ||grad L|| < FLOW_TOL, or at t = FLOW_T_MAX (the slowest mode decays at ~lam).
-# BDF at these tolerances reached the closed form's loss to ~1e-14 and eps to ~3e-8 in ~1 s a flow at
-# the quick size, 10-200x fewer gradient evaluations than the explicit methods (measured 2026-11-30).
+# The stopping rule: ||grad L|| < FLOW_TOL, or t = FLOW_T_MAX (the slowest mode decays at ~lam). The
+# integrator and its tolerances are the library's defaults (ufm.dynamics.DEFAULT_METHOD and its
+# default_tolerances(FLOW_TOL)), as for ``ufm flow`` and the sweeps.
 FLOW_TOL = 1e-8
 FLOW_T_MAX = 1e6
-FLOW_METHOD = "BDF"
-FLOW_RTOL, FLOW_ATOL = 1e-6, 1e-9
 # Relative agreement of the flow's end point with the closed form (loss and eps) that counts as reached.
-FLOW_AGREEMENT = 1e-6
+FLOW_AGREEMENT = AGREEMENT_RTOL
+
+# Columns of flows.csv and phase.csv <- keys of the canonical row (ufm.experiments.compare). The
+# report and the figures read these names; the canonical row is the one source of their values.
+REPORT_COLUMNS = {
+    "delta": "cf_delta", "geometry": "cf_geometry",
+    "eps_theory": "cf_eps", "eps_flow": "eps",
+    "loss_theory": "cf_loss", "loss_flow": "loss",
+    "cos_w_theory": "cf_cos_w", "cos_w_flow": "cos_w",
+    "w_row_norm_sq_theory": "cf_w_row_norm_sq", "w_row_norm_sq_flow": "w_row_norm_sq",
+    "nc1_flow": "nc1", "nc3_flow": "nc3", "norm_h_sq_flow": "norm_h_sq",
+    "grad_norm": "grad_norm", "t_final": "t", "n_grad_evals": "nfev", "method": "method",
+    "status": "message", "reached": "reached",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,35 +83,19 @@ class ReproduceResult:
 
 
 def _flow_to_closed_form(C: int, N: int, p: int, lam: float, bias: bool, seed: int) -> tuple[dict, dict]:
-    """One gradient flow from a random start; (summary row, trajectory columns)."""
-    from .dynamics import gradient_flow
+    """One gradient flow from a random start against the closed form; (summary row, trajectory columns).
 
+    The summary row holds the problem (C, N, p, lam, bias), then ``REPORT_COLUMNS`` built from the
+    canonical row of :func:`ufm.experiments.compare.compare_flow`.
+    """
     problem = UFMProblem(C, N, lam, lam, bias=bias)
-    opt = ufm_optimum(C, N, lam, lam, bias=bias)
-    start = UFMParams.random(problem, p, rng=seed)
-    res = gradient_flow(
-        problem, start, method=FLOW_METHOD, t_max=FLOW_T_MAX, tol=FLOW_TOL, rtol=FLOW_RTOL, atol=FLOW_ATOL
-    )
-    last = {k: float(v[-1]) for k, v in res.metrics.items()}
-    row = {
-        "C": C, "N": N, "p": p, "lam": lam, "bias": bias, "delta": opt.delta, "geometry": opt.geometry,
-        "eps_theory": opt.eps, "eps_flow": last["eps"],
-        "loss_theory": opt.loss, "loss_flow": float(res.loss[-1]),
-        "cos_w_theory": opt.cos_w, "cos_w_flow": last.get("cos_w"),
-        "w_row_norm_sq_theory": opt.w_row_norm_sq, "w_row_norm_sq_flow": last["norm_w_sq"] / C,
-        "nc1_flow": last.get("nc1"), "nc3_flow": last.get("nc3"), "norm_h_sq_flow": last["norm_h_sq"],
-        "grad_norm": res.grad_norm, "t_final": res.t_final, "n_grad_evals": res.nfev, "status": res.message,
-    }  # fmt: skip
+    comparison = compare_flow(problem, p, seed=seed, t_max=FLOW_T_MAX, tol=FLOW_TOL)
+    canonical = comparison.row()
+    row = {"C": C, "N": N, "p": p, "lam": lam, "bias": bias}
+    row |= {column: canonical[key] for column, key in REPORT_COLUMNS.items()}
+    res = comparison.flow
     trajectory = {"t": res.t, "loss": res.loss, **{k: res.metrics[k] for k in ("eps", "nc1", "cos_w")}}
     return row, trajectory
-
-
-def _reached(row: dict) -> bool:
-    """The flow's loss and eps agree with the closed form to FLOW_AGREEMENT (relative)."""
-    return all(
-        abs(row[f"{k}_flow"] - row[f"{k}_theory"]) <= FLOW_AGREEMENT * max(abs(row[f"{k}_theory"]), 1e-12)
-        for k in ("loss", "eps")
-    )
 
 
 def run_flows(
@@ -118,7 +113,6 @@ def run_flows(
     for i, (lam, bias) in enumerate(tqdm(cases, desc="flows", disable=not progress)):
         p = C + size["extra_dim"]
         row, traj = _flow_to_closed_form(C, N, p, float(lam), bias, seed + i)
-        row["reached"] = _reached(row)
         rows.append(row)
         label = f"delta={row['delta']:.2g}, {'bias' if bias else 'no bias'}"
         trajectories += [
@@ -163,6 +157,11 @@ def _md_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _methods(rows: Sequence[dict]) -> str:
+    """The integrators named in a table's ``method`` column, in order of appearance."""
+    return ", ".join(dict.fromkeys(str(r["method"]) for r in rows)) or "-"
+
+
 def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     """The Markdown report, built only from the CSV tables in ``out``."""
     proofs = read_csv(out / "proofs.csv")
@@ -195,8 +194,9 @@ file named with its table, in this directory.
 
 ## 2. Gradient flow against the closed-form minimizer (`flows.csv`, figure `flows.png`)
 
-UFM with C = {size["C"]}, N = {size["N"]}, lam_W = lam_H = lam, from a random start, integrated with
-{FLOW_METHOD} until ‖∇L‖ < {FLOW_TOL:g}. Theory: the closed-form global minimizer (`ufm solve`):
+UFM with C = {size["C"]}, N = {size["N"]}, lam_W = lam_H = lam, from a random start,
+integrated with {_methods(flows)} (the library's default integrator and tolerances) until
+‖∇L‖ < {FLOW_TOL:g}. Theory: the closed-form global minimizer (`ufm solve`):
 a simplex ETF with a bias, an orthogonal frame without, zero for delta = C sqrt(N) lam >= 1.
 
 {_md_table(flows, flow_cols)}
@@ -239,8 +239,8 @@ def reproduce(
     seed : seed of every random start and of the network's training.
     progress : progress bars on stderr.
     """
-    from .proofs import run_proofs
-    from .training import weight_decay_experiment
+    from ..proofs import run_proofs
+    from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
     out = Path(out)

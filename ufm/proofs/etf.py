@@ -1,4 +1,4 @@
-"""THEORY.md statement 1: the simplex equiangular tight frame, for every C at once.
+"""docs/theory.md §1: the simplex equiangular tight frame, for every C at once.
 
 For P (p x C) with orthonormal columns, the frame is E = sqrt(C/(C-1)) P (I - J/C). Its Gram matrix is
 E^T E = C/(C-1) (I - J/C) P^T P (I - J/C) = C/(C-1) (I - J/C)^2, which lies in the I/J algebra, so
@@ -29,7 +29,7 @@ def etf_gram(C_: object) -> IJ:
     "etf",
     "Simplex ETF: unit norms, Gram C/(C-1)(I - J/C), cosine -1/(C-1), rank C-1 (symbolic C); "
     "ufm.geometry.simplex_etf and frame_gram checked numerically for C = 2..12",
-    "THEORY.md 1; poster NC2",
+    "docs/theory.md §1; poster NC2",
     "C positive integer, C >= 2 (C = k + 1, k positive integer, for signs); P^T P = I",
 )
 def etf(rng: np.random.Generator, *, cosine=closed_form.sqi_cosine, simplex=geometry.simplex_etf,
@@ -39,15 +39,13 @@ def etf(rng: np.random.Generator, *, cosine=closed_form.sqi_cosine, simplex=geom
     target = C / (C - 1) * P
     claims = [
         *(zero("I - J/C is a projector: (I - J/C)^2 = I - J/C", r) for r in (P * P - P).coefficients()),
-        zero("THEORY.md 1: unit columns, diag(E^T E) = 1", G.diag - 1),
-        *(zero("THEORY.md 1: Gram E^T E = C/(C-1)(I - J/C)", r) for r in (G - target).coefficients()),
-        zero(
-            "THEORY.md 1: cosine of distinct columns = sqi_cosine(C) = -1/(C-1)", G.off / G.diag - cosine(C)
-        ),
-        zero("THEORY.md 1: columns sum to zero (E 1 = 0)", P.row_sum),
+        zero("§1: unit columns, diag(E^T E) = 1", G.diag - 1),
+        *(zero("§1: Gram E^T E = C/(C-1)(I - J/C)", r) for r in (G - target).coefficients()),
+        zero("§1: cosine of distinct columns = sqi_cosine(C) = -1/(C-1)", G.off / G.diag - cosine(C)),
+        zero("§1: columns sum to zero (E 1 = 0)", P.row_sum),
         # Eigenvalue C/(C-1) on 1^perp (C-1 times) and 0 on 1: rank C-1, so E fits in any p >= C-1.
-        positive("THEORY.md 1: rank C-1, eigenvalue on 1^perp is C/(C-1) > 0", etf_gram(C_GE2).eig_perp),
-        zero("THEORY.md 1: rank C-1, eigenvalue on 1 is 0", G.row_sum),
+        positive("§1: rank C-1, eigenvalue on 1^perp is C/(C-1) > 0", etf_gram(C_GE2).eig_perp),
+        zero("§1: rank C-1, eigenvalue on 1 is 0", G.row_sum),
     ]
     # The library's numeric frames: rows of unit norm, summing to zero, with the Gram matrix above.
     worst_rows, worst_gram = 0.0, 0.0

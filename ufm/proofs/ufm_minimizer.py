@@ -1,4 +1,4 @@
-"""THEORY.md statement 5: the global minimizer of the regularized square-loss UFM (derived here).
+"""docs/theory.md §5: the global minimizer of the regularized square-loss UFM (derived here).
 
 ``ufm.closed_form``'s module docstring holds the derivation; these proofs check each step on the
 library's own expressions.
@@ -170,7 +170,7 @@ def _stationarity(bias: bool, rng: np.random.Generator, **overrides) -> list[Cla
     "ufm_stationarity_bias",
     "UFM minimizer with bias (simplex ETF): the closed forms (delta, eps, f_other, norms, loss) satisfy "
     "dL/dW = dL/dH = dL/db = 0 and match the theorem's SQI formulas (symbolic C, N, lam_w, lam_h on delta < 1)",
-    "derived here (THEORY.md 5)",
+    "derived here (docs/theory.md §5)",
     "C >= 2 integer (C = k + 1), N positive integer, lam_w > 0, lam_h = 1/((1+u)^2 C^2 N lam_w) with u > 0; lam_b = 0",
 )
 def ufm_stationarity_bias(rng: np.random.Generator, **formulas) -> list[Claim]:
@@ -181,7 +181,7 @@ def ufm_stationarity_bias(rng: np.random.Generator, **formulas) -> list[Claim]:
     "ufm_stationarity_nobias",
     "UFM minimizer without bias (orthogonal frame): the closed forms satisfy dL/dW = dL/dH = 0 "
     "(symbolic C, N, lam_w, lam_h on delta < 1)",
-    "derived here (THEORY.md 5)",
+    "derived here (docs/theory.md §5)",
     "C >= 2 integer (C = k + 1), N positive integer, lam_w > 0, lam_h = 1/((1+u)^2 C^2 N lam_w) with u > 0",
 )
 def ufm_stationarity_nobias(rng: np.random.Generator, **formulas) -> list[Claim]:
@@ -193,7 +193,7 @@ def ufm_stationarity_nobias(rng: np.random.Generator, **formulas) -> list[Claim]
     "UFM global optimality: AM-GM/nuclear-norm bound attained, centred targets with singular value sqrt(N), "
     "soft threshold s* = sqrt(N)(1 - delta), value (k/C)(delta - delta^2/2) beats the zero solution k/(2C) "
     "exactly when delta < 1, collapse iff lam_w lam_h < 1/(N C^2) (symbolic; bias Pythagoras at C = 2..4, N = 1..2)",
-    "derived here (THEORY.md 5; ufm.closed_form docstring steps 1-3)",
+    "derived here (docs/theory.md §5.1; ufm.closed_form docstring steps 1-3)",
     "C >= 2 integer (C = k + 1), N positive integer, lam_w, lam_h > 0 (delta < 1 via u > 0 where needed)",
 )
 def ufm_global(rng: np.random.Generator, **overrides) -> list[Claim]:

@@ -1,6 +1,6 @@
 """Poster, main theorem: SQI critical points of the regularized square loss satisfy NC1-NC4.
 
-Setting (THEORY.md 4): balanced classes, lam > 0, f = W h with W = W_L (C, p) and h the last-layer
+Setting (docs/theory.md §4): balanced classes, lam > 0, f = W h with W = W_L (C, p) and h the last-layer
 features; symmetric quasi-interpolation (SQI) says every example of class c' has outputs
 O e_c', with O = (1 - eps) on the diagonal and eps/(C-1) off it, so
 
@@ -112,7 +112,7 @@ def theorem_nc3_nc2(rng: np.random.Generator, *, scale=closed_form.sqi_w_scale, 
     "theorem_nc1",
     "Theorem (NC1): at a critical point with SQI outputs, dL/dH = 0 makes every feature its class mean, "
     "Sigma_W = 0 (UFM reading, features free with decay lam_h > 0; explicit symbolic W at C = 2..5, N = 1..3)",
-    "poster, main theorem (NC1); the UFM of THEORY.md",
+    "poster, main theorem (NC1); the UFM of docs/theory.md §0.1",
     "W symbolic (C x C), eps, lam_h > 0; SQI outputs F = O Y",
 )
 def theorem_nc1(rng: np.random.Generator, *, outputs_=closed_form.sqi_outputs) -> list[Claim]:

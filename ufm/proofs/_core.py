@@ -4,7 +4,8 @@ A proof is a list of claims, each a SymPy expression that must vanish identicall
 positive under the symbols' assumptions ("positive"), or a number the library computed that must
 vanish within a tolerance ("numeric"). The checker
 
-1. decides every symbolic claim (expand/cancel first, ``simplify`` only if that leaves a rest),
+1. decides every symbolic claim (the expanded numerator over a common denominator, then
+   expand/cancel, ``simplify`` only if those leave a rest),
 2. evaluates every symbolic claim at random points that respect the assumptions (a spot check that
    catches a simplification gone wrong, and reports the size of a failing residual), and
 3. compares numeric claims with their tolerance.
@@ -79,7 +80,7 @@ class Proof:
     ----------
     key : short registry name (``ufm prove`` and ``run_proofs(names=...)`` use it).
     name : the statement, as a theorist would read it.
-    source : where it comes from: "poster, Lemma 1", "THEORY.md 5", "derived here", ...
+    source : where it comes from: "poster, Lemma 1", "docs/theory.md §5", "derived here", ...
     assumptions : the symbols and what they are declared to be.
     check : ``check(rng, **formulas) -> list[Claim]``; keyword arguments replace the library's
         closed forms (tests inject wrong formulas through them).
@@ -139,9 +140,16 @@ def register(key: str, name: str, source: str, assumptions: str):
     return wrap
 
 
+def _expanded_numerator(expr: sympy.Expr) -> sympy.Expr:
+    """The numerator of ``together(expr)``, expanded: zero iff the rational expression is (radicals
+    count as atoms). Far faster than ``cancel`` on sums of fractions in several symbols, since it
+    needs no polynomial gcd."""
+    return sympy.expand(sympy.fraction(sympy.together(expr))[0])
+
+
 def _is_zero(expr: sympy.Expr) -> bool:
     """Decide expr == 0 identically: cheap normal forms first, ``simplify`` as the last resort."""
-    if expr == 0:
+    if expr == 0 or _expanded_numerator(expr) == 0:
         return True
     for normal in (sympy.expand, sympy.cancel, sympy.radsimp, sympy.simplify):
         expr = normal(expr)

@@ -23,6 +23,11 @@ since dL/du = s u - 1 and dL/dbeta = C beta - 1 + lam_b C beta (beta cancels fro
 Fixed points with u != 0: (1 - s u)^2 = lam_w lam_h N C^2 = delta^2, so u = (1 - delta)/s and
 a^2/m^2 = lam_h N/lam_w, i.e. a^2 = sqrt(lam_h N/lam_w)(1 - delta)/s, beta = 1/(C(1 + lam_b)): the
 closed form of ``ufm.closed_form`` (k/C = 1/s), reached from any start with a m > 0 when delta < 1.
+
+Label smoothing a_s (docs/theory.md §14): with a bias the targets on the manifold become
+(1 - a_s (C-1)/C, a_s/C), their mean 1/C is still the bias's, and dL/du = s u - (1 - a_s): the margin
+1 - a_s replaces 1 (``Loss.reduced_margin``). Without a bias the smoothed mean a_s/C 11^T leaves the
+orthogonal-frame manifold, so the reduction applies there only at a_s = 0.
 """
 
 from __future__ import annotations
@@ -33,18 +38,23 @@ from typing import Any
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from ._validation import check_choice, check_nonneg
-from .dynamics import METHODS
-from .geometry import orthogonal_frame, simplex_etf
-from .model import UFMParams, UFMProblem
+from .._validation import check_choice, check_nonneg
+from ..geometry import orthogonal_frame, simplex_etf
+from ..model import UFMParams, UFMProblem
+from .integrators import METHODS, ScipyIntegrator
 
 
-def _check_reducible(problem: UFMProblem) -> None:
-    if problem.depth != 1 or problem.loss != "mse":
+def _margin(problem: UFMProblem) -> float:
+    """Target gap t_correct - t_wrong on the manifold (1 - a with label smoothing a); ValueError where
+    the loss object says the manifold is not invariant."""
+    margin = problem.loss.reduced_margin(problem.bias) if problem.depth == 1 else None
+    if margin is None or not problem.balanced:
         raise ValueError(
-            f"the reduced flow is derived for depth 1 and the square loss, got depth={problem.depth}, "
-            f"loss={problem.loss!r}"
+            f"the reduced flow is derived for depth 1, balanced classes and a loss whose collapsed "
+            f"manifold is invariant; got depth={problem.depth}, loss {problem.loss.description}, "
+            f"bias={problem.bias}, counts {problem.counts}"
         )
+    return margin
 
 
 def _s(problem: UFMProblem) -> float:
@@ -53,11 +63,16 @@ def _s(problem: UFMProblem) -> float:
 
 
 def reduced_loss(problem: UFMProblem, a: float, m: float, beta: float = 0.0) -> float:
-    """L(a, m, beta) of the module docstring: the full loss at W = a F, H = m F[labels]^T, b = beta 1."""
-    _check_reducible(problem)
+    """L(a, m, beta) of the module docstring: the full loss at W = a F, H = m F[labels]^T, b = beta 1.
+
+    With label smoothing a_s the targets on the manifold are (1 - a_s (C-1)/C, a_s/C) instead of (1, 0).
+    """
+    _margin(problem)
     C, N, u = problem.C, problem.N, a * m
+    t_wrong = problem.label_smoothing / C
+    t_correct = t_wrong + _margin(problem)
     if problem.bias:
-        data = 0.5 * ((1 - u - beta) ** 2 + (C - 1) * (beta - u / (C - 1)) ** 2)
+        data = 0.5 * ((t_correct - u - beta) ** 2 + (C - 1) * (t_wrong - beta + u / (C - 1)) ** 2)
         pen_b = 0.5 * problem.lam_b * C * beta**2
     else:
         data, pen_b = 0.5 * (1 - u) ** 2, 0.0
@@ -66,10 +81,10 @@ def reduced_loss(problem: UFMProblem, a: float, m: float, beta: float = 0.0) -> 
 
 def reduced_field(problem: UFMProblem, state: np.ndarray) -> np.ndarray:
     """(a', m', beta') of the module docstring; ``state`` is (a, m, beta), or (a, m) without a bias."""
-    _check_reducible(problem)
+    _margin(problem)
     C, N = problem.C, problem.N
     a, m = state[0], state[1]
-    du = _s(problem) * a * m - 1  # dL/du
+    du = _s(problem) * a * m - _margin(problem)  # dL/du
     da = -(m * du / C + problem.lam_w[0] * a)
     dm = -(a * du / (N * C) + problem.lam_h * m)
     if not problem.bias:
@@ -88,7 +103,7 @@ def manifold_params(
     problem: UFMProblem, frame: np.ndarray, a: float, m: float, beta: float = 0.0
 ) -> UFMParams:
     """The point W = a F, H = m F[labels]^T (p, n), b = beta 1 (b only with a bias) of the manifold."""
-    _check_reducible(problem)
+    _margin(problem)
     H = m * frame[problem.labels].T
     return UFMParams(H, (a * frame,), np.full(problem.C, float(beta)) if problem.bias else None)
 
@@ -138,8 +153,8 @@ def reduced_flow(
 
     ``method`` is a solve_ivp name from ``ufm.dynamics.METHODS``.
     """
-    _check_reducible(problem)
-    check_choice("method", method, [k for k, v in METHODS.items() if v.startswith("scipy")])
+    _margin(problem)
+    check_choice("method", method, [k for k, v in METHODS.items() if issubclass(v, ScipyIntegrator)])
     t_max = check_nonneg("t_max", t_max)
     y0 = np.array([a0, m0, beta0] if problem.bias else [a0, m0], dtype=float)
     counter = [0]

@@ -1,0 +1,156 @@
+"""The ``ufm`` command line: label smoothing, per-class counts, the library's integrator and budgets.
+
+Every expected number is typed out from the closed form derived in docs/theory.md §5 (not computed by
+the library): with label smoothing a, delta = C sqrt(N lam_w lam_h) and delta < 1 - a,
+
+* with a bias: loss = (C-1)/C (delta (1-a) - delta^2/2), eps = (C-1)(a + delta)/C;
+* without one: loss = [(C-1)(delta (1-a) - delta^2/2) + delta - delta^2/2]/C,
+  eps = ((C-1)(a + delta) + delta)/C;
+* the smoothed targets' own eps: a (C-1)/C.
+
+At C = 4, N = 5, lam_w = lam_h = 0.02, a = 0.1: delta = 0.178885438199983 (values to 30 digits in mpmath).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ufm.cli import main
+
+PROBLEM = ["-C", "4", "-N", "5", "--lam-w", "0.02", "--lam-h", "0.02"]
+SMOOTHING = 0.1
+# (bias) -> (minimal loss, eps) at PROBLEM with a = 0.1, typed out (module docstring).
+SMOOTHED = {
+    True: (0.108747670784988643606, 0.209164078649987381785),
+    False: (0.149469030334984437534, 0.253885438199983175713),
+}
+EPS_OF_THE_SMOOTHING = 0.075  # a (C-1)/C = 0.1 * 3/4
+# The flow stops at ||grad L|| < 1e-8; its loss is then within ~1e-14 of the minimum, eps within ~1e-8.
+FLOW_AGREEMENT = 1e-6
+
+# ``ufm flow --json`` keys that users read today (issue 13 keeps them).
+FLOW_JSON_KEYS = {
+    "success", "status", "message", "method", "t", "n_grad_evals", "grad_norm", "loss", "eps", "nc1",
+    "cos_w", "nc2_equinorm_w", "nc3", "closed_form", "closed_form_note",
+}  # fmt: skip
+CLOSED_FORM_KEYS = {"eps", "loss", "cos_w", "w_row_norm_sq", "geometry", "delta"}
+# The integrators the spec names (ufm.dynamics.METHODS).
+METHOD_NAMES = ("ETD2", "RK23", "RK45", "DOP853", "BDF", "Radau", "LSODA")
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    code = (
+        "import sys; from ufm.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'sympy', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_solve_label_smoothing_json_is_the_typed_closed_form(bias, capsys):
+    args = ["solve", *PROBLEM, "-p", "4", "--label-smoothing", str(SMOOTHING), "--json"]
+    assert main(args + ([] if bias else ["--no-bias"])) == 0
+    out = _json(capsys)
+    loss, eps = SMOOTHED[bias]
+    assert out["loss"] == pytest.approx(loss, rel=1e-12)
+    assert out["eps"] == pytest.approx(eps, rel=1e-12)
+    assert out["label_smoothing"] == SMOOTHING
+    assert out["eps_label_smoothing"] == pytest.approx(EPS_OF_THE_SMOOTHING, rel=1e-12)
+
+
+def test_solve_label_smoothing_verified_by_lbfgs(capsys):
+    args = ["solve", *PROBLEM, "-p", "4", "--label-smoothing", str(SMOOTHING), "--json", "--verify"]
+    assert main(args + ["--starts", "2"]) == 0
+    out = _json(capsys)
+    assert out["verify"]["loss_numeric"] == pytest.approx(SMOOTHED[True][0], rel=1e-6)
+
+
+def test_solve_table_shows_both_eps_side_by_side(capsys):
+    assert main(["solve", *PROBLEM, "-p", "4", "--label-smoothing", str(SMOOTHING)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sqi = next(i for i, line in enumerate(lines) if "eps of SQI" in line)
+    assert "eps of the smoothing" in lines[sqi + 1]
+    assert float(lines[sqi].split()[-1]) == pytest.approx(SMOOTHED[True][1], rel=1e-9)
+    assert float(lines[sqi + 1].split()[-1]) == pytest.approx(EPS_OF_THE_SMOOTHING, rel=1e-9)
+
+
+def test_solve_imbalanced_counts_is_exit_2_naming_balanced_classes(capsys):
+    args = ["solve", "-C", "3", "--per-class", "8,4,2", "-p", "3", "--lam-w", "0.01", "--lam-h", "0.01"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ufm solve: error:") and "balanced" in err
+
+
+def test_flow_imbalanced_counts_runs_without_closed_form(capsys):
+    args = ["flow", "-C", "3", "--per-class", "8,4,2", "-p", "4", "--lam-w", "0.02", "--lam-h", "0.02"]
+    assert main(args + ["--json"]) == 0
+    out = _json(capsys)
+    assert set(out) == FLOW_JSON_KEYS
+    assert out["status"] == 1 and out["grad_norm"] < 1e-8
+    assert out["closed_form"] is None
+    assert "balanced" in out["closed_form_note"]
+
+
+def test_flow_label_smoothing_reaches_the_typed_closed_form(capsys):
+    assert main(["flow", *PROBLEM, "-p", "5", "--label-smoothing", str(SMOOTHING), "--json"]) == 0
+    out = _json(capsys)
+    assert set(out) == FLOW_JSON_KEYS and set(out["closed_form"]) == CLOSED_FORM_KEYS
+    loss, eps = SMOOTHED[True]
+    assert out["closed_form"]["loss"] == pytest.approx(loss, rel=1e-12)
+    assert out["loss"] == pytest.approx(loss, rel=FLOW_AGREEMENT)
+    assert out["eps"] == pytest.approx(eps, rel=FLOW_AGREEMENT)
+    assert out["closed_form_note"] is None
+    assert out["method"] in METHOD_NAMES
+
+
+def test_flow_budget_of_gradient_evaluations_is_a_failure_naming_it(capsys):
+    assert main(["flow", *PROBLEM, "-p", "5", "--max-nfev", "5", "--json"]) == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["success"] is False and out["status"] == 3
+    assert out["n_grad_evals"] <= 5 + 2  # an integrator may finish the step it is in
+    assert "max_nfev" in out["message"] and "max_nfev" in captured.err
+
+
+def test_flow_help_lists_the_integrators_and_the_budgets(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["flow", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in METHOD_NAMES:
+        assert name in text
+    assert "--max-nfev" in text and "--max-seconds" in text and "--label-smoothing" in text
+    assert "default_tolerances" in text  # --rtol's default comes from the integrator
+
+
+def test_flow_per_class_must_be_counts(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["flow", "-C", "3", "-N", "8,x", "-p", "3", "--lam-w", "0.1", "--lam-h", "0.1"])
+    assert info.value.code == 2
+    assert "comma-separated per-class counts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["flow", "train"])
+def test_loss_choices_are_the_registered_losses(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "{mse,ce}" in text and "--label-smoothing" in text
+
+
+def test_train_passes_loss_and_label_smoothing_to_the_config(capsys):
+    args = ["train", "--loss", "ce", "--label-smoothing", "0.1", "--epochs", "1", "--show-defaults"]
+    assert main(args) == 0
+    config = _json(capsys)
+    assert config["loss"] == "ce" and config["label_smoothing"] == 0.1 and config["epochs"] == 1

@@ -1,0 +1,148 @@
+"""The integrator registry: every method against an independent reference, measured orders, budgets.
+
+The reference for paths is DOP853 at rtol 1e-13 (an eighth-order method at a tolerance far below what
+is compared); the reference for end points is the closed form of the global minimizer.
+"""
+
+import numpy as np
+import pytest
+
+from ufm.closed_form import ufm_optimum
+from ufm.dynamics import METHODS, gradient_flow
+from ufm.dynamics.flow import _gradient_system
+from ufm.dynamics.integrators import ACCURATE_METHOD, DEFAULT_METHOD, Evaluator
+from ufm.model import UFMParams, UFMProblem, loss_and_grad
+
+T = 2.0  # horizon of the order tests: the flow still moves fast there (||grad L|| ~ 0.3)
+
+
+@pytest.fixture(scope="module")
+def system():
+    problem = UFMProblem(3, 2, 0.05, 0.05)
+    return _gradient_system(problem, UFMParams.random(problem, 4, rng=0))
+
+
+def _step_to(system, name, *, h=None, rtol=1e-13, atol=1e-15):
+    """Integrate to T with the integrator object itself; (state at T, number of steps)."""
+    cls = METHODS[name]
+    fun = Evaluator(system.field, by_value=cls.cache_by_value)
+    fixed = {} if h is None else {"first_step": h, "max_step": h}
+    solver = cls(fun, system.y0, T, rtol=rtol, atol=atol, linear=system.linear, **fixed)
+    steps = 0
+    while solver.t < T:
+        assert solver.step() is None
+        steps += 1
+    return solver.host(solver.y), steps
+
+
+# Fixed-step settings per method: steps of T/k with a tolerance loose enough that no step is rejected
+# (explicit methods, ETD2) or tight enough that Radau's Newton iterations, which use the diagonal
+# approximate Jacobian, converge below the discretization error; the steps large enough that the error
+# stays far above rounding (DOP853 reaches 1e-12 at k = 8).
+ORDER_CASES = {
+    "ETD2": ((8, 16, 32, 64), 1e3, 1e3),
+    "RK23": ((16, 32, 64), 1e3, 1e3),
+    "RK45": ((16, 32, 64), 1e3, 1e3),
+    "DOP853": ((2, 4, 8), 1e3, 1e3),
+    "Radau": ((32, 64), 1e-6, 1e-8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ORDER_CASES))
+def test_measured_order_matches_the_stated_order(system, name):
+    """Global error at T with fixed steps h falls like h^order: the last halving within 0.2 of the
+    stated order (diffrax's order test)."""
+    ref, _ = _step_to(system, "DOP853")
+    ks, rtol, atol = ORDER_CASES[name]
+    errors = []
+    for k in ks:
+        y, steps = _step_to(system, name, h=T / k, rtol=rtol, atol=atol)
+        assert steps == k  # the steps really were fixed
+        errors.append(np.linalg.norm(y - ref))
+    measured = np.log2(errors[-2] / errors[-1])
+    assert abs(measured - METHODS[name].order) <= 0.2
+
+
+def test_every_registered_method_states_its_order():
+    """Fixed-order methods are measured above; the variable-order ones state a (lowest, highest) pair."""
+    for name, cls in METHODS.items():
+        if name in ORDER_CASES:
+            assert isinstance(cls.order, int)
+        else:
+            low, high = cls.order
+            assert 1 <= low < high
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_error_falls_with_the_tolerance(system, name):
+    """Adaptive runs: the error at T against the reference falls by at least 10x when rtol falls by
+    1000x (the variable-order methods included)."""
+    ref, _ = _step_to(system, "DOP853")
+    loose, _ = _step_to(system, name, rtol=1e-4, atol=1e-6)
+    tight, _ = _step_to(system, name, rtol=1e-7, atol=1e-9)
+    assert np.linalg.norm(tight - ref) < 0.1 * np.linalg.norm(loose - ref)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_method_reaches_the_closed_form(name, bias):
+    """From a random start, each method with its own default tolerances ends at the closed-form loss
+    (typed reference: ufm_optimum is checked against typed numbers in test_catalogue.py)."""
+    problem = UFMProblem(3, 3, 0.03, 0.03, bias=bias)
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=1), method=name, tol=1e-6, metrics=False)
+    assert r.status == 1 and r.success
+    # ||grad L|| < 1e-6 puts the loss within ~||grad||^2/lam ~ 3e-11 of the minimum.
+    assert r.loss[-1] == pytest.approx(ufm_optimum(3, 3, 0.03, 0.03, bias=bias).loss, rel=1e-9)
+    assert np.linalg.norm(loss_and_grad(problem, r.params)[1].ravel()) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_dense_output_follows_the_reference_path(name):
+    """sol(t) between steps agrees with a DOP853 path at rtol 1e-12 to the method's path accuracy."""
+    problem = UFMProblem(3, 2, 0.05, 0.05)
+    start = UFMParams.random(problem, 4, rng=2)
+    ts = np.array([0.37, 1.1, 2.9])
+    ref = gradient_flow(problem, start, method="DOP853", t_max=3.0, tol=0.0, rtol=1e-12, atol=1e-14,
+                        t_eval=ts, metrics=False)  # fmt: skip
+    r = gradient_flow(problem, start, method=name, t_max=3.0, tol=0.0, rtol=1e-6, atol=1e-8,
+                      dense_output=True, metrics=False)  # fmt: skip
+    for t, loss_ref in zip(ts, ref.loss[:3]):
+        params = UFMParams.unravel(start, r.sol(t))
+        assert loss_and_grad(problem, params)[0] == pytest.approx(loss_ref, rel=1e-4)
+
+
+def test_default_method_is_the_library_policy():
+    """No method named: ETD2 by default, DOP853 when a path below rtol 1e-7 is asked for."""
+    problem = UFMProblem(3, 2, 0.05, 0.05)
+    start = UFMParams.random(problem, 4, rng=0)
+    assert gradient_flow(problem, start, t_max=1.0, metrics=False).method == DEFAULT_METHOD == "ETD2"
+    assert gradient_flow(problem, start, t_max=1.0, rtol=1e-10, metrics=False).method == ACCURATE_METHOD
+
+
+@pytest.mark.parametrize("name", ["ETD2", "DOP853", "BDF"])
+def test_budget_of_gradient_evaluations_stops_the_run(name):
+    """max_nfev stops the run with status 3, a message naming the budget, and the state so far."""
+    problem = UFMProblem(3, 3, 0.03, 0.03)
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=1), method=name, max_nfev=20, metrics=False)
+    assert r.status == 3 and not r.success
+    assert "max_nfev" in r.message
+    assert 20 <= r.nfev < 20 + 40  # stopped at the first accepted step past the budget
+    assert r.t_final > 0
+
+
+def test_time_budget_stops_the_run():
+    """max_seconds stops a run that would otherwise go on (status 4)."""
+    problem = UFMProblem(3, 3, 0.03, 0.03)
+    r = gradient_flow(problem, UFMParams.random(problem, 4, rng=1), method="RK23", rtol=1e-12,
+                      max_seconds=0.05, metrics=False)  # fmt: skip
+    assert r.status == 4 and not r.success
+    assert "max_seconds" in r.message
+
+
+def test_bad_budgets_are_refused():
+    problem = UFMProblem(3, 3, 0.03, 0.03)
+    start = UFMParams.random(problem, 4, rng=1)
+    with pytest.raises(ValueError, match="max_nfev"):
+        gradient_flow(problem, start, max_nfev=0)
+    with pytest.raises(ValueError, match="max_seconds"):
+        gradient_flow(problem, start, max_seconds=0.0)

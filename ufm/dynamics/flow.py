@@ -1,0 +1,562 @@
+"""Gradient flow d theta/dt = -grad L(theta) of the UFM, integrated as an ODE (docs/theory.md §13).
+
+Everyone else runs plain GD; here the flow itself is integrated, to a stated accuracy, until it is
+stationary (||grad L|| < tol), reaches t_max, or spends its budget of gradient evaluations or seconds.
+The integrators are objects of one registry (``ufm.dynamics.integrators.METHODS``); this module is the
+one driver: it builds the vector field, records the state at the requested times, keeps the dense
+output, applies the stopping rules and the budget, and turns faults into a status and a message.
+
+The exact split. -grad L = Lambda theta + R(theta) with Lambda = -diag(lam_h on H, lam_k on W_k,
+lam_b + c on the bias slot), c the loss's constant bias curvature (1 for the square loss, whose bias
+Hessian is exactly I; 0 for cross-entropy). R is defined as the remainder, so the split is exact;
+ETD2 treats Lambda exactly, and implicit methods get it as their approximate Jacobian.
+
+Mean-output coordinates. For a depth-1 model with a bias and a loss of constant bias curvature the
+flow runs in (H, W, m), m = W mu_G + b the mean output: b and the n feature columns are coupled
+through d(db/dt)/dh_i = -W/n, a block of norm ||W||_op/sqrt(n) (0.10 at (C, N, p) = (10, 100, 64),
+lam = 5e-4) that caps explicit steps near h ~ 20; in (H, W, m) the fast mode sits in Lambda alone and
+the remainder's radius drops to about (||W||_op^2 + ||H||_op^2)/n (measured 0.0195 there). This is a
+change of variables, not a new flow (dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt, one gradient per
+evaluation); records, ``params`` and dense output are read back in (H, W, b).
+
+Measured (``benchmarks/bench_flow.py``, one thread, to a loss 1e-6 above the closed form, lam = 5e-4):
+at (C, N, p) = (10, 100, 64) GD at its largest stable step takes 8183 gradients; ETD2 339, 432, 770 at
+rtol 1e-2, 1e-3, 1e-4; BDF 1585 at rtol 1e-5. At (100, 50, 256): GD 7791; ETD2 69, 148, 430; BDF 444.
+
+Deep ReLU variants: the field is discontinuous where a hidden pre-activation crosses 0, and gradient
+flow can slide along such a kink; adaptive steps then shrink to ~1e-4 (about 1e4 gradient evaluations
+per unit of time at (C, N, p) = (3, 2, 4)). Integrate them over short horizons, or use GD/SGD.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.integrate import OdeSolution
+
+from .._validation import check_choice, check_nonneg, check_positive_int
+from ..geometry import mean_cosine
+from ..model import (
+    UFMParams,
+    UFMProblem,
+    check_params,
+    last_features,
+    loss,
+    loss_and_grad,
+    outputs,
+    torch_loss,
+)
+from .integrators import METHODS, Evaluator, FlowDiverged, Integrator, default_method
+
+# Budgets of a run that names none: far above what any benchmark run needs (ETD2 took at most 2191
+# gradients, DOP853 29464 at (10, 100, 64)), and small enough that a run of a small problem stays in
+# seconds (about 30 us a gradient at (3, 3, 4)) and a large one ends within minutes.
+DEFAULT_MAX_NFEV = 200_000
+DEFAULT_MAX_SECONDS = 600.0
+
+STATUS_MESSAGES = {
+    -1: "failed",
+    0: "reached t_max",
+    1: "stationary: ||grad L|| < tol",
+    2: "reached the target loss",
+    3: "stopped: the budget of gradient evaluations (max_nfev) is spent",
+    4: "stopped: the time budget (max_seconds) is spent",
+}
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """A trajectory of gradient flow (or of another flow of the UFM parameters).
+
+    Attributes
+    ----------
+    t : (k,) recorded times, increasing, the last one the final time.
+    loss : (k,) loss at those times.
+    metrics : name -> (k,) array: ``grad_norm``, ``cos_w`` (mean pairwise cosine of the rows of W),
+        ``eps`` and every scalar of ``ufm.metrics.nc_metrics`` (nc1, nc2_*, nc3, nc4, ...), plus
+        flow-specific entries (e.g. ``rho_k`` for the normalized flow). NaN marks a measure that is
+        undefined at that time (e.g. NC1 when the class means coincide, as at the zero solution).
+    params : final state.
+    grad_norm : ||grad L|| at the final state.
+    nfev : number of gradient evaluations (of the vector field).
+    success : True when the run ended as asked: stationary, at the target loss or at t_max.
+    status : -1 failed (diverged or stuck), 0 reached t_max, 1 stationary, 2 reached the target loss,
+        3 spent max_nfev, 4 spent max_seconds (``STATUS_MESSAGES``).
+    message : what happened, with the cause and the last good time on failure.
+    method : the integrator.
+    sol : dense output ``sol(t) -> (n_params,)`` of the flat state (``UFMParams.ravel`` order, or the
+        flow's own state), or None unless requested.
+    """
+
+    t: np.ndarray
+    loss: np.ndarray
+    metrics: dict[str, np.ndarray]
+    params: UFMParams
+    grad_norm: float
+    nfev: int
+    success: bool
+    status: int
+    message: str
+    method: str
+    sol: Callable[[float], np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def t_final(self) -> float:
+        return float(self.t[-1])
+
+
+@dataclass
+class _System:
+    """A flow on a flat state y: the vector field and how to read the state as UFM parameters.
+
+    ``field(y) -> (loss, dy/dt, stationarity)`` in NumPy; ``stationarity`` is the norm the stopping
+    rule compares with ``tol`` (||grad L|| for gradient flow). ``linear`` is the diagonal Lambda of the
+    module docstring. ``torch_field`` (optional) is the same triple on torch tensors of any device.
+    ``extra(y)`` adds flow-specific scalars to the record. ``to_flat(y)`` (optional) maps the state to
+    ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
+    ``stationarity_is_grad_norm`` lets the records reuse the stationarity as ||grad L||.
+    """
+
+    problem: UFMProblem
+    y0: np.ndarray
+    field: Callable[[np.ndarray], tuple[float, np.ndarray, float]]
+    to_params: Callable[[np.ndarray], UFMParams]
+    linear: np.ndarray
+    torch_field: Callable[[Any], tuple[Any, Any, Any]] | None = None
+    extra: Callable[[np.ndarray], dict[str, float]] | None = None
+    to_flat: Callable[[np.ndarray], np.ndarray] | None = None
+    stationarity_is_grad_norm: bool = True
+
+
+def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
+    """Diagonal Lambda (flat, ``ravel`` order) of the exact split -grad L = Lambda theta + R(theta).
+
+    Weight decays on H and on each W_k, and on b: lam_b plus the loss's constant bias curvature.
+    """
+    parts = [np.full(like.H.size, problem.lam_h)]
+    parts += [np.full(Wk.size, lam) for lam, Wk in zip(problem.lam_layers, like.Ws)]
+    if like.b is not None:
+        parts.append(np.full(like.b.size, problem.lam_b + problem.loss.bias_curvature))
+    return -np.concatenate(parts)
+
+
+class _FlatCoordinates:
+    """The flat parameter vector itself (``UFMParams.ravel`` order) as the state."""
+
+    @staticmethod
+    def to_state(theta: Any) -> Any:
+        return theta
+
+    @staticmethod
+    def to_flat(y: Any) -> Any:
+        return y
+
+    @staticmethod
+    def velocity(theta: Any, dtheta: Any) -> Any:
+        return dtheta
+
+
+class _MeanOutputCoordinates:
+    """State (H, W, m) for the depth-1 UFM with a bias, m = W mu_G + b the mean output (C,).
+
+    A change of variables, so the flow is the same; module docstring for why. ``theta`` is the flat
+    (H, W, b) of ``UFMParams.ravel``; the state keeps its layout with m in the slot of b. The maps use
+    slicing, reshape, ``@`` and ``sum`` only, so they serve NumPy arrays and torch tensors alike.
+    """
+
+    def __init__(self, like: UFMParams):
+        self.p, self.n = like.H.shape
+        self.C = like.b.size
+        self.k = like.H.size
+
+    def _H_W(self, y: Any) -> tuple[Any, Any]:
+        H = y[: self.k].reshape(self.p, self.n)
+        return H, y[self.k : self.k + self.C * self.p].reshape(self.C, self.p)
+
+    def _mean_output_shift(self, y: Any) -> Any:
+        """W mu_G (C,), the same in both coordinates (H and W are shared)."""
+        H, W = self._H_W(y)
+        return W @ H.sum(1) / self.n
+
+    def to_state(self, theta: Any) -> Any:
+        y = theta + 0
+        y[-self.C :] = theta[-self.C :] + self._mean_output_shift(theta)
+        return y
+
+    def to_flat(self, y: Any) -> Any:
+        theta = y + 0
+        theta[-self.C :] = y[-self.C :] - self._mean_output_shift(y)
+        return theta
+
+    def velocity(self, theta: Any, dtheta: Any) -> Any:
+        """dy/dt from d theta/dt: dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt (the chain rule)."""
+        H, W = self._H_W(theta)
+        dH, dW = self._H_W(dtheta)
+        dy = dtheta + 0
+        dy[-self.C :] = dtheta[-self.C :] + (dW @ H.sum(1) + W @ dH.sum(1)) / self.n
+        return dy
+
+
+def _coordinates(problem: UFMProblem, like: UFMParams) -> _FlatCoordinates | _MeanOutputCoordinates:
+    """Mean-output coordinates where they remove the stiff bias coupling (depth 1, a loss whose bias
+    curvature is constant, a bias)."""
+    if problem.depth == 1 and problem.loss.mean_output_coordinates and like.b is not None:
+        return _MeanOutputCoordinates(like)
+    return _FlatCoordinates()
+
+
+def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
+    coords = _coordinates(problem, start)
+
+    def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            theta = coords.to_flat(y)
+            value, grad = loss_and_grad(problem, UFMParams.unravel(start, theta))
+            g = grad.ravel()
+            return value, coords.velocity(theta, -g), float(np.linalg.norm(g))
+
+    field_flat = _torch_gradient_field(problem, start)
+
+    def field_torch(y: Any) -> tuple[Any, Any, Any]:
+        theta = coords.to_flat(y)
+        value, dtheta = field_flat(theta)
+        return value, coords.velocity(theta, dtheta), (dtheta**2).sum() ** 0.5
+
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            y0 = coords.to_state(start.ravel().copy())
+    except FloatingPointError as err:
+        raise ValueError(f"the start: its mean output overflows ({err}); scale it down") from None
+    return _System(
+        problem=problem,
+        y0=y0,
+        field=field_np,
+        to_params=lambda y: UFMParams.unravel(start, coords.to_flat(np.array(y, dtype=float))),
+        linear=linear_part(problem, start),
+        torch_field=field_torch,
+        to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
+    )
+
+
+def _torch_gradient_field(problem: UFMProblem, like: UFMParams) -> Callable[[Any], tuple[Any, Any]]:
+    """-grad L on a flat float64 torch tensor, by autograd of ``model.torch_loss`` (any device)."""
+    sizes = [a.size for a in like.arrays()]
+    shapes = [a.shape for a in like.arrays()]
+    n_w = len(like.Ws)
+
+    def field_torch(y: Any) -> tuple[Any, Any]:
+        import torch  # here, not above: only ETD2 on a torch device needs it
+
+        parts = [p.view(s).detach().requires_grad_(True) for p, s in zip(torch.split(y, sizes), shapes)]
+        H, Ws = parts[0], parts[1 : 1 + n_w]
+        b = parts[1 + n_w] if like.b is not None else None
+        value = torch_loss(problem, H, Ws, b)
+        grads = torch.autograd.grad(value, parts)
+        return value.detach(), -torch.cat([g.reshape(-1) for g in grads])
+
+    return field_torch
+
+
+def record_state(problem: UFMProblem, params: UFMParams) -> dict[str, float]:
+    """Loss, eps, cos_w and the scalar NC measures of ``ufm.metrics.nc_metrics`` at one state.
+
+    ``eps`` is 1 minus the mean correct-class output (docs/theory.md §4). Measures that ``nc_metrics``
+    cannot define at this state (coinciding class means) are NaN.
+    """
+    from ..metrics import nc_metrics
+
+    f = outputs(problem, params)  # (C, n)
+    labels = problem.labels
+    rec = {
+        "loss": loss(problem, params),
+        "eps": 1.0 - float(np.mean(f[labels, np.arange(problem.n)])),
+        "cos_w": mean_cosine(params.W),
+        "norm_w_sq": float(np.sum(params.W**2)),
+        "norm_h_sq": float(np.sum(params.H**2)),
+    }
+    layers = params.Ws if problem.depth > 1 else None
+    try:
+        nc = nc_metrics(
+            last_features(problem, params).T, labels, params.W, params.b, outputs=f.T, layers=layers
+        )
+        for k, v in nc.as_dict().items():
+            if k not in rec and isinstance(v, int | float) and not isinstance(v, bool):
+                rec[k] = float(v)
+    except ValueError:
+        pass  # undefined measures are filled with NaN by the caller
+    return rec
+
+
+def _stack_records(records: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+    return {k: np.array([r.get(k, np.nan) for r in records], dtype=float) for k in keys}
+
+
+def _default_t_eval(t_max: float, n_records: int) -> np.ndarray:
+    """0 and ``n_records - 1`` log-spaced times up to t_max (the flow moves fast early, slowly late)."""
+    if t_max == 0 or n_records < 2:
+        return np.array([0.0, t_max])[: 1 if t_max == 0 else 2]
+    return np.concatenate([[0.0], np.geomspace(min(1e-2, t_max), t_max, n_records - 1)])
+
+
+class _Progress:
+    """tqdm bar over flow time on stderr; a no-op when disabled."""
+
+    def __init__(self, t_max: float, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=float(t_max), desc=desc, unit="t", file=sys.stderr, leave=False)
+        self.t = 0.0
+
+    def update(self, t: float) -> None:
+        if self.bar is not None and t > self.t:
+            self.bar.update(t - self.t)
+            self.t = t
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_t_eval(t_eval, t_max: float, n_records: int) -> np.ndarray:
+    if t_eval is None:
+        t_eval = _default_t_eval(t_max, check_positive_int("n_records", n_records))
+    t_eval = np.asarray(t_eval, dtype=float)
+    if (
+        t_eval.ndim != 1
+        or np.any(np.diff(t_eval) <= 0)
+        or (t_eval.size and (t_eval[0] < 0 or t_eval[-1] > t_max))
+    ):
+        raise ValueError("t_eval must be increasing times in [0, t_max]")
+    if not t_eval.size or t_eval[-1] < t_max:
+        t_eval = np.append(t_eval, t_max)
+    return t_eval
+
+
+def gradient_flow(
+    problem: UFMProblem,
+    start: UFMParams,
+    *,
+    method: str | None = None,
+    t_max: float = 1e6,
+    tol: float = 1e-8,
+    rtol: float | None = None,
+    atol: float | None = None,
+    t_eval: Sequence[float] | np.ndarray | None = None,
+    n_records: int = 60,
+    metrics: bool = True,
+    target_loss: float | None = None,
+    dense_output: bool = False,
+    progress: bool = False,
+    device: str = "cpu",
+    max_nfev: int | None = None,
+    max_seconds: float | None = None,
+) -> FlowResult:
+    """Integrate d theta/dt = -grad L(theta) from ``start`` until ||grad L|| < tol or t = t_max.
+
+    Parameters
+    ----------
+    problem : the model (any depth, bias, loss, class counts).
+    start : initial parameters theta(0) (H (p, n), W_k, b).
+    method : a name in ``METHODS``; None is ``default_method(rtol)``: ETD2 (docs/theory.md §13.6), or
+        DOP853 when rtol < 1e-7 is asked for (ETD2 is second order).
+    t_max : final time if the flow is not stationary before.
+    tol : stationarity threshold on ||grad L||_2, checked on accepted steps.
+    rtol, atol : local error tolerances; None takes the method's ``default_tolerances(tol)``.
+    t_eval : times at which loss and measures are recorded (default: 0 and ``n_records - 1``
+        log-spaced times up to t_max); the final time is always recorded.
+    metrics : record the NC measures (else loss and grad_norm only).
+    target_loss : also stop (status 2) once the loss is <= this value.
+    dense_output : keep a dense interpolant ``sol`` of the flat state.
+    progress : show a tqdm bar over t on stderr.
+    device : torch device for ``ETD2`` ("cpu" uses the analytic NumPy gradient, others torch autograd).
+    max_nfev, max_seconds : the budget; None takes DEFAULT_MAX_NFEV and DEFAULT_MAX_SECONDS. A run
+        that spends it stops with status 3 or 4 and its state so far.
+
+    Returns
+    -------
+    FlowResult
+    """
+    check_params(problem, start)
+    return integrate(
+        _gradient_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
+        t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=target_loss,
+        dense_output=dense_output, progress=progress, device=device, max_nfev=max_nfev,
+        max_seconds=max_seconds,
+    )  # fmt: skip
+
+
+def _then(first: Callable[[float], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
+    """t -> second(first(t)): dense output of the state, read in other coordinates."""
+    return lambda t: second(first(t))
+
+
+@dataclass
+class _Run:
+    """What the driver collects while it steps: recorded (t, y) and the dense-output segments."""
+
+    t_eval: np.ndarray
+    ts: list[float] = field(default_factory=list)
+    ys: list[np.ndarray] = field(default_factory=list)
+    seg_t: list[float] = field(default_factory=list)
+    segments: list[Any] = field(default_factory=list)
+    next_record: int = 0
+
+    def record(self, solver: Integrator, dense: bool) -> None:
+        """Record the requested times in (t_old, t] from the last step's interpolant (built only when
+        a record or the dense output needs it: for ETD2 on a device it is a copy to the host)."""
+        t = solver.t
+        if solver.t_old is None:
+            self.seg_t.append(t)
+        wanted = self.next_record < self.t_eval.size and self.t_eval[self.next_record] < t
+        interp = solver.dense() if solver.t_old is not None and (dense or wanted) else None
+        if dense and interp is not None:
+            self.segments.append(interp)
+            self.seg_t.append(t)
+        while self.next_record < self.t_eval.size and self.t_eval[self.next_record] <= t:
+            te = float(self.t_eval[self.next_record])
+            y = solver.host(solver.y) if interp is None or te == t else interp(te)
+            self.ts.append(te)
+            self.ys.append(np.array(y, dtype=float))
+            self.next_record += 1
+
+    def finish(self, solver: Integrator) -> None:
+        """Make the final state the last record."""
+        if not self.ts or self.ts[-1] < solver.t:
+            self.ts.append(solver.t)
+            self.ys.append(np.array(solver.host(solver.y), dtype=float))
+
+    def solution(self) -> OdeSolution | None:
+        return OdeSolution(self.seg_t, self.segments) if self.segments else None
+
+
+def _budget(max_nfev: int | None, max_seconds: float | None) -> tuple[int, float]:
+    nfev = DEFAULT_MAX_NFEV if max_nfev is None else check_positive_int("max_nfev", max_nfev)
+    seconds = DEFAULT_MAX_SECONDS if max_seconds is None else check_nonneg("max_seconds", max_seconds)
+    if seconds == 0:
+        raise ValueError("max_seconds must be > 0")
+    return nfev, seconds
+
+
+def integrate(
+    system: _System,
+    *,
+    method: str | None,
+    t_max: float,
+    tol: float,
+    rtol: float | None,
+    atol: float | None,
+    t_eval: Sequence[float] | np.ndarray | None,
+    n_records: int,
+    metrics: bool,
+    target_loss: float | None,
+    dense_output: bool,
+    progress: bool,
+    device: str,
+    max_nfev: int | None = None,
+    max_seconds: float | None = None,
+) -> FlowResult:
+    """The one driver: integrate ``system`` with a registry method, record, stop, package the result."""
+    method = default_method(rtol) if method is None else check_choice("method", method, METHODS)
+    cls = METHODS[method]
+    cls.check_device(device)
+    t_max = check_nonneg("t_max", t_max)
+    check_nonneg("tol", tol)
+    default_rtol, default_atol = cls.default_tolerances(tol)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
+    budget_nfev, budget_seconds = _budget(max_nfev, max_seconds)
+    run = _Run(_check_t_eval(t_eval, t_max, n_records))
+
+    on_host = device == "cpu"
+    fun = Evaluator(system.field if on_host else _torch_only(system), by_value=cls.cache_by_value)
+    check = fun if on_host else Evaluator(system.field)  # the start is checked on the host
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            check(system.y0)
+    except FlowDiverged as err:
+        raise ValueError(f"the start: {err.cause}; scale it down") from None
+    solver = cls(fun, system.y0, t_max, rtol=rtol, atol=atol, linear=system.linear, device=device)
+    bar = _Progress(t_max, progress, f"flow {method}")
+    t_start = time.perf_counter()
+    try:
+        status, msg = _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar,
+                             budget_nfev, budget_seconds, t_start)  # fmt: skip
+    finally:
+        bar.close()
+    run.finish(solver)
+    nfev = fun.nfev + (0 if on_host else check.nfev)
+    sol = run.solution() if dense_output else None
+    if sol is not None and system.to_flat is not None:
+        sol = _then(sol, system.to_flat)
+    return _package(system, run, method, nfev, status, msg, metrics, sol)
+
+
+def _torch_only(system: _System):
+    if system.torch_field is None:
+        raise ValueError("this flow has no torch vector field; use device='cpu'")
+    return system.torch_field
+
+
+def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfev, max_seconds, t_start):
+    """Step until a stopping rule fires; (status, message)."""
+    while True:
+        try:
+            value, _, stat = fun(solver.y)
+        except FlowDiverged as err:
+            return -1, str(err)
+        run.record(solver, dense_output)
+        fun.t_good = solver.t
+        at = f" at t = {solver.t:.6g}"
+        if stat < tol:
+            return 1, STATUS_MESSAGES[1] + at
+        if target_loss is not None and value <= target_loss:
+            return 2, STATUS_MESSAGES[2] + at
+        if solver.t >= t_max:
+            return 0, STATUS_MESSAGES[0] + at
+        if fun.nfev >= max_nfev:
+            return 3, f"{STATUS_MESSAGES[3]}: {fun.nfev} >= {max_nfev}{at}; raise max_nfev or loosen tol"
+        if time.perf_counter() - t_start >= max_seconds:
+            return 4, f"{STATUS_MESSAGES[4]}: {max_seconds:g} s{at}; raise max_seconds or loosen tol"
+        bar.update(solver.t)
+        try:
+            failure = solver.step()
+        except FlowDiverged as err:
+            return -1, str(err)
+        if failure is not None:
+            return -1, f"{failure}; last good time t = {fun.t_good:.6g}"
+
+
+def _package(system, run, method, nfev, status, msg, metrics, sol) -> FlowResult:
+    records = []
+    for y in run.ys:
+        params = system.to_params(y)
+        value, _, stat = system.field(y)
+        rec = record_state(system.problem, params) if metrics else {"loss": value}
+        rec["grad_norm"] = (
+            stat
+            if system.stationarity_is_grad_norm
+            else float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
+        )
+        rec["stationarity"] = stat
+        if system.extra is not None:
+            rec.update(system.extra(y))
+        records.append(rec)
+    stacked = _stack_records(records)
+    loss_t = stacked.pop("loss")
+    return FlowResult(
+        t=np.asarray(run.ts, dtype=float), loss=loss_t, metrics=stacked, params=system.to_params(run.ys[-1]),
+        grad_norm=float(stacked["grad_norm"][-1]), nfev=int(nfev), success=status in (0, 1, 2),
+        status=status, message=msg, method=method, sol=sol,
+    )  # fmt: skip

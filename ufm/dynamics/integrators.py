@@ -1,0 +1,426 @@
+"""Integrators of the flow as objects, in the manner of SciPy's ``OdeSolver`` (docs/theory.md §13.3).
+
+Every integrator integrates y' = F(y) = Lambda y + R(y) from t = 0 to ``t_bound``, where Lambda is the
+diagonal linear part of the exact split (docs/theory.md §13.1). The contract, shared by all:
+
+* ``Integrator(fun, y0, t_bound, rtol=, atol=, linear=, device=, first_step=, max_step=)`` with
+  ``fun(y) -> (loss, F(y), stationarity)`` an :class:`Evaluator`;
+* ``step()`` takes one accepted step and returns None, or a message when the method failed;
+* ``t``, ``t_old``, ``y``: the state after the last accepted step; ``host(a)`` reads an array back;
+* ``dense()``: a ``scipy.integrate.DenseOutput`` over the last step [t_old, t], on the host;
+* class attributes ``order`` (the stated order; a (lowest, highest) pair for variable-order methods)
+  and ``default_tolerances(tol)``, the library's numerical policy for that method.
+
+The driver (``ufm.dynamics.flow``) owns everything else, written once: recording at requested times,
+dense output over the whole run, the stationarity and target stopping rules, budgets, divergence.
+
+``METHODS`` is the registry; ``DEFAULT_METHOD`` is the library's one default (``ufm flow``, sweeps and
+``ufm reproduce`` use it too), chosen by measurement (docs/theory.md §13.6).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy import integrate, sparse
+from scipy.integrate import DenseOutput
+
+__all__ = [
+    "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
+    "StepController", "default_method", "etd2_step",
+]  # fmt: skip
+
+# LSODA takes only a dense Jacobian: 4000 parameters is a 128 MB matrix, beyond that refuse.
+DENSE_JAC_MAX = 4000
+# Below |z| = 0.02 the phi-functions lose digits to cancellation; their Taylor series to z^4 is exact
+# there to ~1e-12 relative (next term z^5/720).
+_PHI_SERIES = 0.02
+# A step shorter than this fraction of t is rounding noise: the integration is stuck.
+_MIN_REL_STEP = 1e-13
+_TINY = 1e-300
+
+
+class FlowDiverged(ArithmeticError):
+    """The vector field overflowed or turned NaN; carries the cause and the last good time."""
+
+    def __init__(self, cause: str, t_good: float):
+        super().__init__(f"diverged: {cause}; last good time t = {t_good:.6g}")
+        self.cause, self.t_good = cause, t_good
+
+
+class Evaluator:
+    """``fun(y) -> (loss, F(y), stationarity)`` that counts evaluations and reuses the last one.
+
+    A method that evaluates F at the point it then accepts (first-same-as-last Runge-Kutta, ETD2) gets
+    the driver's check of that point for free. With ``by_value`` the cache compares a copy of the
+    state (SciPy's BDF updates its Newton iterate in place after evaluating it); otherwise identity.
+    A non-finite loss or stationarity (the norm of the gradient, so any bad entry shows in it) raises
+    FlowDiverged with the last good time ``t_good``, which the driver keeps current.
+    """
+
+    def __init__(self, field: Callable[[Any], tuple[Any, Any, Any]], *, by_value: bool = False):
+        self.field, self.by_value = field, by_value
+        self.nfev, self.t_good = 0, 0.0
+        self._key: Any = None
+        self._out: tuple[float, Any, float] | None = None
+
+    def __call__(self, y: Any) -> tuple[float, Any, float]:
+        if self._out is not None and (np.array_equal(self._key, y) if self.by_value else (y is self._key)):
+            return self._out
+        try:
+            value, dy, stat = self.field(y)
+        except FloatingPointError as err:
+            raise FlowDiverged(f"floating-point {err}", self.t_good) from None
+        value, stat = float(value), float(stat)
+        self.nfev += 1
+        if not (np.isfinite(value) and np.isfinite(stat)):
+            raise FlowDiverged(f"non-finite loss {value:.3g} or gradient norm {stat:.3g}", self.t_good)
+        self._key = np.array(y, copy=True) if self.by_value else y
+        self._out = (value, dy, stat)
+        return self._out
+
+
+class Integrator(ABC):
+    """One method of the registry (module docstring for the contract)."""
+
+    name: ClassVar[str]
+    order: ClassVar[int | tuple[int, int]]
+    # Whether the method can run its state on a torch device (others run NumPy on the host).
+    on_device: ClassVar[bool] = False
+    # Whether the Evaluator must compare states by value (module docstring of Evaluator).
+    cache_by_value: ClassVar[bool] = False
+
+    t: float
+    t_old: float | None
+
+    @abstractmethod
+    def __init__(
+        self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
+        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+    ): ...  # fmt: skip
+
+    @property
+    @abstractmethod
+    def y(self) -> Any: ...
+
+    @abstractmethod
+    def step(self) -> str | None:
+        """Take one accepted step; None on success, else why the method failed."""
+
+    @abstractmethod
+    def dense(self) -> DenseOutput:
+        """Interpolant of the state (host arrays) over the last step [t_old, t]."""
+
+    def host(self, a: Any) -> np.ndarray:
+        return np.asarray(a, dtype=float)
+
+    @classmethod
+    @abstractmethod
+    def default_tolerances(cls, tol: float) -> tuple[float, float]:
+        """(rtol, atol) when the caller gives none, for a run that stops at ||grad L|| < tol."""
+
+    @classmethod
+    def check_device(cls, device: str) -> None:
+        if device != "cpu" and not cls.on_device:
+            raise ValueError(f"{cls.name} runs on the host; use device='cpu', or ETD2 on {device!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SciPy's solve_ivp methods, stepped one accepted step at a time.
+
+
+class ScipyIntegrator(Integrator):
+    """A ``scipy.integrate`` OdeSolver behind the common contract.
+
+    Implicit methods get the diagonal linear part -Lambda as an approximate Jacobian: a full one (the
+    negative Hessian, 1.3M x 1.3M at (C, N, p) = (100, 50, 256)) is out of reach; the approximation only
+    steers their Newton iterations, while the accuracy is still set by their error estimates.
+    """
+
+    solver_class: ClassVar[type]
+    jacobian: ClassVar[str | None] = None  # None (explicit), "sparse" or "dense"
+
+    def __init__(
+        self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
+        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+    ):  # fmt: skip
+        self.check_device(device)
+        kw: dict[str, Any] = {}
+        if self.jacobian == "dense":
+            if y0.size > DENSE_JAC_MAX:
+                raise ValueError(
+                    f"{self.name} needs a dense Jacobian; {y0.size} parameters exceed DENSE_JAC_MAX = "
+                    f"{DENSE_JAC_MAX}: use BDF or Radau (sparse approximate Jacobian), DOP853 or ETD2"
+                )
+            dense_jac = np.diag(linear)
+            kw["jac"] = lambda t, y: dense_jac
+        elif self.jacobian == "sparse":
+            kw["jac"] = sparse.diags(linear, format="csc")
+        if first_step is not None:
+            kw["first_step"] = first_step
+        self._solver = self.solver_class(
+            lambda t, y: fun(y)[1], 0.0, y0, t_bound, rtol=rtol, atol=atol, max_step=max_step, **kw
+        )
+
+    @property
+    def t(self) -> float:
+        return float(self._solver.t)
+
+    @property
+    def t_old(self) -> float | None:
+        return None if self._solver.t_old is None else float(self._solver.t_old)
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._solver.y
+
+    def step(self) -> str | None:
+        message = self._solver.step()
+        return f"{self.name} failed: {message}" if self._solver.status == "failed" else None
+
+    def dense(self) -> DenseOutput:
+        return self._solver.dense_output()
+
+    @classmethod
+    def default_tolerances(cls, tol: float) -> tuple[float, float]:
+        # At a loose tolerance these methods hover at their stability limit with errors of the size of
+        # the tolerance, which floors ||grad L||: stay 1e4 below the stationarity threshold.
+        rtol = min(1e-8, tol * 1e-4)
+        return rtol, rtol * 1e-2
+
+
+def _scipy_method(name: str, order: int | tuple[int, int], jacobian: str | None = None, **extra):
+    """A ScipyIntegrator subclass for ``scipy.integrate.<name>``."""
+    attrs = dict(name=name, order=order, jacobian=jacobian, solver_class=getattr(integrate, name), **extra)
+    return type(name, (ScipyIntegrator,), attrs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ETD2: an exponential integrator, split into the step and its step-size controller.
+
+
+def _phi12(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """phi_1(z) = (e^z - 1)/z and phi_2(z) = (e^z - 1 - z)/z^2 elementwise, by series near 0."""
+    small = np.abs(z) < _PHI_SERIES
+    zs = np.where(small, 1.0, z)  # avoid 0/0 in the branch not taken
+    em1 = np.expm1(zs)
+    phi1 = np.where(small, 1 + z / 2 + z**2 / 6 + z**3 / 24 + z**4 / 120, em1 / zs)
+    phi2 = np.where(small, 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720, (em1 - zs) / zs**2)
+    return phi1, phi2
+
+
+def _blocks(linear: np.ndarray) -> tuple[list[slice], np.ndarray]:
+    """The runs of equal entries of the diagonal Lambda: (slices, their values). Lambda is constant
+    on each parameter block, so a handful of runs cover the state."""
+    cuts = [0, *(np.flatnonzero(np.diff(linear)) + 1).tolist(), linear.size]
+    return [slice(i, j) for i, j in zip(cuts[:-1], cuts[1:])], linear[cuts[:-1]]
+
+
+@dataclass(frozen=True)
+class ETD2Step:
+    """One trial step of ETD2RK: the new state, the error estimate's vector, and the Lipschitz
+    estimate rho = ||R(u) - R(y)|| / ||u - y|| of the remainder along the step."""
+
+    y_new: Any
+    correction: Any
+    rho: float
+
+
+def etd2_step(fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray) -> ETD2Step:
+    """ETD2RK (Cox and Matthews 2002, eq. 22) for y' = Lambda y + R(y), Lambda diagonal by ``runs``.
+
+    With u - y = h phi_1(h Lambda) f(y), the two stages read
+        u     = y + h phi_1 f(y)                                        (exponential Euler)
+        y_new = u + h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 Lambda f(y)  (ETD2RK),
+    so the phi-functions are one scalar per run of Lambda. The correction y_new - u is the ETD1/ETD2
+    difference, the error estimate. rho is free: both f values are at hand (Shampine's stiffness
+    detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike.
+    """
+    phi1, phi2 = _phi12(h * levels)
+    u = y + 0
+    for run, c in zip(runs, h * phi1):
+        u[run] += c * f[run]
+    _, fu, _ = fun(u)
+    df = fu - f
+    corr = df + 0
+    sq_rest = sq_step = 0.0
+    for run, c1, c2, lam in zip(runs, h * phi1, h * phi2, levels):
+        step = c1 * f[run]
+        sq_step += float((step**2).sum())
+        sq_rest += float(((df[run] - lam * step) ** 2).sum())
+        corr[run] *= c2
+        corr[run] -= c2 * c1 * lam * f[run]
+    return ETD2Step(u + corr, corr, (sq_rest / max(sq_step, _TINY)) ** 0.5)
+
+
+@dataclass
+class StepController:
+    """Step-size control of an embedded pair (Hairer, Norsett and Wanner I, II.4), with a stability cap.
+
+    ``error_exponent`` is 1/(q + 1) for an error estimate of order q (ETD2's ETD1/ETD2 difference:
+    q = 1). ``stability`` caps h <= stability/rho, rho the remainder's Lipschitz estimate: ETD2RK's
+    explicit part is Heun's method, stable for real h mu in [-2, 0]; without the cap a loose rtol lets
+    steps hover at that limit, accepting errors of the size of the tolerance at every step, and
+    ||grad L|| stalls (measured: 6e-5 at rtol 1e-3 on (C, N, p) = (3, 3, 4); 1e-11 with the cap).
+    """
+
+    rtol: float
+    atol: float
+    error_exponent: float = 0.5
+    max_step: float = np.inf
+    safety: float = 0.9
+    grow_max: float = 5.0
+    shrink_min: float = 0.2
+    stability: float = 1.5
+
+    def initial(self, y: Any, f: Any, xp: Any) -> float:
+        """Hairer's starting step 0.01 ||y|| / ||f|| in the error norm (1e-6 near zero)."""
+        scale = self.atol + self.rtol * xp.abs(y)
+        d0, d1 = _rms(y / scale), _rms(f / scale)
+        h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        return min(h, self.max_step)
+
+    def error(self, correction: Any, y: Any, y_new: Any, xp: Any) -> float:
+        """RMS of the error estimate scaled by atol + rtol max(|y|, |y_new|); <= 1 accepts."""
+        return _rms(correction / (self.atol + self.rtol * xp.maximum(xp.abs(y), xp.abs(y_new))))
+
+    def rejected(self, h: float, err: float) -> float:
+        """The next trial step after a rejection (a non-finite trial shrinks by the most)."""
+        return h * (self.shrink_min if not np.isfinite(err) else max(self.shrink_min, self._factor(err)))
+
+    def accepted(self, h: float, err: float, rho: float) -> float:
+        """The next step after an accepted one, capped by max_step and the stability limit."""
+        h_next = h * min(self.grow_max, self._factor(max(err, 1e-10)))
+        return min(h_next, self.max_step, self.stability / max(rho, _TINY))
+
+    def _factor(self, err: float) -> float:
+        return self.safety * err**-self.error_exponent
+
+
+def _rms(a: Any) -> float:
+    return float((a**2).mean()) ** 0.5
+
+
+def _hermite(t0, y0, f0, t1, y1, f1, t):
+    """Cubic Hermite interpolation between (t0, y0, y0') and (t1, y1, y1') at t (third order, as ETD2)."""
+    h = t1 - t0
+    s = (t - t0) / h
+    h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2
+    return h00 * y0 + h10 * h * f0 + h01 * y1 + h11 * h * f1
+
+
+class _HermiteOutput(DenseOutput):
+    """Dense output of one ETD2 step: cubic Hermite through both ends and their slopes."""
+
+    def __init__(self, t_old: float, y_old: np.ndarray, f_old: np.ndarray, t: float, y, f):
+        super().__init__(t_old, t)
+        self.ends = (t_old, y_old, f_old, t, y, f)
+
+    def _call_impl(self, t):
+        t = np.asarray(t)
+        out = _hermite(*self.ends, t[..., None] if t.ndim else t)
+        return out.T if t.ndim else out
+
+
+class ETD2(Integrator):
+    """Adaptive second-order exponential integrator, ETD2RK (Cox and Matthews 2002; Hochbruck and
+    Ostermann, Acta Numerica 2010), in NumPy on the host or in torch float64 on any device.
+
+    Lambda is treated exactly through exp(h Lambda) and the phi-functions, R explicitly; the split is
+    exact, so ETD2 integrates the same flow and keeps every fixed point exactly (docs/theory.md §13.3).
+    """
+
+    name = "ETD2"
+    order = 2
+    on_device = True
+
+    def __init__(
+        self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
+        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+    ):  # fmt: skip
+        self.fun, self.t_bound = fun, float(t_bound)
+        self.runs, self.levels = _blocks(linear)
+        if device == "cpu":  # NumPy on the host: no tensor round trips around the analytic gradient
+            self.xp, self._y = np, y0  # never written to: steps make new arrays
+        else:
+            import torch
+
+            self.xp = torch
+            self._y = torch.as_tensor(y0, dtype=torch.float64, device=torch.device(device)).clone()
+        self.control = StepController(rtol, atol, max_step=max_step)
+        self.h = first_step
+        self.t, self.t_old = 0.0, None
+        self._old: tuple[Any, Any] | None = None  # (y, f) at t_old, for dense output
+
+    @property
+    def y(self) -> Any:
+        return self._y
+
+    def host(self, a: Any) -> np.ndarray:
+        return np.asarray(a, dtype=float) if self.xp is np else a.detach().cpu().numpy()
+
+    def step(self) -> str | None:
+        y, t = self._y, self.t
+        f = self.fun(y)[1]  # the driver's check of this point: a cache hit
+        h = self.control.initial(y, f, self.xp) if self.h is None else self.h
+        while True:
+            h = min(h, self.t_bound - t)
+            try:
+                trial = etd2_step(self.fun, y, f, h, self.runs, self.levels)
+                err = self.control.error(trial.correction, y, trial.y_new, self.xp)
+            except FlowDiverged:  # a non-finite trial stage is a failed step: shrink and retry
+                err = float("inf")
+            if np.isfinite(err) and err <= 1.0:
+                break
+            h = self.control.rejected(h, err)
+            if h < _MIN_REL_STEP * max(t, 1.0):
+                return f"step size underflow (h = {h:.3g}) in ETD2 at t = {t:.6g}"
+        self._old = (y, f)
+        self.t_old = t
+        self.t = self.t_bound if t + h >= self.t_bound * (1 - 1e-15) else t + h
+        self._y = trial.y_new
+        self.h = self.control.accepted(h, err, trial.rho)
+        return None
+
+    def dense(self) -> DenseOutput:
+        y_old, f_old = self._old
+        f = self.fun(self._y)[1]
+        ends = (self.host(y_old), self.host(f_old), self.host(self._y), self.host(f))
+        return _HermiteOutput(self.t_old, ends[0], ends[1], self.t, ends[2], ends[3])
+
+    @classmethod
+    def default_tolerances(cls, tol: float) -> tuple[float, float]:
+        # The step cap makes ETD2 end at the fixed point at any rtol, so rtol sets only the accuracy of
+        # the path: at 1e-5 the loss along it stays within ~4e-7 (relative) of BDF at rtol 1e-10, at
+        # (C, N, p) = (10, 100, 64), lam = 5e-4 (docs/theory.md §13.4).
+        return 1e-5, 1e-7
+
+
+# Integrators by name. RK23's error estimate is second order but it propagates the third-order
+# solution; BDF and LSODA change their order as they go (BDF 1-5, LSODA's stiff branch 1-5 and its
+# Adams branch 1-12).
+METHODS: dict[str, type[Integrator]] = {
+    "ETD2": ETD2,
+    "RK23": _scipy_method("RK23", 3),
+    "RK45": _scipy_method("RK45", 5),
+    "DOP853": _scipy_method("DOP853", 8),
+    "Radau": _scipy_method("Radau", 5, "sparse"),
+    "BDF": _scipy_method("BDF", (1, 5), "sparse", cache_by_value=True),
+    "LSODA": _scipy_method("LSODA", (1, 12), "dense", cache_by_value=True),
+}
+
+# The library's default method (the CLI, sweeps and reproduce take it from here): measured fastest
+# where it works, docs/theory.md §13.6. ETD2 is second order, so a path asked for below
+# ACCURATE_RTOL gets the eighth-order DOP853 instead.
+DEFAULT_METHOD = "ETD2"
+ACCURATE_METHOD = "DOP853"
+ACCURATE_RTOL = 1e-7
+
+
+def default_method(rtol: float | None = None) -> str:
+    """The method used when none is named: DEFAULT_METHOD, or ACCURATE_METHOD for rtol < ACCURATE_RTOL."""
+    return ACCURATE_METHOD if rtol is not None and rtol < ACCURATE_RTOL else DEFAULT_METHOD
