@@ -13,6 +13,10 @@ from collections.abc import Callable
 
 from .losses import LOSSES
 
+# Where ``ufm reproduce`` writes by default: the full run regenerates the committed figures/; the
+# quick run (the README's quick start) writes under the ignored runs/, leaving tracked files alone.
+FULL_OUT, QUICK_OUT = "figures", "runs/reproduce-quick"
+
 # Each entry adds one subcommand to the parser and sets ``run`` to its handler (``ufm.cli``).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -310,7 +314,10 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
         "reproduce", help="the main job: proofs, flows, phase diagram, network; figures + report"
     )
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="figures", help="output directory (default: figures/)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR",
+        help=f"output directory (default: {QUICK_OUT}/ with --quick, so the committed figures stay; else {FULL_OUT}/)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of random starts and training (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress bars")
     p.set_defaults(run=_run_reproduce)
@@ -319,7 +326,8 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
 def _run_reproduce(args: argparse.Namespace) -> int:
     from .experiments.reproduce import reproduce
 
-    res = reproduce(args.out, quick=args.quick, seed=args.seed, progress=not args.json)
+    out = args.out or (QUICK_OUT if args.quick else FULL_OUT)
+    res = reproduce(out, quick=args.quick, seed=args.seed, progress=not args.json)
     summary = {
         "report": str(res.report),
         "figures": [str(f) for f in res.figures],
