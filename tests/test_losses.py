@@ -1,13 +1,16 @@
 """Loss objects: values against typed-out formulas, gradients against finite differences and torch
 autograd (float64), the bias curvature, label smoothing and per-class counts end to end."""
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
 
 from ufm.closed_form import ufm_optimum
 from ufm.dynamics import gradient_flow, reduced_flow
-from ufm.losses import LOSSES, CrossEntropy, NoClosedForm, SquareLoss, get_loss
+from ufm.losses import LOSSES, CrossEntropy, Loss, NoClosedForm, SquareLoss, get_loss
 from ufm.model import UFMParams, UFMProblem, loss, loss_and_grad, outputs, torch_loss
 
 SMOOTHINGS = (0.0, 0.1, 0.4)
@@ -166,3 +169,45 @@ def test_reduced_flow_with_label_smoothing_follows_the_full_flow():
     full = gradient_flow(problem, manifold_params(problem, frame, a0, m0, beta0), method="DOP853",
                          t_max=20.0, tol=0.0, rtol=1e-11, atol=1e-13, t_eval=ts, metrics=False)  # fmt: skip
     np.testing.assert_allclose(red.loss, full.loss[:3], rtol=1e-8)
+
+
+@dataclass(frozen=True)
+class PseudoHuber(Loss):
+    """A loss the library has never seen: 1/n sum_i sum_c (sqrt(1 + (f - t)^2) - 1)."""
+
+    name: ClassVar[str] = "pseudo_huber"
+
+    def value_and_grad(self, f, T):
+        r = f - T
+        root = np.sqrt(1 + r * r)
+        return float(np.sum(root - 1)) / f.shape[1], r / root / f.shape[1]
+
+    def torch_value(self, f, labels, C):
+        r = f - self.torch_targets(labels, C, f.dtype)
+        return (torch.sqrt(1 + r * r) - 1).sum(dim=1).mean()
+
+    @property
+    def bias_curvature(self) -> float:
+        return 0.0
+
+
+def test_a_new_loss_is_one_class(monkeypatch):
+    """Openness: a Loss subclass registered in LOSSES works in the model (gradient against autograd),
+    the flow (the loss descends to a stationary point) and training (TrainConfig accepts it), and says
+    that it has no closed form; nothing else in the library was told about it."""
+    from ufm.training import TrainConfig
+
+    monkeypatch.setitem(LOSSES, "pseudo_huber", PseudoHuber)
+    problem = UFMProblem(3, 2, 0.02, 0.02, loss="pseudo_huber", label_smoothing=0.1)
+    params = UFMParams.random(problem, 4, rng=0)
+    _, grad = loss_and_grad(problem, params)
+    tensors = [torch.tensor(a, requires_grad=True) for a in params.arrays()]
+    torch_loss(problem, tensors[0], tensors[1:2], tensors[2]).backward()
+    np.testing.assert_allclose(
+        grad.ravel(), np.concatenate([t.grad.numpy().ravel() for t in tensors]), rtol=1e-10
+    )
+    r = gradient_flow(problem, params, metrics=False)
+    assert r.status == 1 and np.all(np.diff(r.loss) <= 1e-12)
+    with pytest.raises(NoClosedForm, match="pseudo_huber"):
+        problem.loss.closed_form(problem)
+    assert TrainConfig(loss="pseudo_huber", label_smoothing=0.1).data_loss == PseudoHuber(0.1)
