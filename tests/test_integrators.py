@@ -9,7 +9,7 @@ import pytest
 
 from ufm.closed_form import ufm_optimum
 from ufm.dynamics import METHODS, gradient_flow
-from ufm.dynamics.flow import _gradient_system
+from ufm.dynamics.flow import _gradient_system, _System, integrate
 from ufm.dynamics.integrators import ACCURATE_METHOD, DEFAULT_METHOD, Evaluator
 from ufm.model import UFMParams, UFMProblem, loss_and_grad
 
@@ -146,3 +146,29 @@ def test_bad_budgets_are_refused():
         gradient_flow(problem, start, max_nfev=0)
     with pytest.raises(ValueError, match="max_seconds"):
         gradient_flow(problem, start, max_seconds=0.0)
+
+
+@pytest.mark.parametrize("name", ["ETD2", "DOP853", "BDF"])
+def test_a_blow_up_stops_with_the_last_good_state(name):
+    """y' = y^2 from y = 1 blows up at t = 1 (exact solution 1/(1 - t)): the run stops near t = 1,
+    failed (status -1: step size underflow) or out of its budget (status 3), says so, and returns the
+    last state that passed the check, finite, never NaN."""
+    problem = UFMProblem(2, 1, 0.0, 0.0, bias=False)
+    like = UFMParams.random(problem, 1, rng=0)  # 4 numbers: H (1, 2) and W (2, 1)
+
+    def field(y):
+        with np.errstate(over="raise", invalid="raise"):
+            dy = y * y
+            return float(y @ y), dy, float(np.linalg.norm(dy))
+
+    system = _System(
+        problem, np.ones(4), field, lambda y: UFMParams.unravel(like, np.asarray(y)), np.zeros(4)
+    )
+    r = integrate(system, method=name, t_max=2.0, tol=0.0, rtol=1e-6, atol=1e-9, t_eval=None, n_records=5,
+                  metrics=False, target_loss=None, dense_output=False, progress=False, device="cpu",
+                  max_nfev=5000)  # fmt: skip
+    assert r.status in (-1, 3) and not r.success
+    assert 0.5 < r.t_final < 1.01
+    assert "t = " in r.message
+    final = r.params.ravel()
+    assert np.all(np.isfinite(final)) and final.min() > 2  # on the way up: 1/(1 - 0.5) = 2

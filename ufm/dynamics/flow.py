@@ -429,11 +429,11 @@ class _Run:
             self.ys.append(np.array(y, dtype=float))
             self.next_record += 1
 
-    def finish(self, solver: Integrator) -> None:
-        """Make the final state the last record."""
-        if not self.ts or self.ts[-1] < solver.t:
-            self.ts.append(solver.t)
-            self.ys.append(np.array(solver.host(solver.y), dtype=float))
+    def finish(self, t: float, y: np.ndarray) -> None:
+        """Make the final state (the last one that passed the check) the last record."""
+        if not self.ts or self.ts[-1] < t:
+            self.ts.append(t)
+            self.ys.append(np.array(y, dtype=float))
 
     def solution(self) -> OdeSolution | None:
         return OdeSolution(self.seg_t, self.segments) if self.segments else None
@@ -491,11 +491,11 @@ def integrate(
     bar = _Progress(t_max, progress, f"flow {method}")
     t_start = time.perf_counter()
     try:
-        status, msg = _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar,
-                             budget_nfev, budget_seconds, t_start)  # fmt: skip
+        status, msg, (t_end, y_end) = _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar,
+                                             budget_nfev, budget_seconds, t_start)  # fmt: skip
     finally:
         bar.close()
-    run.finish(solver)
+    run.finish(t_end, solver.host(y_end))
     nfev = fun.nfev + (0 if on_host else check.nfev)
     sol = run.solution() if dense_output else None
     if sol is not None and system.to_flat is not None:
@@ -510,32 +510,39 @@ def _torch_only(system: _System):
 
 
 def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfev, max_seconds, t_start):
-    """Step until a stopping rule fires; (status, message)."""
+    """Step until a stopping rule fires; (status, message, (t, y) of the last state that passed the
+    check). States are not copied: no integrator writes into a state it has accepted."""
+    good = (solver.t, solver.y)
     while True:
         try:
             value, _, stat = fun(solver.y)
         except FlowDiverged as err:
-            return -1, str(err)
+            return -1, str(err), good
+        good = (solver.t, solver.y)
         run.record(solver, dense_output)
         fun.t_good = solver.t
         at = f" at t = {solver.t:.6g}"
         if stat < tol:
-            return 1, STATUS_MESSAGES[1] + at
+            return 1, STATUS_MESSAGES[1] + at, good
         if target_loss is not None and value <= target_loss:
-            return 2, STATUS_MESSAGES[2] + at
+            return 2, STATUS_MESSAGES[2] + at, good
         if solver.t >= t_max:
-            return 0, STATUS_MESSAGES[0] + at
+            return 0, STATUS_MESSAGES[0] + at, good
         if fun.nfev >= max_nfev:
-            return 3, f"{STATUS_MESSAGES[3]}: {fun.nfev} >= {max_nfev}{at}; raise max_nfev or loosen tol"
+            return (
+                3,
+                f"{STATUS_MESSAGES[3]}: {fun.nfev} >= {max_nfev}{at}; raise max_nfev or loosen tol",
+                good,
+            )
         if time.perf_counter() - t_start >= max_seconds:
-            return 4, f"{STATUS_MESSAGES[4]}: {max_seconds:g} s{at}; raise max_seconds or loosen tol"
+            return 4, f"{STATUS_MESSAGES[4]}: {max_seconds:g} s{at}; raise max_seconds or loosen tol", good
         bar.update(solver.t)
         try:
             failure = solver.step()
         except FlowDiverged as err:
-            return -1, str(err)
+            return -1, str(err), good
         if failure is not None:
-            return -1, f"{failure}; last good time t = {fun.t_good:.6g}"
+            return -1, f"{failure}; last good time t = {fun.t_good:.6g}", good
 
 
 def _package(system, run, method, nfev, status, msg, metrics, sol) -> FlowResult:
