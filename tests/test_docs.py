@@ -11,7 +11,12 @@ HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", re.MULTILINE)
 
 def test_every_theory_reference_resolves():
     sections = set(HEADING.findall((ROOT / "docs" / "theory.md").read_text()))
-    files = [*ROOT.glob("ufm/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*"), ROOT / "README.md"]
+    files = [
+        *ROOT.glob("ufm/**/*.py"),
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("benchmarks/*"),
+        ROOT / "README.md",
+    ]
     cited = {}
     for path in files:
         for number in REFERENCE.findall(path.read_text()):
