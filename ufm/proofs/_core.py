@@ -128,6 +128,14 @@ class ProofResult:
 PROOFS: dict[str, Proof] = {}
 
 
+def with_overrides(formulas: dict[str, Callable], overrides: dict[str, Callable]) -> dict[str, Callable]:
+    """The library's formulas with some replaced (tests hand in a wrong formula to see a proof fail)."""
+    unknown = set(overrides) - set(formulas)
+    if unknown:
+        raise ValueError(f"unknown formulas {sorted(unknown)}; valid: {', '.join(formulas)}")
+    return {**formulas, **overrides}
+
+
 def register(key: str, name: str, source: str, assumptions: str):
     """Decorator: register ``check`` as the proof ``key``."""
 

@@ -50,7 +50,7 @@ import sympy
 from ufm import closed_form
 from ufm.model import UFMProblem, loss_and_grad, outputs
 
-from ._core import Claim, numeric, positive, register, zero
+from ._core import Claim, numeric, positive, register, with_overrides, zero
 from .algebra import IJ
 from .symbols import C_GE2, N, eps, lam_h, lam_w, u
 
@@ -90,13 +90,6 @@ FORMULAS = {
     "collapse_bound": closed_form.ufm_collapse_bound,
     "smoothing_eps": closed_form.ufm_smoothing_eps,
 }
-
-
-def _formulas(overrides: dict) -> dict:
-    unknown = set(overrides) - set(FORMULAS)
-    if unknown:
-        raise ValueError(f"unknown formulas {sorted(unknown)}; valid: {', '.join(FORMULAS)}")
-    return {**FORMULAS, **overrides}
 
 
 def _targets(C_: Any, a_: Any) -> IJ:
@@ -170,7 +163,7 @@ def _point(f: dict, bias: bool, regime: str) -> _Point:
 
 
 def _stationarity(bias: bool, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     tag = "with bias" if bias else "no bias"
     P = _point(f, bias, "collapse")
     args, ls = (C, N, lam_w, P.lam_h), {"label_smoothing": A_LS}
@@ -263,7 +256,7 @@ def label_smoothing_nobias(rng: np.random.Generator, **formulas) -> list[Claim]:
     "lam_h = delta^2/(C^2 N lam_w) with delta = 1 - a/(1+w), w > 0 (1 - a < delta < 1)",
 )
 def label_smoothing_rank_one(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     P = _point(f, False, "rank_one")
     args = (C, N, lam_w, P.lam_h)
     return [
@@ -300,7 +293,7 @@ def label_smoothing_rank_one(rng: np.random.Generator, **overrides) -> list[Clai
     "on a = 1/(1+v) and delta = (1-a)/(1+u) or 1 - a/(1+w) (u, v, w > 0)",
 )
 def label_smoothing_global(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     s, sigma = sympy.symbols("s sigma", positive=True)
     A = _targets(C, a)
     P_perp, P_1 = A.projectors
@@ -409,7 +402,7 @@ def _bias_pythagoras() -> list[Claim]:
     "signs on a = 1/(1+v), delta = (1-a)/(1+u) or 1 - a/(1+w) (u, v, w > 0)",
 )
 def label_smoothing_regimes(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     args, ls = (C, N, lam_w, lam_h), {"label_smoothing": a}
     delta = f["delta"](*args)
     gap_bias = f["zero_loss"](C, True, **ls) - f["loss"](*args, True, **ls)
@@ -452,7 +445,7 @@ def label_smoothing_regimes(rng: np.random.Generator, **overrides) -> list[Claim
     "lam_h = delta^2/(C^2 N lam_w) with delta = (1-a)/(1+u), u > 0 (delta < 1 - a)",
 )
 def label_smoothing_sqi(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     T = _targets(C, A_LS)
     eps_ls = f["smoothing_eps"](C, A_LS)
     claims = [
@@ -569,7 +562,7 @@ def _numeric_residual(f: dict, rng: np.random.Generator) -> float:
     "delta = (1-a)/2 (collapse), 1 - a/2 (rank one, no bias), 1.3 (zero); p = C + 2, random rotation",
 )
 def label_smoothing_numeric(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     return [
         numeric(
             "ufm_optimum fields, .build under ufm.model (gradient 0, loss, outputs, norms, cosine) and the "

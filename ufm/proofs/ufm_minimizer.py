@@ -33,7 +33,7 @@ import sympy
 from ufm import closed_form
 from ufm.model import UFMProblem, loss_and_grad, outputs
 
-from ._core import Claim, numeric, positive, register, zero
+from ._core import Claim, numeric, positive, register, with_overrides, zero
 from .algebra import IJ
 from .symbols import C_GE2, N, lam_h, lam_w, u
 
@@ -56,13 +56,6 @@ FORMULAS = {
     "zero_loss": closed_form.ufm_zero_loss,
     "collapse_bound": closed_form.ufm_collapse_bound,
 }
-
-
-def _formulas(overrides: dict) -> dict:
-    unknown = set(overrides) - set(FORMULAS)
-    if unknown:
-        raise ValueError(f"unknown formulas {sorted(unknown)}; valid: {', '.join(FORMULAS)}")
-    return {**FORMULAS, **overrides}
 
 
 def _frame(bias: bool) -> IJ:
@@ -111,7 +104,7 @@ def _optimum_numeric_residual(f: dict, bias: bool, rng: np.random.Generator) -> 
 
 
 def _stationarity(bias: bool, rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     tag = "with bias" if bias else "no bias"
     F = _frame(bias)
     I = IJ.identity(C)
@@ -197,7 +190,7 @@ def ufm_stationarity_nobias(rng: np.random.Generator, **formulas) -> list[Claim]
     "C >= 2 integer (C = k + 1), N positive integer, lam_w, lam_h > 0 (delta < 1 via u > 0 where needed)",
 )
 def ufm_global(rng: np.random.Generator, **overrides) -> list[Claim]:
-    f = _formulas(overrides)
+    f = with_overrides(FORMULAS, overrides)
     w, h, s = sympy.symbols("w h s", real=True)
     claims = [
         zero("step 1 (AM-GM): lam_w/2 w^2 + lam_h/2 h^2 - sqrt(lam_w lam_h) w h = (sqrt(lam_w) w - sqrt(lam_h) h)^2/2",
