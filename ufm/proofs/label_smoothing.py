@@ -53,6 +53,7 @@ from ufm.model import UFMProblem, loss_and_grad, outputs
 from ._core import Claim, numeric, positive, register, with_overrides, zero
 from .algebra import IJ
 from .symbols import C_GE2, N, eps, lam_h, lam_w, u
+from .ufm_minimizer import bias_pythagoras
 
 C = C_GE2  # C = k + 1 >= 2, so that the signs of C - 1 are known
 v, w = sympy.symbols("v w", positive=True)
@@ -368,26 +369,7 @@ def label_smoothing_global(rng: np.random.Generator, **overrides) -> list[Claim]
             zero(f"built point: penalty = sqrt(lam_w lam_h) ||W H||_*, the bound of step 1 is attained ({tag})",
                  penalty - sympy.sqrt(lam_w * P.lam_h) * nuclear),
         ]  # fmt: skip
-    claims += _bias_pythagoras()
-    return claims
-
-
-def _bias_pythagoras() -> list[Claim]:
-    """Step 3 at given sizes: Z 1 = 0 gives ||Z + b 1^T - T||^2 = ||Z - T~||^2 + n ||b - 1/C||^2, T smoothed."""
-    claims = []
-    for C_, N_ in BIAS_SIZES:
-        n = C_ * N_
-        Y = sympy.Matrix(C_, n, lambda c, i, N_=N_: 1 if i // N_ == c else 0)
-        T = (1 - a) * Y + a / C_ * sympy.ones(C_, n)
-        free = sympy.Matrix(C_, n - 1, lambda i, j: sympy.Symbol(f"z_{i}_{j}", real=True))
-        Z = free.row_join(-free * sympy.ones(n - 1, 1))  # rows sum to zero: Z 1 = 0
-        b = sympy.Matrix(C_, 1, lambda i, _: sympy.Symbol(f"b_{i}", real=True))
-        Tc = (1 - a) * (Y - sympy.ones(C_, n) / C_)  # T - (1/C) 1 1^T, the centred smoothed targets
-        lhs = sum(x**2 for x in Z + b * sympy.ones(1, n) - T)
-        rhs = sum(x**2 for x in Z - Tc) + n * sum(x**2 for x in b - sympy.ones(C_, 1) / C_)
-        claims.append(
-            zero(f"step 3 (bias): Pythagoras with smoothed targets at C = {C_}, N = {N_}", lhs - rhs)
-        )
+    claims += bias_pythagoras(a, BIAS_SIZES, "step 3")
     return claims
 
 

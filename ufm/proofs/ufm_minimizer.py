@@ -27,6 +27,8 @@ Global optimality (the reduction of the docstring, steps 1-3):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import sympy
 
@@ -237,22 +239,25 @@ def ufm_global(rng: np.random.Generator, **overrides) -> list[Claim]:
             "threshold: delta^2 = lam_w lam_h / ufm_collapse_bound, so delta < 1 iff lam_w lam_h < bound",
             f["delta"](C, N, lam_w, lam_h) ** 2 - lam_w * lam_h / bound,
         ),
-        *_bias_pythagoras(),
+        *bias_pythagoras(),
     ]
     return claims
 
 
-def _bias_pythagoras() -> list[Claim]:
-    """Step 2 at given sizes: Z 1 = 0 gives ||Z + b 1^T - Y||^2 = ||Z - Y~||^2 + n ||b - 1/C||^2."""
+def bias_pythagoras(a: Any = 0, sizes: tuple = BIAS_SIZES, step: str = "step 2") -> list[Claim]:
+    """The bias step at given sizes: Z 1 = 0 gives ||Z + b 1^T - T||^2 = ||Z - T~||^2 + n ||b - 1/C||^2,
+    for the targets T = (1 - a) Y + a/C (a = 0: one-hot) and their centred part T~ = (1 - a)(Y - 11^T/C)."""
     claims = []
-    for C_, N_ in BIAS_SIZES:
+    smoothed = " with smoothed targets" if a != 0 else ""
+    for C_, N_ in sizes:
         n = C_ * N_
         Y = sympy.Matrix(C_, n, lambda c, i, N_=N_: 1 if i // N_ == c else 0)
+        T = (1 - a) * Y + a / C_ * sympy.ones(C_, n)
         free = sympy.Matrix(C_, n - 1, lambda i, j: sympy.Symbol(f"z_{i}_{j}", real=True))
         Z = free.row_join(-free * sympy.ones(n - 1, 1))  # rows sum to zero: Z 1 = 0
         b = sympy.Matrix(C_, 1, lambda i, _: sympy.Symbol(f"b_{i}", real=True))
-        Yc = Y - sympy.ones(C_, n) / C_
-        lhs = sum(x**2 for x in Z + b * sympy.ones(1, n) - Y)
-        rhs = sum(x**2 for x in Z - Yc) + n * sum(x**2 for x in b - sympy.ones(C_, 1) / C_)
-        claims.append(zero(f"step 2 (bias): Pythagoras at C = {C_}, N = {N_}", lhs - rhs))
+        Tc = (1 - a) * (Y - sympy.ones(C_, n) / C_)
+        lhs = sum(x**2 for x in Z + b * sympy.ones(1, n) - T)
+        rhs = sum(x**2 for x in Z - Tc) + n * sum(x**2 for x in b - sympy.ones(C_, 1) / C_)
+        claims.append(zero(f"{step} (bias): Pythagoras{smoothed} at C = {C_}, N = {N_}", lhs - rhs))
     return claims
