@@ -88,6 +88,23 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(toy):
     assert calls() == 6
 
 
+@pytest.mark.parametrize(
+    "ids", [("80890291e0033491", "1e10000000000000"), ("0123456789012345", "9999999999999999")]
+)
+def test_run_ids_that_look_like_numbers_are_read_back_as_ids(toy, monkeypatch, ids):
+    """A hex run id such as "80890291e0033491" parses as the float inf, an all-digit one as an int:
+    read back as numbers, finished runs were never seen as done, and every re-run appended duplicates
+    (3 sweeps of 4 runs gave 10 rows). The ids are forced here; a re-run must skip both runs."""
+    config, calls = toy
+    by_x = dict(zip((1.0, 2.0), ids))
+    monkeypatch.setattr(sweep, "run_id", lambda kind, settings: by_x[settings["x"]])
+    for _ in range(3):
+        run_sweep(config([1.0, 2.0]), workers=1, progress=False)
+    rows = read_table(config([1.0, 2.0])["out"], ("run_id",))
+    assert sorted(r["run_id"] for r in rows) == sorted(ids)
+    assert calls() == 2
+
+
 def test_interrupted_sweep_resumes_from_the_rows_written(toy):
     """Rows are appended as runs finish: a table cut after its first row (an interruption) resumes."""
     config, calls = toy

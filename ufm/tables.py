@@ -69,10 +69,18 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], first: Se
     return path
 
 
-def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a CSV table written by ``write_csv``, with typed cells (None where empty)."""
+def read_csv(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of a CSV table written by ``write_csv``, with typed cells (None where empty).
+
+    ``text_columns`` are kept as written: an identifier such as the hex run id "80890291e0033491"
+    would otherwise read back as the float inf, and "0123" as the int 123.
+    """
+    text = set(text_columns)
     with Path(path).open(newline="") as fh:
-        return [{k: cell_value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [
+            {k: (v or None) if k in text else cell_value(v) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -85,13 +93,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
-def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a results table (.csv or .parquet, e.g. a sweep's) as dicts; missing values are None."""
+def read_table(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows of a results table (.csv or .parquet, e.g. a sweep's) as dicts; missing values are None.
+    ``text_columns`` of a CSV are kept as strings (``read_csv``); Parquet keeps its column types."""
     path = Path(path)
     check_choice("table format", path.suffix, TABLE_FORMATS)
     if path.suffix == ".parquet":
         return pyarrow_parquet().read_table(path).to_pylist()
-    return read_csv(path)
+    return read_csv(path, text_columns)
 
 
 def pyarrow_parquet():

@@ -536,7 +536,7 @@ def run_sweep(
 
     plan = _plan(config, workers)
     runner = RUNNERS[plan.kind]
-    old = read_table(plan.out) if plan.out.exists() else []
+    old = read_table(plan.out, ID_COLUMNS) if plan.out.exists() else []
     other_kinds = sorted({r.get("kind") for r in old} - {plan.kind})
     if other_kinds:
         raise ValueError(
