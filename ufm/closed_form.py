@@ -302,7 +302,8 @@ class UFMOptimum:
             return 0.0, 0.0
         if self.geometry == "rank_one":
             return 0.0, 1.0 - self.delta
-        return 1.0 - self.label_smoothing - self.delta, 0.0 if self.bias else 1.0 - self.delta
+        args = (self.C, self.N, self.lam_w, self.lam_h, self.bias, self.label_smoothing)
+        return tuple(float(q) for q in _mode_weights(*args))
 
 
 def ufm_optimum(

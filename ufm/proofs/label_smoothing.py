@@ -53,6 +53,7 @@ from ufm.model import UFMProblem, loss_and_grad, outputs
 from ._core import Claim, numeric, positive, register, with_overrides, zero
 from .algebra import IJ
 from .symbols import C_GE2, N, eps, lam_h, lam_w, u
+from .ufm_minimizer import FORMULAS as MINIMIZER_FORMULAS
 from .ufm_minimizer import bias_pythagoras
 
 C = C_GE2  # C = k + 1 >= 2, so that the signs of C - 1 are known
@@ -76,19 +77,13 @@ NUMERIC_RATIOS = (0.5, 3.0)
 # on O(1) numbers at n <= 15 examples).
 REL_TOL = 1e-9
 
+# The library's formulas the proofs evaluate: the minimizer proof's, plus those label smoothing adds.
 FORMULAS = {
-    "delta": closed_form.ufm_delta,
-    "eps": closed_form.ufm_eps,
-    "f_other": closed_form.ufm_f_other,
+    **MINIMIZER_FORMULAS,
     "norm_product": closed_form.ufm_norm_product,
     "w_scale": closed_form.ufm_w_scale,
-    "w_row_norm_sq": closed_form.ufm_w_row_norm_sq,
-    "h_norm_sq": closed_form.ufm_h_norm_sq,
     "cos_w": closed_form.ufm_cos_w,
-    "loss": closed_form.ufm_loss,
     "rank_one_loss": closed_form.ufm_rank_one_loss,
-    "zero_loss": closed_form.ufm_zero_loss,
-    "collapse_bound": closed_form.ufm_collapse_bound,
     "smoothing_eps": closed_form.ufm_smoothing_eps,
 }
 
