@@ -39,9 +39,17 @@ from .geometry import frame_distance
 # rounding in a product of length max(C, p) grows about that much.
 _RANK_RTOL_FACTOR = 1.0
 
-# One-shot nc_metrics feeds the accumulator chunks of about this many float64 entries (64 MiB), so a
-# large float32 array is never copied whole to float64.
+# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64), so
+# a large array is never copied whole.
 _CHUNK_ELEMENTS = 2**23
+
+# Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
+# (1 MiB in float32), which stay in the CPU's L2 cache between the cast and its use: memory traffic stays
+# that of reading the features once per pass.
+_BLOCK_ELEMENTS = 2**18
+
+# Feature dtypes measured in float32 (the big products); everything else is measured in float64.
+_FLOAT32_WORK = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -125,8 +133,14 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _as_tensor(name: str, x: Any, device: torch.device | None = None) -> torch.Tensor:
-    """A float tensor on ``device`` (default: its own; CPU for NumPy), in the compute dtype."""
+def _as_tensor(
+    name: str, x: Any, device: torch.device | None = None, *, features: bool = False
+) -> torch.Tensor:
+    """A float tensor on ``device`` (default: its own; CPU for NumPy), in the compute dtype.
+
+    ``features``: float32 (and half-precision) features stay float32, the dtype of the big products
+    (docs/theory.md §17.9); everything else is cast to the compute dtype.
+    """
     if isinstance(x, torch.Tensor):
         t = x.detach()
     else:
@@ -135,25 +149,71 @@ def _as_tensor(name: str, x: Any, device: torch.device | None = None) -> torch.T
             raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
         t = torch.from_numpy(a)
     device = t.device if device is None else device
-    return t.to(device=device, dtype=_compute_dtype(device))
+    dtype = _compute_dtype(device)
+    return t.to(device=device, dtype=torch.float32 if features and t.dtype in _FLOAT32_WORK else dtype)
 
 
-def _as_labels(y: Any, b: int, C: int, device: torch.device) -> torch.Tensor:
-    """Integer labels (b,) in 0..C-1 as int64 on ``device``."""
+def _as_labels(y: Any, b: int, device: torch.device) -> torch.Tensor:
+    """Labels (b,) on ``device``, checked for shape and dtype; their values are checked by
+    :class:`_Faults` without waiting for the device."""
     t = y.detach() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
     if t.ndim != 1 or t.shape[0] != b:
         raise ValueError(
             f"labels must be 1-D with one entry per feature row ({b}), got shape {tuple(t.shape)}"
         )
-    if t.is_floating_point():
-        if not bool(torch.all(t == torch.round(t))):
-            raise ValueError("labels must be integers 0..C-1")
-    elif t.dtype == torch.bool or t.is_complex():
+    if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"labels must be integers 0..C-1, got dtype {t.dtype}")
-    t = t.to(device=device, dtype=torch.int64)
-    if b and (int(t.min()) < 0 or int(t.max()) >= C):
-        raise ValueError(f"labels out of range: found {int(t.min())}..{int(t.max())}, expected 0..{C - 1}")
-    return t
+    return t.to(device=device)
+
+
+class _Faults:
+    """Bad batches noted on the device and reported once, at the end of a pass.
+
+    Checking a batch's values on the host (``bool(...)``, ``int(...)``) waits for a GPU to finish it;
+    here each check is a device tensor holding the first failing batch (-1: none), read back once by
+    :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label can never index out of
+    bounds while it waits to be reported.
+    """
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._first: dict[str, torch.Tensor] = {}
+        self._lo = self._hi = None
+
+    def note(self, what: str, bad: torch.Tensor, batch: int) -> None:
+        """``bad`` (0-d bool) is whether batch number ``batch`` failed check ``what``."""
+        first = self._first.get(what)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.int64, device=self._device)
+        self._first[what] = torch.where((first < 0) & bad, batch, first)
+
+    def labels(self, t: torch.Tensor, C: int, batch: int) -> torch.Tensor:
+        """int64 labels in 0..C-1 (clamped), noting non-integers and the range seen."""
+        if t.is_floating_point():
+            self.note("non-integer labels", (t != torch.round(t)).any(), batch)
+        y = t.to(torch.int64)
+        if y.numel():
+            lo, hi = torch.aminmax(y)
+            self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+            self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+            self.note("labels out of range", (lo < 0) | (hi >= C), batch)
+        return y.clamp(0, C - 1)
+
+    def raise_first(self, C: int) -> None:
+        """ValueError for the first check that failed (one host read per check)."""
+        for what, first in self._first.items():
+            k = int(first)
+            if k < 0:
+                continue
+            if what == "labels out of range":
+                raise ValueError(
+                    f"labels out of range: found {int(self._lo)}..{int(self._hi)}, expected 0..{C - 1}"
+                    f" (first in batch {k})"
+                )
+            if what == "non-integer labels":
+                raise ValueError(f"labels must be integers 0..C-1 (batch {k} has non-integer values)")
+            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf)")
+        self._first.clear()
 
 
 def _numpy(name: str, x: Any) -> np.ndarray:
@@ -227,9 +287,11 @@ class NCAccumulator:
 
     Feed every batch once with :meth:`update`, call :meth:`end_first_pass`, feed the **same** batches
     again (any order, any split), then call :meth:`result`. Batches may be NumPy arrays or torch
-    tensors on any device; the accumulator computes in float64 on the device of the first batch, so a
-    GPU run stays on the GPU. The result equals the one-shot :func:`nc_metrics` up to summation order
-    (about 1e-13 relative).
+    tensors on any device; the accumulator works on the device of the first batch, so a GPU run stays
+    on the GPU, and never reads a value back inside :meth:`update` (bad values are reported at the end
+    of the pass, naming the first bad batch). Float32 features keep float32 products, float64 sums
+    (docs/theory.md §17.9); everything else is float64. The result equals the one-shot
+    :func:`nc_metrics` up to summation order (about 1e-13 relative).
 
     Parameters
     ----------
@@ -286,10 +348,12 @@ class NCAccumulator:
         return self._pass
 
     def _start(self, X: torch.Tensor) -> None:
-        self._device, self._dtype = X.device, X.dtype
+        # _dtype: the accumulators' (float64; float32 on MPS); _work: the big products' (the features').
+        self._device, self._dtype, self._work = X.device, _compute_dtype(X.device), X.dtype
         self.p = X.shape[1] if self.p is None else self.p
         self._counts = torch.zeros(self.C, dtype=torch.int64, device=X.device)
-        self._sums = torch.zeros(self.C, self.p, dtype=X.dtype, device=X.device)  # (C, p)
+        self._sums = torch.zeros(self.C, self.p, dtype=self._dtype, device=X.device)  # (C, p)
+        self._faults = _Faults(X.device)
 
     def update(self, features: Any, labels: Any, outputs: Any = None) -> None:
         """Add a batch: features (b, p), labels (b,), optional network outputs (b, C).
@@ -297,24 +361,29 @@ class NCAccumulator:
         In pass 1 only features and labels are used; outputs (used in pass 2 for NC4 when W is
         absent, and for eps and the SQI spread) may be passed in both passes.
         """
-        X = _as_tensor("features", features, self._device)
+        X = _as_tensor("features", features, self._device, features=True)
         if X.ndim != 2:
             raise ValueError(f"features must be a (n, p) matrix of rows, got shape {tuple(X.shape)}")
         if self._device is None:
             self._start(X)
         if X.shape[1] != self.p:
             raise ValueError(f"features must have p = {self.p} columns, got shape {tuple(X.shape)}")
-        y = _as_labels(labels, X.shape[0], self.C, self._device)
+        if X.dtype != self._work:
+            X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
+        t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
+        y = self._faults.labels(t, self.C, self._batch)
         if self._pass == 1:
             self._update_sums(X, y)
         else:
             self._update_projected(X, y, outputs)
 
     def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
-        sums = torch.zeros_like(self._sums).index_add_(0, y, X)  # (C, p)
-        if not bool(torch.isfinite(sums).all()):
-            raise ValueError(f"features batch {self._batch} has non-finite entries (NaN or inf)")
+        # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
+        sums = torch.zeros_like(self._sums)  # (C, p)
+        for rows in _row_blocks(X, self._dtype):
+            sums.index_add_(0, y[rows], X[rows].to(self._dtype))
+        self._faults.note("features", ~torch.isfinite(sums).all(), self._batch)
         self._sums += sums
         self._counts += torch.bincount(y, minlength=self.C)
 
@@ -324,6 +393,7 @@ class NCAccumulator:
             raise ValueError("end_first_pass called twice")
         if self._device is None:
             raise ValueError("no examples: call update with at least one batch first")
+        self._faults.raise_first(self.C)
         counts = self._counts.cpu().numpy()
         empty = np.flatnonzero(counts == 0)
         if empty.size:
@@ -347,12 +417,18 @@ class NCAccumulator:
         basis = U if self._W is None else np.hstack([U, self._W.T])  # (p, r + C)
         # Stored transposed: on CPU, torch's (r + C, p) @ (p, b) runs up to 3x faster than
         # (b, p) @ (p, r + C) for these skinny shapes (measured at r + C = 19 and 28, float64).
-        self._basis_t = torch.as_tensor(basis.T.copy(), **dev)  # (r + C, p)
+        self._basis_t = torch.as_tensor(basis.T.copy(), device=self._device, dtype=self._work)  # (r + C, p)
+        # Float32 features are centred by m = mu_G rounded to float32 before the float32 product, so
+        # its rounding is relative to h - m, not to h (docs/theory.md §17.9); float64 needs no shift.
+        shift = np.zeros_like(self._mu_G) if self._work == self._dtype else self._mu_G.astype(np.float32)
+        self._shift = None if self._work == self._dtype else torch.as_tensor(shift, device=self._device)
         self._s = torch.as_tensor(s[:r], **dev)
-        self._u_G = torch.as_tensor(self._mu_G @ U, **dev)  # (r,) projected global mean
+        self._u_G = torch.as_tensor((self._mu_G - shift) @ U, **dev)  # (r,) projected mu_G - m
         self._Q = torch.as_tensor(A[:, :r] * s[:r], **dev)  # (C, r) = M U, projected centred means
         self._half_q2 = 0.5 * (self._Q**2).sum(dim=1)  # (C,)
-        self._bias = None if self._b is None else torch.as_tensor(self._b, **dev)
+        # W h + b = W (h - m) + (W m + b): the product sees the centred features.
+        bias = (0 if self._b is None else self._b) + (0 if self._W is None else self._W @ shift)
+        self._bias = torch.as_tensor(bias, **dev)
         self._nc1_sum = torch.zeros((), **dev)
         self._disagree = torch.zeros((), dtype=torch.int64, device=self._device)
         self._counts2 = torch.zeros_like(self._counts)
@@ -364,7 +440,7 @@ class NCAccumulator:
 
     def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
         r, C = self._r, self.C
-        G = (self._basis_t @ X.T).T  # (b, r + C): the only O(b p) work of pass 2
+        G = self._project(X).to(self._dtype)  # (b, r + C) = [U | W^T]^T (h - m)
         Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G)
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
         Z = (Pc - self._Q[y]) / self._s
@@ -372,13 +448,12 @@ class NCAccumulator:
         out = None
         if outputs is not None:
             out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], C))
-            if not bool(torch.isfinite(out).all()):
-                raise ValueError(f"outputs batch {self._batch} has non-finite entries (NaN or inf)")
+            self._faults.note("outputs", ~torch.isfinite(out).all(), self._batch)
         if self._outputs_given is None:
             self._outputs_given = out is not None
         elif self._outputs_given != (out is not None):
             raise ValueError("outputs were given for some batches of the second pass but not for others")
-        logits = out if self._W is None else G[:, r:] + (0 if self._bias is None else self._bias)  # (b, C)
+        logits = out if self._W is None else G[:, r:] + self._bias  # (b, C)
         if logits is not None:
             # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
             nearest = (Pc @ self._Q.T - self._half_q2).argmax(dim=1)
@@ -388,18 +463,35 @@ class NCAccumulator:
         self._counts2 += torch.bincount(y, minlength=C)
         self._n_pass2 += X.shape[0]
 
+    def _project(self, X: torch.Tensor) -> torch.Tensor:
+        """[U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only O(b p) work of pass 2."""
+        if self._shift is None:
+            # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
+            # shapes (measured at r + C = 19 and 28, float64).
+            return (self._basis_t @ X.T).T
+        G = torch.empty(X.shape[0], self._basis_t.shape[0], dtype=X.dtype, device=X.device)
+        for rows in _row_blocks(X, self._dtype):
+            torch.matmul(X[rows] - self._shift, self._basis_t.T, out=G[rows])
+        return G
+
     def _add_output_moments(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        # No boolean mask (its size would be read back from a GPU): the correct-class slots are set to
+        # the mean they are measured about, where they add exactly zero.
         b, C = out.shape
-        correct = out.gather(1, y[:, None])[:, 0]  # (b,)
-        mask = torch.ones_like(out, dtype=torch.bool).scatter_(1, y[:, None], False)  # (b, C)
-        wrong = out[mask]  # (b (C-1),)
+        idx = y[:, None]
+        correct = out.gather(1, idx)  # (b, 1)
         self._correct.add(b, correct.sum(), lambda m: ((correct - m) ** 2).sum())
-        self._wrong.add(wrong.numel(), wrong.sum(), lambda m: ((wrong - m) ** 2).sum())
+        self._wrong.add(
+            b * (C - 1),
+            out.scatter(1, idx, 0.0).sum(),
+            lambda m: ((out.scatter(1, idx, m.expand(b, 1)) - m) ** 2).sum(),
+        )
 
     def result(self) -> NCMetrics:
         """The metrics, after both passes."""
         if self._pass != 2:
             raise ValueError("result needs two passes: call end_first_pass and feed the batches again")
+        self._faults.raise_first(self.C)
         if not torch.equal(self._counts2, self._counts):
             raise ValueError(
                 f"the second pass saw different data than the first ({self._n_pass2} vs {self.n} examples,"
@@ -441,8 +533,16 @@ class NCAccumulator:
         return NCMetrics(**fields)
 
 
-def _row_chunks(n: int, p: int) -> Iterable[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(p, 1))
+def _row_blocks(X: torch.Tensor, dtype: torch.dtype) -> Iterable[slice]:
+    """Row blocks of X small enough to stay in cache; one block when X is already in ``dtype`` on the
+    CPU, or on a GPU (whose memory bandwidth makes a whole-batch cast cheap)."""
+    if X.dtype == dtype or X.device.type != "cpu":
+        return (slice(None),)
+    return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+
+
+def _row_chunks(n: int, p: int, elements: int = _CHUNK_ELEMENTS) -> Iterable[slice]:
+    step = max(1, elements // max(p, 1))
     return (slice(i, min(i + step, n)) for i in range(0, n, step))
 
 
@@ -460,7 +560,7 @@ def nc_metrics(
 
     Parameters
     ----------
-    features : (n, p) array or tensor, one example per row (any torch device; computed there in float64).
+    features : (n, p) array or tensor, one example per row (any torch device; computed there).
     labels : (n,) integers 0..C-1; every class needs at least one example, C >= 2.
     W : (C, p) classifier with rows W^c, optional; b : (C,) bias, optional (needs W).
     outputs : (n, C) network outputs, optional. Used for eps and the SQI spread (instead of W h + b),
@@ -501,6 +601,15 @@ def nc_metrics(
     Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix.
     The features are processed in chunks (:class:`NCAccumulator`), so a float32 input is never copied
     whole.
+
+    Accuracy (docs/theory.md §17.9). Float64 features: rounding of float64 (about 1e-13 relative).
+    Float32 (or half-precision) features are measured with float32 products and float64 sums: the
+    class means, NC2, NC3, singular values and ranks are as accurate as from float64; NC1 is within
+    2 c kappa + (c kappa)^2 relative, c = (p + 2) 2^-24, kappa^2 = (1/n sum_i ||h_i - m||^2) Tr(S^-2) / NC1
+    with m = mu_G and S the singular values of M; the outputs W h + b within c ||W_c|| ||h_i - m||. That
+    is the result for features perturbed by (p + 2) 2^-24 ||h_i - m|| per example. Measured errors
+    are far below these bounds (on ``benchmarks/bench_metrics.py``'s data every measure is within 1e-5
+    relative of float64 on the same values); NC4 can change only for examples within that margin of a tie.
     """
     X = features if isinstance(features, torch.Tensor) else np.asarray(features)
     if X.ndim != 2:
