@@ -56,6 +56,28 @@ def test_building_the_parser_imports_no_heavy_module():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize(
+    ("argv", "unused"),
+    [
+        (["--help"], ("torch", "sympy", "scipy")),
+        (["solve", *PROBLEM, "-p", "4", "--json"], ("torch", "sympy", "scipy")),
+        (["solve", *PROBLEM, "-p", "4", "--verify", "--starts", "1", "--json"], ("torch", "sympy")),
+    ],
+)
+def test_commands_import_only_what_they_use(argv, unused):
+    """`ufm --help` and `ufm solve` (closed form) run without SciPy, torch or SymPy; --verify (L-BFGS)
+    brings SciPy only. A property of the imports, checked in a fresh interpreter; the start-up time
+    itself is measured in benchmarks/bench_startup.py."""
+    code = (
+        "import sys; from ufm.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {unused!r} if m in sys.modules), file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_solve_label_smoothing_json_is_the_typed_closed_form(bias, capsys):
     args = ["solve", *PROBLEM, "-p", "4", "--label-smoothing", str(SMOOTHING), "--json"]

@@ -89,7 +89,6 @@ def _solve(sub: argparse._SubParsersAction) -> None:
 
 def _run_solve(args: argparse.Namespace) -> int:
     from .model import UFMProblem
-    from .optimize import check_optimum
 
     bias = not args.no_bias
     a = args.label_smoothing or 0.0
@@ -102,6 +101,8 @@ def _run_solve(args: argparse.Namespace) -> int:
         )
     out = {"p": args.dim, **opt.as_dict()}
     if args.verify:
+        from .optimize import check_optimum  # SciPy's optimizers: only --verify needs them
+
         chk = check_optimum(
             args.classes, args.per_class, args.dim, args.lam_w, args.lam_h,
             bias=bias, n_starts=args.starts, seed=args.seed, label_smoothing=a,
