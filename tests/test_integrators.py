@@ -172,3 +172,34 @@ def test_a_blow_up_stops_with_the_last_good_state(name):
     assert "t = " in r.message
     final = r.params.ravel()
     assert np.all(np.isfinite(final)) and final.min() > 2  # on the way up: 1/(1 - 0.5) = 2
+
+
+def test_etd2_holds_three_states_beyond_the_field():
+    """Lean ETD2 (docs/theory.md §13.4): stepping as the driver does holds at most the state, its field
+    and one trial stage beyond what one field evaluation needs by itself (tracemalloc peaks; measured
+    3.2 states)."""
+    import tracemalloc
+
+    from ufm.dynamics.integrators import ETD2
+
+    problem = UFMProblem(10, 160, 5e-4, 5e-4)
+    system = _gradient_system(problem, UFMParams.random(problem, 64, rng=0))
+
+    def peak(fn):
+        tracemalloc.start()
+        fn()
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top / system.y0.nbytes
+
+    def stepping():
+        fun = Evaluator(system.field)
+        y0 = system.y0.copy()
+        fun(y0)
+        solver = ETD2(fun, y0, 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
+        for _ in range(10):
+            fun(solver.y)
+            assert solver.step() is None
+
+    field = peak(lambda: system.field(system.y0.copy()))  # its input and its own temporaries
+    assert peak(stepping) - field <= 3.3

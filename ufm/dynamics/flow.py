@@ -160,6 +160,11 @@ class _FlatCoordinates:
     def velocity(theta: Any, dtheta: Any) -> Any:
         return dtheta
 
+    @staticmethod
+    def params(like: UFMParams, y: np.ndarray) -> UFMParams:
+        """The parameters at state y, as views of y (no copy)."""
+        return UFMParams.unravel(like, y)
+
 
 class _MeanOutputCoordinates:
     """State (H, W, m) for the depth-1 UFM with a bias, m = W mu_G + b the mean output (C,).
@@ -194,12 +199,19 @@ class _MeanOutputCoordinates:
         return theta
 
     def velocity(self, theta: Any, dtheta: Any) -> Any:
-        """dy/dt from d theta/dt: dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt (the chain rule)."""
+        """dy/dt from d theta/dt: dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt (the chain rule).
+
+        Written into ``dtheta`` (every caller passes a fresh array); ``theta`` may be the state y
+        itself, since only H and W are read and they are shared."""
         H, W = self._H_W(theta)
         dH, dW = self._H_W(dtheta)
-        dy = dtheta + 0
-        dy[-self.C :] = dtheta[-self.C :] + (dW @ H.sum(1) + W @ dH.sum(1)) / self.n
-        return dy
+        dtheta[-self.C :] += (dW @ H.sum(1) + W @ dH.sum(1)) / self.n
+        return dtheta
+
+    def params(self, like: UFMParams, y: np.ndarray) -> UFMParams:
+        """The parameters (H, W, b) at state y: H and W are views of y, b = m - W mu_G (no state copy)."""
+        H, W = self._H_W(y)
+        return UFMParams(H, (W,), y[-self.C :] - self._mean_output_shift(y))
 
 
 def _coordinates(problem: UFMProblem, like: UFMParams) -> _FlatCoordinates | _MeanOutputCoordinates:
@@ -215,10 +227,10 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
 
     def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            theta = coords.to_flat(y)
-            value, grad = loss_and_grad(problem, UFMParams.unravel(start, theta))
-            g = grad.ravel()
-            return value, coords.velocity(theta, -g), float(np.linalg.norm(g))
+            value, grad = loss_and_grad(problem, coords.params(start, y))
+            g = grad.ravel()  # a fresh array: negated and turned into dy/dt in place
+            norm = float(np.linalg.norm(g))
+            return value, coords.velocity(y, np.negative(g, out=g)), norm
 
     field_flat = _torch_gradient_field(problem, start)
 

@@ -42,6 +42,9 @@ _PHI_SERIES = 0.02
 # A step shorter than this fraction of t is rounding noise: the integration is stuck.
 _MIN_REL_STEP = 1e-13
 _TINY = 1e-300
+# Elementwise norms of the state run over blocks of this many entries (256 KiB in float64): their
+# temporaries stay in the L2 cache instead of being whole copies of the state.
+_NORM_BLOCK = 2**15
 
 
 class FlowDiverged(ArithmeticError):
@@ -71,6 +74,7 @@ class Evaluator:
     def __call__(self, y: Any) -> tuple[float, Any, float]:
         if self._out is not None and (np.array_equal(self._key, y) if self.by_value else (y is self._key)):
             return self._out
+        self.release()  # the last point's arrays are not kept alive through the new evaluation
         try:
             value, dy, stat = self.field(y)
         except FloatingPointError as err:
@@ -82,6 +86,11 @@ class Evaluator:
         self._key = np.array(y, copy=True) if self.by_value else y
         self._out = (value, dy, stat)
         return self._out
+
+    def release(self) -> None:
+        """Forget the cached point: its arrays then belong to the caller alone, which may overwrite
+        them (ETD2 reuses a trial stage's field as scratch once it has read it)."""
+        self._key = self._out = None
 
 
 class Integrator(ABC):
@@ -239,22 +248,32 @@ def etd2_step(fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], level
     so the phi-functions are one scalar per run of Lambda. The correction y_new - u is the ETD1/ETD2
     difference, the error estimate. rho is free: both f values are at hand (Shampine's stiffness
     detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike.
+
+    Memory: three new state-sized arrays, u, y_new and the correction (written into f(u), which the
+    step owns once ``fun`` has released it); y and f are only read. Everything else is in place, run
+    by run (docs/theory.md §13.4).
     """
     phi1, phi2 = _phi12(h * levels)
-    u = y + 0
+    u = f + 0
+    sq_step = 0.0
     for run, c in zip(runs, h * phi1):
-        u[run] += c * f[run]
+        u[run] *= c  # the step h phi_1 f
+        sq_step += float(u[run] @ u[run])
+    u += y
     _, fu, _ = fun(u)
-    df = fu - f
-    corr = df + 0
-    sq_rest = sq_step = 0.0
+    fun.release()  # fu is ours: it becomes f(u) - f(y), then the correction
+    fu -= f
+    y_new = u + 0  # the scratch for lam c1 f below, then y_new
+    sq_rest = 0.0
     for run, c1, c2, lam in zip(runs, h * phi1, h * phi2, levels):
-        step = c1 * f[run]
-        sq_step += float((step**2).sum())
-        sq_rest += float(((df[run] - lam * step) ** 2).sum())
-        corr[run] *= c2
-        corr[run] -= c2 * c1 * lam * f[run]
-    return ETD2Step(u + corr, corr, (sq_rest / max(sq_step, _TINY)) ** 0.5)
+        y_new[run] = f[run]
+        y_new[run] *= c1 * lam  # lam times the step
+        fu[run] -= y_new[run]  # R(u) - R(y)
+        sq_rest += float(fu[run] @ fu[run])
+        fu[run] *= c2  # the correction h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 lam f(y)
+    y_new[:] = u
+    y_new += fu
+    return ETD2Step(y_new, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5)
 
 
 @dataclass
@@ -285,8 +304,17 @@ class StepController:
         return min(h, self.max_step)
 
     def error(self, correction: Any, y: Any, y_new: Any, xp: Any) -> float:
-        """RMS of the error estimate scaled by atol + rtol max(|y|, |y_new|); <= 1 accepts."""
-        return _rms(correction / (self.atol + self.rtol * xp.maximum(xp.abs(y), xp.abs(y_new))))
+        """RMS of the error estimate scaled by atol + rtol max(|y|, |y_new|); <= 1 accepts.
+
+        Computed over blocks of the (flat) state, so its temporaries are never copies of the state."""
+        total = 0.0
+        for i in range(0, correction.shape[0], _NORM_BLOCK):
+            block = slice(i, i + _NORM_BLOCK)
+            q = correction[block] / (
+                self.atol + self.rtol * xp.maximum(xp.abs(y[block]), xp.abs(y_new[block]))
+            )
+            total += float(q @ q)
+        return (total / correction.shape[0]) ** 0.5
 
     def rejected(self, h: float, err: float) -> float:
         """The next trial step after a rejection (a non-finite trial shrinks by the most)."""
@@ -365,6 +393,7 @@ class ETD2(Integrator):
 
     def step(self) -> str | None:
         y, t = self._y, self.t
+        self._old = None  # the last step's interpolant is not needed any more: free its two states
         f = self.fun(y)[1]  # the driver's check of this point: a cache hit
         h = self.control.initial(y, f, self.xp) if self.h is None else self.h
         while True:
@@ -376,6 +405,7 @@ class ETD2(Integrator):
                 err = float("inf")
             if np.isfinite(err) and err <= 1.0:
                 break
+            trial = None  # a rejected trial's two states are freed before the next one is made
             h = self.control.rejected(h, err)
             if h < _MIN_REL_STEP * max(t, 1.0):
                 return f"step size underflow (h = {h:.3g}) in ETD2 at t = {t:.6g}"

@@ -1,0 +1,120 @@
+"""Benchmark: the cost of one ETD2 evaluation against a hand-written gradient, and ETD2's memory.
+
+For each (C, N, p) (n = C N = 16,000 examples, p = 64, square loss with a bias, lam = 5e-4) it times,
+in one process on the same state:
+
+* gradient   a hand-written gradient of the UFM: three matrix products (W H, R H^T, W^T R) and the
+             weight-decay terms, in NumPy (``_gradient`` below): the floor of any first-order method;
+* field      the library's vector field (``ufm.dynamics.flow``'s, as ETD2 calls it);
+* ETD2       ``gradient_flow(method="ETD2")`` for a fixed budget of evaluations: wall / evaluations;
+* GD         ``gradient_descent`` for the same number of steps: wall / evaluations.
+
+and prints each per evaluation over ``gradient`` (target, issue 19: ETD2 under 1.2x), with the memory
+ETD2's stepping holds at its peak, in copies of the state (tracemalloc, NumPy's allocations; target:
+under 6), beside the peak of one evaluation of the field alone (its residuals are C x n, more than a
+state when C > p).
+
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_etd2.py [--evals 300] [--repeats 2]
+Each table is printed --repeats times, so the spread on a busy machine can be read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+
+from ufm.dynamics import gradient_descent, gradient_flow
+from ufm.dynamics.flow import _gradient_system
+from ufm.dynamics.integrators import ETD2, Evaluator
+from ufm.model import UFMParams, UFMProblem
+
+SIZES = [(10, 1600, 64), (20, 800, 64), (40, 400, 64), (80, 200, 64), (160, 100, 64)]
+LAM = 5e-4
+
+
+def _gradient(H, W, b, T, lam):
+    """Loss gradient of 1/(2n) ||W H + b 1^T - T||^2 + lam/2 (||W||^2 + ||H||^2), bias unregularized."""
+    n = H.shape[1]
+    R = (W @ H + b[:, None] - T) / n  # (C, n)
+    return W.T @ R + lam * H, R @ H.T + lam * W, R.sum(axis=1)
+
+
+def _best(fn, repeats: int = 5) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _peak_states(fn, nbytes: int) -> float:
+    """Peak memory traced while ``fn`` runs, in states (tracemalloc sees NumPy's buffers)."""
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / nbytes
+
+
+def _states_held(system, steps: int) -> tuple[float, float]:
+    """(ETD2 stepping as the driver does, one field evaluation): peak memory in states, everything
+    traced from a fresh copy of the start on."""
+
+    def stepping():
+        fun = Evaluator(system.field)
+        y0 = system.y0.copy()
+        fun(y0)
+        solver = ETD2(fun, y0, 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
+        for _ in range(steps):
+            fun(solver.y)  # the driver's check of the accepted state
+            solver.step()
+
+    nbytes = system.y0.nbytes
+    return _peak_states(stepping, nbytes), _peak_states(lambda: system.field(system.y0.copy()), nbytes)
+
+
+def _row(C: int, N: int, p: int, evals: int) -> str:
+    problem = UFMProblem(C, N, LAM, LAM)
+    start = UFMParams.random(problem, p, rng=0)
+    T = problem.T  # (C, n) targets
+    t_grad = _best(lambda: _gradient(start.H, start.W, start.b, T, LAM))
+    system = _gradient_system(problem, start)
+    y0 = system.y0
+    t_field = _best(lambda: system.field(y0))
+    run = dict(method="ETD2", tol=0.0, t_max=1e6, max_nfev=evals, metrics=False, n_records=2)
+    t0 = time.perf_counter()
+    r = gradient_flow(problem, start, **run)
+    t_etd2 = (time.perf_counter() - t0) / r.nfev
+    t0 = time.perf_counter()
+    gd = gradient_descent(problem, start, lr=0.5, n_steps=evals, metrics=False, record_every=10**9)
+    t_gd = (time.perf_counter() - t0) / gd.nfev
+    copies, field_copies = _states_held(system, steps=15)
+    return (
+        f"{C:>4} {N:>5} {p:>4} | {t_grad * 1e3:>8.3f} | {t_field / t_grad:>6.2f} {t_etd2 / t_grad:>6.2f}"
+        f" {t_gd / t_grad:>6.2f} {t_etd2 / t_gd:>8.2f} | {copies:>8.1f} {field_copies:>9.1f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--evals", type=int, default=300, help="evaluations per timed run (default 300)")
+    ap.add_argument("--repeats", type=int, default=2, help="print the table this many times (default 2)")
+    args = ap.parse_args()
+    head = (
+        f"{'C':>4} {'N':>5} {'p':>4} | {'grad ms':>8} | {'field':>6} {'ETD2':>6} {'GD':>6} {'ETD2/GD':>8}"
+        f" | {'ETD2 mem':>8} {'field mem':>9}"
+    )
+    for k in range(args.repeats):
+        print(f"# table {k + 1}: time per evaluation over the hand-written gradient; peak memory in states")
+        print(head)
+        print("-" * len(head))
+        for C, N, p in SIZES:
+            print(_row(C, N, p, args.evals), flush=True)
+
+
+if __name__ == "__main__":
+    main()
