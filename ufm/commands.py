@@ -175,7 +175,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 # Flags of ``ufm train`` that map one to one onto TrainConfig fields.
 _TRAIN_FIELDS = (
     "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
-    "weight_norm", "seed", "device", "loss", "label_smoothing",
+    "weight_norm", "seed", "device", "loss", "label_smoothing", "measure_every", "svd_every",
 )  # fmt: skip
 
 
@@ -206,6 +206,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--measure-every", type=int, metavar="K",
+        help="measure every K epochs (and at the first and last); unmeasured epochs have no history row",
+    )  # fmt: skip
+    p.add_argument(
+        "--svd-every", type=int, metavar="K",
+        help="singular-value measures (ranks) at epochs divisible by K only; blank (NaN) elsewhere",
+    )  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")

@@ -150,7 +150,11 @@ class TrainConfig:
     schedule : str
         Learning-rate schedule in :data:`SCHEDULES`.
     measure_every, checkpoint_every : int
-        Epochs between measurements and between checkpoints.
+        Epochs between measurements and between checkpoints. Unmeasured epochs have no history row.
+    svd_every : int
+        The singular-value measures (``rank_W{k}``, ``srank_W{k}``, ``wl_sv_ratio``) are taken at the
+        measured epochs that are multiples of it (and at epoch 0 and the last epoch); on the other
+        measured epochs those columns are blank (NaN). Default 1: every measured epoch.
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``. Not part of the run's identity
         (a run may be resumed on another device), but bit-identical resumption is promised on the CPU only.
@@ -174,13 +178,22 @@ class TrainConfig:
     schedule: str = "step"
     measure_every: int = 1
     checkpoint_every: int = 10
+    svd_every: int = 1
     device: str = "auto"
 
     def __post_init__(self):
         check_choice("arch", self.arch, ("mlp", "cnn"))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("depth", "width", "epochs", "batch_size", "measure_every", "checkpoint_every"):
+        for name in (
+            "depth",
+            "width",
+            "epochs",
+            "batch_size",
+            "measure_every",
+            "checkpoint_every",
+            "svd_every",
+        ):
             check_positive_int(name, getattr(self, name))
         for name in ("per_class", "test_per_class"):
             if getattr(self, name) is not None:
@@ -261,13 +274,12 @@ def _matrix(W: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def _forward_with_features(model: HomogeneousNet, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Outputs f (n, C) and penultimate features h (n, p), float64, hooked at FEATURE_LAYER's output."""
+def _forward_with_features(model: HomogeneousNet, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """Outputs f (n, C) as float64 NumPy, and penultimate features h (n, p) as the network's tensor on
+    its device (hooked at FEATURE_LAYER's output): only the small outputs travel to the host."""
     with capture_activations(model, FEATURE_LAYER, capture="output") as captured:
         outputs = [model(x[i : i + MEASURE_CHUNK]) for i in range(0, x.shape[0], MEASURE_CHUNK)]
-    f = torch.cat(outputs).double().cpu().numpy()
-    h = torch.cat(captured).double().cpu().numpy()
-    return f, h
+    return torch.cat(outputs).double().cpu().numpy(), torch.cat(captured)
 
 
 # Scalar measures taken from ufm.metrics.NCMetrics into every history row.
@@ -300,8 +312,12 @@ def measure_network(
     wd: float,
     *,
     loss: str | Loss = "mse",
+    singular_values: bool = True,
 ) -> dict[str, float]:
-    """All per-epoch measurements of one network, in float64.
+    """All per-epoch measurements of one network.
+
+    The features stay on the network's device in its dtype: ``nc_metrics`` measures them there (float32
+    products, float64 sums; docs/theory.md §17.9); the outputs, weights and class means are float64.
 
     Parameters
     ----------
@@ -312,6 +328,9 @@ def measure_network(
     x_test : Tensor, shape (n_test, ...); y_test : Tensor, shape (n_test,)
     wd : float
         lambda, for the regularization term and the theorem's predictions.
+    singular_values : bool
+        Whether to take the singular-value measures (``rank_W{k}``, ``srank_W{k}``, ``wl_sv_ratio``);
+        NaN when not.
     loss : str or Loss
         The data term (:func:`ufm.losses.get_loss`), with its label smoothing: ``train_loss`` is
         ``loss.value(f.T, loss.targets(y_train, C))`` = 1/n sum_i l(f_i, t_i), the same for the test set.
@@ -340,7 +359,7 @@ def measure_network(
     loss = get_loss(loss)
     model.eval()
     y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
-    f_tr, H = _forward_with_features(model, x_train)  # (n, C), (n, p)
+    f_tr, H = _forward_with_features(model, x_train)  # (n, C) host, (n, p) device
     f_te, _ = _forward_with_features(model, x_test)
     C = f_tr.shape[1]
     Ws = [_matrix(W) for W in model.weights()]
@@ -355,15 +374,14 @@ def measure_network(
     row["train_err"] = 1.0 - row["train_acc"]
     row["objective"] = row["train_loss"] + 0.5 * wd * sq_norms.sum()
 
-    nc = nc_metrics(H, y_tr, W=W_L, outputs=f_tr, layers=Ws)
+    nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr, layers=Ws)
     for key in _NC_KEYS:
         row[key] = float(getattr(nc, key))
     eps = nc.eps
 
     # Theorem at the measured eps and lambda: undefined without weight decay, and for a loss whose
     # residual is not (f - T)/n (docs/theory.md §4.3; label smoothing a shifts eps by a (C-1)/C).
-    mu = np.stack([H[y_tr == c].mean(axis=0) for c in range(C)])  # (C, p) class means
-    Mt = mu - H.mean(axis=0)  # (C, p): rows mu_c - mu_G
+    Mt = _centred_means(H, y_train, C)  # (C, p): rows mu_c - mu_G
     predicts = wd > 0 and loss.linear_residual
     a = loss.label_smoothing
     row["w_row_norm_sq"] = np.mean(np.sum(W_L**2, axis=1))
@@ -375,13 +393,22 @@ def measure_network(
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
 
     for k, W in enumerate(model.weights(), start=1):
-        s = _singular_values(W, exact=False)
+        s = _singular_values(W, exact=False) if singular_values else np.full(1, np.nan)
         row[f"norm_W{k}"] = np.sqrt(sq_norms[k - 1])
-        row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0]))
+        row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0])) if singular_values else np.nan
         row[f"srank_W{k}"] = sq_norms[k - 1] / s[0] ** 2
     row["rho"] = nc.rho
-    row["wl_sv_ratio"] = s[C - 1] / s[0] if len(s) >= C else 0.0  # s: singular values of W_L
+    # s: the singular values of W_L, the last layer
+    row["wl_sv_ratio"] = np.nan if not singular_values else s[C - 1] / s[0] if len(s) >= C else 0.0
     return {k: float(v) for k, v in row.items()}
+
+
+def _centred_means(H: torch.Tensor, y: torch.Tensor, C: int) -> np.ndarray:
+    """Rows mu_c - mu_G (C, p), float64, summed on H's device (only the C x p result is copied)."""
+    y = y.to(H.device)
+    sums = torch.zeros(C, H.shape[1], dtype=torch.float64, device=H.device).index_add_(0, y, H.double())
+    counts = torch.bincount(y, minlength=C).double()
+    return (sums / counts[:, None] - sums.sum(0) / counts.sum()).cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -643,9 +670,11 @@ def _divergence_message(epoch: int, step: int, value: float, config: TrainConfig
 def _record(state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, lr: float) -> dict:
     """Measure after ``state.epoch``, which trained at learning rate ``lr``; append to the history."""
     row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr}
+    svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
     row |= measure_network(
-        state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd, loss=config.data_loss
-    )
+        state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd, loss=config.data_loss,
+        singular_values=svd,
+    )  # fmt: skip
     state.history.append(row)
     if out is not None:
         write_csv(out / HISTORY, state.history)
