@@ -2,14 +2,19 @@
 
 For each (n, p, C) it times, in one process on the same features:
 
-* one pass   ``features @ A`` with A (p, C): the floor for anything that reads the features;
-* library    ``ufm.nc_metrics(features, labels, W, b)``: all of NC1-NC4, NC2 of W, SQI, ranks;
-* naive      the textbook NC1 alone: class means, Sigma_W and Sigma_B as p x p matrices, ``pinv``
-             (NumPy on CPU, torch on a GPU) with its default cutoff, in the features' dtype.
+* one pass   ``features @ A`` with A (p, C), in NumPy and in torch: the floor for anything that reads
+             the features;
+* library    ``ufm.nc_metrics(features, labels, W, b)`` on the NumPy array and on the torch tensor:
+             all of NC1-NC4, NC2 of W, SQI, ranks;
+* peer       the peer library's method for NC1 alone (Wu and Papyan's, /work/shared/PEERS.md; written
+             out in ``_peer_nc1``): accumulate the class means, then the p x p within-class scatter
+             batch by batch, and pseudo-invert the p x p Sigma_B, in torch in the features' dtype.
 
-Targets (issue 3): library >= 10x faster than naive, library <= 3x one pass. It also prints both NC1
-values (the naive one shows the pseudo-inverse trap of docs/theory.md §17.2 on float32 features) and the peak
-memory of the streaming accumulator for two n, which should not grow with n.
+One table per dtype, ratios to the one pass of the same library (NumPy or torch); the float32 table
+adds the largest relative difference of any measure from float64 on the same values. Targets (issue
+19): float32 within 3x of a float32 pass, float64 within 2.5x of a float64 pass; every float32 measure
+within 1e-5 of float64. Each table is printed ``--rounds`` times (spread on a busy machine). It also
+prints the streaming accumulator's peak memory for two n, which should not grow with n.
 
 Usage: python benchmarks/bench_metrics.py [--device cpu|cuda] [--quick] [--dtype float32|float64]
                                           [--threads N]
@@ -36,8 +41,9 @@ import torch  # noqa: E402
 
 from ufm import NCAccumulator, nc_metrics  # noqa: E402
 
-FULL_SIZES = [(50_000, 512, 10), (50_000, 2048, 100)]
+FULL_SIZES = [(50_000, 512, 10), (50_000, 2048, 100), (200_000, 512, 10)]
 QUICK_SIZES = [(10_000, 256, 10), (10_000, 1024, 50)]
+PEER_BATCH = 4096
 STREAM_BATCH = 4096
 
 
@@ -69,23 +75,32 @@ def _problem(n: int, p: int, C: int, dtype: str, device: str, seed: int = 0):
     return H, y, W, b
 
 
-def _naive_nc1(H, y, C: int):
-    """Textbook NC1 in the features' dtype: p x p Sigma_W and Sigma_B, default pseudo-inverse."""
-    if isinstance(H, np.ndarray):
-        Y = np.eye(C, dtype=H.dtype)[y]  # (n, C) one-hot
-        mu = (Y.T @ H) / Y.sum(axis=0)[:, None]
-        D = H - mu[y]
-        Sigma_W = D.T @ D / len(y)
-        M = mu - H.mean(axis=0)
-        Sigma_B = M.T @ M / C
-        return float(np.trace(Sigma_W @ np.linalg.pinv(Sigma_B)) / C)
-    Y = torch.nn.functional.one_hot(y, C).to(H.dtype)
-    mu = (Y.T @ H) / Y.sum(dim=0)[:, None]
-    D = H - mu[y]
-    Sigma_W = D.T @ D / len(y)
-    M = mu - H.mean(dim=0)
+def _peer_nc1(H: torch.Tensor, y: torch.Tensor, C: int) -> float:
+    """The peer library's NC1, in H's dtype: pass 1 accumulates class sums, pass 2 the p x p
+    within-class scatter sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T batch by batch; then
+    Tr(Sigma_W pinv(Sigma_B)) / C with torch's default pseudo-inverse cutoff."""
+    n, p = H.shape
+    sums = torch.zeros(C, p, dtype=H.dtype, device=H.device)
+    for i in range(0, n, PEER_BATCH):
+        sums.index_add_(0, y[i : i + PEER_BATCH], H[i : i + PEER_BATCH])
+    mu = sums / torch.bincount(y, minlength=C).to(H.dtype)[:, None]
+    scatter = torch.zeros(p, p, dtype=H.dtype, device=H.device)
+    for i in range(0, n, PEER_BATCH):
+        D = H[i : i + PEER_BATCH] - mu[y[i : i + PEER_BATCH]]
+        scatter += D.T @ D
+    M = mu - sums.sum(0) / n
     Sigma_B = M.T @ M / C
-    return float(torch.trace(Sigma_W @ torch.linalg.pinv(Sigma_B)) / C)
+    return float(torch.trace(scatter / n @ torch.linalg.pinv(Sigma_B)) / C)
+
+
+def _max_rel_diff(a, b) -> float:
+    """Largest relative difference of any scalar measure of two NCMetrics."""
+    worst = 0.0
+    for key, x in a.as_dict().items():
+        z = b.as_dict()[key]
+        if isinstance(x, float) and isinstance(z, float) and z != 0:
+            worst = max(worst, abs(x / z - 1))
+    return worst
 
 
 def _stream_peak(n: int, p: int, C: int, dtype: str, device: str) -> str:
@@ -133,16 +148,28 @@ def _stream_child(spec: str) -> None:
 
 
 def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
-    H, y, W, b = _problem(n, p, C, dtype, device)
-    A = torch.randn(p, C, device=device, dtype=H.dtype)
+    Ht, yt, Wt, bt = _problem(n, p, C, dtype, device)
+    At = torch.randn(p, C, device=device, dtype=Ht.dtype)
+    t = {}
+    t["pass torch"], _ = _best_time(lambda: Ht @ At, device, repeats)
+    t["lib torch"], m_torch = _best_time(lambda: nc_metrics(Ht, yt, Wt, bt), device, repeats)
+    t["peer"], nc1_peer = _best_time(lambda: _peer_nc1(Ht, yt, C), device, 1)
     if device == "cpu":
-        H, y, W, b, A = (t.numpy() for t in (H, y, W, b, A))  # the NumPy path users call on CPU
-    t_pass, _ = _best_time(lambda: H @ A, device, repeats)
-    t_lib, m = _best_time(lambda: nc_metrics(H, y, W, b), device, repeats)
-    t_naive, nc1_naive = _best_time(lambda: _naive_nc1(H, y, C), device, 1)
+        H, y, W, b, A = (x.numpy() for x in (Ht, yt, Wt, bt, At))  # the NumPy path users call on CPU
+        t["pass numpy"], _ = _best_time(lambda: H @ A, device, repeats)
+        t["lib numpy"], _ = _best_time(lambda: nc_metrics(H, y, W, b), device, repeats)
+    else:
+        t["pass numpy"] = t["lib numpy"] = float("nan")
+    diff = ""
+    if dtype == "float32":
+        ref = nc_metrics(Ht.double(), yt, Wt, bt)
+        diff = f" {_max_rel_diff(m_torch, ref):>9.1e}"
     print(
-        f"{n:>7} {p:>5} {C:>4} | {t_pass:>10.4f} {t_lib:>9.4f} {t_naive:>8.3f} |"
-        f" {t_lib / t_pass:>8.2f} {t_naive / t_lib:>9.1f} | {m.nc1:>12.6g} {nc1_naive:>12.4g}"
+        f"{n:>7} {p:>5} {C:>4} | {t['pass numpy']:>8.4f} {t['pass torch']:>8.4f} |"
+        f" {t['lib numpy'] / t['pass numpy']:>8.2f} {t['lib torch'] / t['pass torch']:>8.2f}"
+        f" {t['peer'] / t['pass torch']:>8.2f} {t['peer'] / t['lib torch']:>8.1f} |"
+        f" {m_torch.nc1:>10.6g} {nc1_peer:>10.4g}{diff}",
+        flush=True,
     )
 
 
@@ -150,13 +177,20 @@ def run(device: str, sizes, dtype: str, repeats: int) -> None:
     print(f"# ufm.nc_metrics benchmark on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}),"
           f" features {dtype}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")  # fmt: skip
     header = (
-        f"{'n':>7} {'p':>5} {'C':>4} | {'one pass s':>10} {'library s':>9} {'naive s':>8} |"
-        f" {'lib/pass':>8} {'naive/lib':>9} | {'NC1 library':>12} {'NC1 naive':>12}"
+        f"{'n':>7} {'p':>5} {'C':>4} | {'pass np s':>8} {'pass t s':>8} |"
+        f" {'lib np':>8} {'lib t':>8} {'peer':>8} {'peer/lib':>8} | {'NC1 lib':>10} {'NC1 peer':>10}"
+        + (f" {'max rel':>9}" if dtype == "float32" else "")
     )
+    print("# lib np, lib t, peer: x one pass of the same library (NumPy, torch; peer: torch)")
+    if dtype == "float32":
+        print("# max rel: largest relative difference of any measure from float64 on the same values")
     print(header)
     print("-" * len(header))
     for n, p, C in sizes:
         _row(n, p, C, dtype, device, repeats)
+
+
+def stream_memory(device: str, sizes, dtype: str) -> None:
     n0, p0, C0 = sizes[-1]
     peaks = [(n, _stream_peak(n, p0, C0, dtype, device)) for n in (n0, 4 * n0)]
     text = "; ".join(f"n = {n}: {peak}" for n, peak in peaks)
@@ -167,8 +201,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="smaller sizes for a fast check")
-    parser.add_argument("--dtype", default="float64", choices=("float32", "float64"),
-                        help="feature dtype (networks emit float32; the library computes in float64)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "float64"),
+                        help="feature dtype (default: both tables; networks emit float32)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=2, help="print each table this many times")
+    parser.add_argument("--memory", action="store_true", help="also the streaming peak memory")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (naive: one run)")
     parser.add_argument("--threads", type=int, help="BLAS/OpenMP threads (default: the libraries' own)")
     parser.add_argument("--_stream-child", help=argparse.SUPPRESS)
@@ -178,7 +214,12 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    run(args.device, QUICK_SIZES if args.quick else FULL_SIZES, args.dtype, args.repeats)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    for dtype in [args.dtype] if args.dtype else ["float64", "float32"]:
+        for _ in range(args.rounds):
+            run(args.device, sizes, dtype, args.repeats)
+        if args.memory:
+            stream_memory(args.device, sizes, dtype)
 
 
 if __name__ == "__main__":
