@@ -66,9 +66,7 @@ def _states_held(system, steps: int) -> tuple[float, float]:
 
     def stepping():
         fun = Evaluator(system.field)
-        y0 = system.y0.copy()
-        fun(y0)
-        solver = ETD2(fun, y0, 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
+        solver = ETD2(fun, system.y0.copy(), 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
         for _ in range(steps):
             fun(solver.y)  # the driver's check of the accepted state
             solver.step()

@@ -298,8 +298,7 @@ class StepController:
 
     def initial(self, y: Any, f: Any, xp: Any) -> float:
         """Hairer's starting step 0.01 ||y|| / ||f|| in the error norm (1e-6 near zero)."""
-        scale = self.atol + self.rtol * xp.abs(y)
-        d0, d1 = _rms(y / scale), _rms(f / scale)
+        d0, d1 = self._scaled_rms(y, y, y, xp), self._scaled_rms(f, y, y, xp)
         h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         return min(h, self.max_step)
 
@@ -307,14 +306,16 @@ class StepController:
         """RMS of the error estimate scaled by atol + rtol max(|y|, |y_new|); <= 1 accepts.
 
         Computed over blocks of the (flat) state, so its temporaries are never copies of the state."""
+        return self._scaled_rms(correction, y, y_new, xp)
+
+    def _scaled_rms(self, a: Any, y: Any, y_new: Any, xp: Any) -> float:
+        """RMS of a / (atol + rtol max(|y|, |y_new|)), block by block."""
         total = 0.0
-        for i in range(0, correction.shape[0], _NORM_BLOCK):
+        for i in range(0, a.shape[0], _NORM_BLOCK):
             block = slice(i, i + _NORM_BLOCK)
-            q = correction[block] / (
-                self.atol + self.rtol * xp.maximum(xp.abs(y[block]), xp.abs(y_new[block]))
-            )
+            q = a[block] / (self.atol + self.rtol * xp.maximum(xp.abs(y[block]), xp.abs(y_new[block])))
             total += float(q @ q)
-        return (total / correction.shape[0]) ** 0.5
+        return (total / a.shape[0]) ** 0.5
 
     def rejected(self, h: float, err: float) -> float:
         """The next trial step after a rejection (a non-finite trial shrinks by the most)."""
@@ -327,10 +328,6 @@ class StepController:
 
     def _factor(self, err: float) -> float:
         return self.safety * err**-self.error_exponent
-
-
-def _rms(a: Any) -> float:
-    return float((a**2).mean()) ** 0.5
 
 
 def _hermite(t0, y0, f0, t1, y1, f1, t):
