@@ -414,3 +414,49 @@ def test_dop853_on_a_stiff_flow_stops_within_its_time_budget():
     r = gradient_flow(problem, start, method="DOP853", max_seconds=1.0)
     assert r.status == 4 and "max_seconds" in r.message
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_dead_relus_name_the_epoch_and_give_a_hint(monkeypatch):
+    """Before: "all class means are equal (to rounding)" with no epoch and no hint. The last hidden
+    layer is made non-positive: its inputs are ReLU outputs (>= 0), so every feature is ReLU(<= 0) = 0."""
+    import torch
+
+    from ufm import training
+    from ufm.datasets import load_dataset
+
+    build = training.build_network
+
+    def dead(*args, **kwargs):
+        net = build(*args, **kwargs)
+        with torch.no_grad():
+            net.layers[-2].W.abs_().neg_()
+        return net
+
+    monkeypatch.setattr(training, "build_network", dead)
+    config = training.TrainConfig(
+        per_class=5, test_per_class=2, width=8, depth=3, batch_size=10, epochs=1, device="cpu"
+    )
+    with pytest.raises(
+        ValueError, match=r"after epoch 0: all class means are equal.*ReLUs .* dead.*lower --lr"
+    ):
+        training.train(config, progress=False, dataset=load_dataset("default", per_class=5, test_per_class=2))
+
+
+def test_reproduce_replaces_its_directory_whole(tmp_path):
+    """A run is written into ``.NAME.partial-PID`` and replaces ``out`` only when complete: a run killed
+    midway leaves ``out`` as it was, and a finished one leaves no file of the previous run beside its own
+    (before: report.md of one seed beside tables of another)."""
+    from ufm.experiments.reproduce import _move_into_place, _staging
+
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "report.md").write_text("run 1")
+    (out / "stale.csv").write_text("run 1")
+    stage = _staging(out)
+    (stage / "report.md").write_text("run 2")
+    assert (out / "report.md").read_text() == "run 1"  # a kill here changes nothing in out
+    _move_into_place(stage, out)
+    assert (
+        sorted(f.name for f in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "run 2"
+    )
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["figures"]  # no partial or old directory left

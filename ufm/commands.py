@@ -218,7 +218,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in DIR (default: refuse)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in DIR (default: refuse)"
+    )
     p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")
     p.add_argument(
         "--show-defaults",
