@@ -95,7 +95,7 @@ STATUS_COLUMNS = ("status", "error", "seconds")
 CONNECT_TIMEOUT_S = 10
 
 # Largest grid run_sweep accepts unless told otherwise (ufm sweep --max-runs): a grid is validated
-# and its settings held in memory before anything runs, about 2 KB a run.
+# and its settings held in memory before anything runs.
 MAX_RUNS = 10_000
 
 # Runs handed to the pool or cluster at once, per worker: enough to keep every worker busy while
