@@ -176,3 +176,27 @@ def test_train_passes_loss_and_label_smoothing_to_the_config(capsys):
     assert main(args) == 0
     config = _json(capsys)
     assert config["loss"] == "ce" and config["label_smoothing"] == 0.1 and config["epochs"] == 1
+
+
+def test_quick_reproduce_writes_only_under_the_ignored_runs_directory(monkeypatch):
+    """The README's quick start (``ufm reproduce --quick``) must leave tracked files alone; it
+    overwrote the committed figures/ (18 modified files) before it defaulted to runs/reproduce-quick."""
+    from pathlib import Path
+
+    from ufm.experiments import reproduce as reproduce_module
+
+    seen = {}
+
+    def fake(out, **kwargs):  # records where the run would write, then stops the command
+        seen["out"] = Path(out)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(reproduce_module, "reproduce", fake)
+    assert main(["reproduce", "--quick"]) == 2
+    repo = Path(__file__).resolve().parents[1]
+    assert not seen["out"].is_absolute() and seen["out"].parts[0] == "runs"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(seen["out"] / "report.md")], cwd=repo)
+    if ignored.returncode == 128:  # not a git checkout (an sdist): read the rule instead
+        assert "/runs/" in (repo / ".gitignore").read_text().split()
+    else:
+        assert ignored.returncode == 0

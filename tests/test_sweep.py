@@ -105,17 +105,20 @@ def test_run_ids_that_look_like_numbers_are_read_back_as_ids(toy, monkeypatch, i
     assert calls() == 2
 
 
-def test_interrupted_sweep_resumes_from_the_rows_written(toy):
-    """Rows are appended as runs finish: a table cut after its first row (an interruption) resumes."""
+def test_a_torn_or_deleted_table_is_exported_again_from_the_store(toy):
+    """The rows live in the store; the table is only its export. A table cut mid-row (a crash or a full
+    disk while exporting) or deleted neither blocks nor re-runs anything: the next sweep writes it whole."""
     config, calls = toy
     res = run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
-    lines = res.table.read_text().splitlines()
-    assert len(lines) == 4  # header + 3 rows
-    res.table.write_text("\n".join(lines[:2]) + "\n")
+    text = res.table.read_text()
+    assert len(text.splitlines()) == 4  # header + 3 rows
+    res.table.write_text(text[: len(text) * 2 // 3])  # cut inside a row
     resumed = run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
-    assert (resumed.n_skipped, resumed.n_done) == (1, 2)
-    assert calls() == 5
-    assert sorted(r["y"] for r in read_table(res.table)) == [1.0, 4.0, 9.0]
+    assert (resumed.n_skipped, resumed.n_done) == (3, 0) and calls() == 3
+    assert res.table.read_text() == text
+    res.table.unlink()
+    run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
+    assert res.table.read_text() == text and calls() == 3
 
 
 def test_run_id_is_stable_and_depends_on_every_setting():
@@ -189,22 +192,30 @@ def test_unreachable_scheduler_is_a_clear_error(toy, monkeypatch):
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_table_round_trip_keeps_values_and_types(tmp_path, suffix):
+def test_store_and_export_round_trip_keep_values_and_types(tmp_path, suffix):
     if suffix == ".parquet":
         pytest.importorskip("pyarrow")
+    from ufm.experiments.store import SweepStore
+
     path = tmp_path / f"t{suffix}"
     rows = [
-        {"run_id": "a", "x": 0.1 + 0.2, "n": 3, "flag": True, "name": "mnist:/data", "err": None},
-        {"run_id": "b", "x": -1e-300, "n": -7, "flag": False, "name": "default", "err": "ValueError: x, y"},
-    ]
-    sweep._TableWriter(path, rows[:1], ["run_id"]).add(rows[1])
-    assert read_table(path) == rows
-    # A row with a new column widens the table; earlier rows get an empty cell.
-    writer = sweep._TableWriter(path, read_table(path), ["run_id"])
-    writer.add({"run_id": "c", "x": 2.5, "extra": 1})
-    back = read_table(path)
-    assert [r["extra"] for r in back] == [None, None, 1]
-    assert back[:2] == [r | {"extra": None} for r in rows]
+        {"run_id": "80890291e0033491", "kind": "toy", "status": "ok", "x": 0.1 + 0.2, "n": 3, "flag": True, "name": "mnist:/d", "err": None},
+        {"run_id": "0123", "kind": "toy", "status": "ok", "x": -1e-300, "n": -7, "flag": False, "name": "default", "err": "ValueError: x, y"},
+    ]  # fmt: skip
+    leading = {"run_id": "TEXT", "kind": "TEXT", "status": "TEXT"}
+    with SweepStore(tmp_path / "t.sqlite", "toy", leading) as store:
+        for row in rows:
+            assert store.put(row)
+        assert store.rows() == rows
+        store.export(path)
+        assert read_table(path, ("run_id",)) == rows
+        # A row with a new column widens the table; earlier rows read an empty cell.
+        store.put({"run_id": "c", "kind": "toy", "status": "ok", "x": 2.5, "extra": 1})
+        store.export(path)
+        back = read_table(path, ("run_id",))
+        assert [r["extra"] for r in back] == [None, None, 1]
+        assert back[:2] == [r | {"extra": None} for r in rows]
+        assert store.columns()["extra"] == "INTEGER" and store.columns()["flag"] == "BOOLEAN"
 
 
 def test_cli_sweep_json_summary_and_exit_codes(toy, capsys, tmp_path):
@@ -250,11 +261,18 @@ def test_flow_settings_default_to_the_library_policy():
     None for rtol, atol, max_nfev, max_seconds (gradient_flow's own defaults)."""
     from ufm.dynamics import DEFAULT_METHOD, METHODS
 
-    (run,) = expand_grid({"kind": "flow", "fixed": {"classes": 3, "dim": 3}, "out": "t.csv"})
+    (run,) = expand_grid(
+        {"kind": "flow", "grid": {"seed": [0]}, "fixed": {"classes": 3, "dim": 3}, "out": "t.csv"}
+    )
     assert run["method"] == DEFAULT_METHOD and run["method"] in METHODS
     assert [run[k] for k in ("rtol", "atol", "max_nfev", "max_seconds")] == [None] * 4
     (named,) = expand_grid(
-        {"kind": "flow", "fixed": {"classes": 3, "dim": 3, "method": DEFAULT_METHOD}, "out": "t.csv"}
+        {
+            "kind": "flow",
+            "grid": {"seed": [0]},
+            "fixed": {"classes": 3, "dim": 3, "method": DEFAULT_METHOD},
+            "out": "t.csv",
+        }
     )
     assert sweep.run_id("flow", named) == sweep.run_id("flow", run)
 

@@ -6,10 +6,16 @@ call fails at the boundary rather than as a silent NaN deep inside a solver.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+
+class EqualClassMeans(ValueError):
+    """All class means coincide (to rounding): the between-class covariance is zero and the
+    neural-collapse measures are undefined (e.g. a network whose last ReLUs are all inactive)."""
 
 
 def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
@@ -79,6 +85,11 @@ def check_labels(labels: Any, n: int, C: int | None = None) -> tuple[np.ndarray,
         raise ValueError(f"labels must be a 1-D array of length {n} (one per example), got shape {y.shape}")
     if n == 0:
         raise ValueError("no examples: labels is empty")
+    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(
+            f"labels must be integers 0..C-1, got dtype {y.dtype} (e.g. {y[0].tolist()!r}); map class names to "
+            "integers first, e.g. np.unique(labels, return_inverse=True)[1]"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
             raise ValueError("labels must be integers 0..C-1")
@@ -86,7 +97,15 @@ def check_labels(labels: Any, n: int, C: int | None = None) -> tuple[np.ndarray,
     if y.min() < 0 or (C is not None and y.max() >= C):
         hi = "C-1" if C is None else str(C - 1)
         raise ValueError(f"labels out of range: found {y.min()}..{y.max()}, expected 0..{hi}")
+    source = f"the largest label is {int(y.max())}" if C is None else "as given"
     C = int(y.max()) + 1 if C is None else int(C)
+    # Every class needs an example, so C <= n: checked before any per-class array (of C entries) is
+    # allocated, since a single stray label of 10^9 would otherwise ask for gigabytes.
+    if C > n:
+        raise ValueError(
+            f"C = {C} classes ({source}) but there are only {n} examples, "
+            f"so at least {C - n} classes have none; check the labels (a stray or unmapped value?)"
+        )
     counts = np.bincount(y, minlength=C)
     if (counts == 0).any():
         missing = np.flatnonzero(counts == 0).tolist()
@@ -94,3 +113,38 @@ def check_labels(labels: Any, n: int, C: int | None = None) -> tuple[np.ndarray,
     if C < 2:
         raise ValueError("a single class: neural-collapse measures need at least C = 2 classes")
     return y.astype(np.int64, copy=False), C
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the system's available memory (``MemAvailable`` of
+    /proc/meminfo, else free physical pages), capped by an address-space limit; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            avail = soft if avail is None else min(avail, soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(what: str, nbytes: float, hint: str) -> None:
+    """Refuse, before allocating, work whose estimated ``nbytes`` exceed the available memory."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ValueError(
+            f"{what} needs about {nbytes / 2**30:.3g} GiB, more than the {avail / 2**30:.3g} GiB of memory "
+            f"available; {hint}"
+        )

@@ -22,6 +22,7 @@ the mean direction survives (rank one: every class gets the same output); otherw
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,7 +101,11 @@ def lemma1_alpha_star(C: Any) -> Any:
 
 def ufm_delta(C: Any, N: Any, lam_w: Any, lam_h: Any) -> Any:
     """Soft-threshold ratio delta = C sqrt(N lam_w lam_h); collapse iff delta < 1."""
-    return C * _sqrt(N * lam_w * lam_h)
+    if _is_symbolic(C, N, lam_w, lam_h):
+        return C * _sqrt(N * lam_w * lam_h)
+    # A product of square roots: N lam_w lam_h itself overflows or underflows at decays such as
+    # (1e200, 1e200) or (1e-300, 1e-300) (docs/theory.md §17.8).
+    return C * np.sqrt(N) * np.sqrt(lam_w) * np.sqrt(lam_h)
 
 
 def ufm_collapse_bound(C: Any, N: Any, label_smoothing: Any = 0) -> Any:
@@ -130,7 +135,11 @@ def ufm_f_other(C: Any, N: Any, lam_w: Any, lam_h: Any, bias: bool = True, label
 
 def ufm_w_scale(N: Any, lam_w: Any, lam_h: Any) -> Any:
     """s in W_c = s mu_c at the global minimizer: sqrt(lam_h N / lam_w) = delta/(C lam_w)."""
-    return _sqrt(lam_h * N / lam_w)
+    if _is_symbolic(N, lam_w, lam_h):
+        return _sqrt(lam_h * N / lam_w)
+    # A ratio of square roots: lam_h N / lam_w overflows at (lam_w, lam_h) = (1e-300, 1e200), where
+    # s = 2.2e250 is in range (docs/theory.md §17.8).
+    return np.sqrt(lam_h) * np.sqrt(N) / np.sqrt(lam_w)
 
 
 def _mode_weights(
@@ -327,11 +336,18 @@ def ufm_optimum(
     delta = float(ufm_delta(C, N, lam_w, lam_h))
     args = (C, N, lam_w, lam_h)
     # The scale s = ||W_c||/||mu_c|| is free when both decays vanish: take the balanced one.
-    scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
+    with np.errstate(over="ignore"):  # an s out of range is refused below
+        scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
     common = dict(
         label_smoothing=a, eps_label_smoothing=float(ufm_smoothing_eps(C, a)),
         lam_product_max=float(ufm_collapse_bound(C, N, a)),
     )  # fmt: skip
+    if not (math.isfinite(scale) and math.isfinite(1.0 / scale)):
+        # ||W_c||^2 ~ s and ||mu_c||^2 ~ 1/s: one of them is past the floating range (about 1.8e308).
+        raise ValueError(
+            f"the minimizer's norms are beyond the floating range at lam_w = {lam_w:g}, lam_h = {lam_h:g}: "
+            f"||W_c|| / ||mu_c|| = sqrt(lam_h N / lam_w) = {scale:g}; bring lam_h / lam_w closer to 1"
+        )
     if delta < 1 - a:
         product = float(ufm_norm_product(*args, bias, a))
         eps = float(ufm_eps(*args, bias, a))

@@ -53,6 +53,17 @@ def _counts(text: str) -> int | tuple[int, ...]:
     return counts[0] if len(counts) == 1 else counts
 
 
+def _seed(text: str) -> int:
+    """``--seed``: an integer >= 0 (NumPy's generators refuse negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
     """The UFM problem's flags, shared by ``solve`` and ``flow``."""
     p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
@@ -82,7 +93,7 @@ def _solve(sub: argparse._SubParsersAction) -> None:
     _add_problem_arguments(p)
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
     p.add_argument("--starts", type=int, default=4, help="random starts for --verify (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --verify (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for --verify (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_solve)
 
@@ -204,7 +215,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weight-norm", action="store_true", default=None, help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)"
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--measure-every", type=int, metavar="K",
@@ -216,6 +227,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in DIR (default: refuse)"
+    )
     p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")
     p.add_argument(
         "--show-defaults",
@@ -236,7 +250,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.show_defaults:
         print_json(config.as_dict())
         return 0
-    result = train(config, out=args.out, resume=args.resume, progress=not args.json)
+    result = train(config, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.json)
     summary = result.final | {
         "status": result.status,
         "nsteps": result.nsteps,
@@ -266,14 +280,29 @@ def _register_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", metavar="CONFIG", help="sweep configuration, .toml or .json")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://HOST:PORT)")
     p.add_argument("--workers", type=int, help="local worker processes (default: config, else min(2, CPUs))")
+    p.add_argument(
+        "--max-runs", type=int, default=None, metavar="N",
+        help="refuse a grid of more than N runs (default: the library's MAX_RUNS, 10000)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON summary instead of text")
     p.set_defaults(run=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .experiments.sweep import run_sweep
+    import signal
+    import sys
 
-    res = run_sweep(args.config, scheduler=args.scheduler, workers=args.workers, progress=not args.json)
+    from .experiments.sweep import SweepInterrupted, run_sweep
+
+    try:
+        res = run_sweep(
+            args.config, scheduler=args.scheduler, workers=args.workers, progress=not args.json,
+            **({} if args.max_runs is None else {"max_runs": args.max_runs}),
+        )  # fmt: skip
+    except SweepInterrupted as err:
+        print(f"\nufm sweep: {err}: workers stopped, finished runs kept; run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signal.Signals[err.signal].value
     failed = [r for r in res.rows if r["status"] != "ok"]
     if args.json:
         print_json({
@@ -294,7 +323,7 @@ def _prove(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prove", help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)")
     p.add_argument("names", nargs="*", help="proof keys to run (default: all)")
     p.add_argument("--points", type=int, default=3, help="random points per symbolic claim (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random points (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random points (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
 
     def run(args: argparse.Namespace) -> int:
@@ -327,7 +356,7 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, metavar="DIR",
         help=f"output directory (default: {QUICK_OUT}/ with --quick, so the committed figures stay; else {FULL_OUT}/)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of random starts and training (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of random starts and training (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress bars")
     p.set_defaults(run=_run_reproduce)
 
@@ -385,7 +414,7 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
         "--atol", type=float, default=None,
         help="absolute tolerance of the path (default: the integrator's own, as --rtol)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the random start (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random start (default 0)")
     p.add_argument(
         "--t-max", type=float, default=1e6, help="final time if not stationary before (default 1e6)"
     )

@@ -25,14 +25,17 @@ instead of 25.5 at n = 50,000, p = 2,048, C = 100).
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._validation import check_classes, check_finite, check_labels, check_shape
+from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
 
 # Relative rank tolerance factor, times max(rows, cols) * eps * s_max (NumPy's matrix_rank default):
@@ -410,7 +413,9 @@ class NCAccumulator:
         # Centring C equal means leaves rounding noise ~eps times their size, not exact zeros.
         scale = np.abs(sums / counts[:, None]).max()
         if s[0] <= _RANK_RTOL_FACTOR * max(M.shape) * np.finfo(float).eps * scale:
-            raise ValueError("all class means are equal (to rounding): the between-class covariance is zero")
+            raise EqualClassMeans(
+                "all class means are equal (to rounding): the between-class covariance is zero"
+            )
         # sum_c n_c M_c = 0 exactly, so rank <= C-1; the C-th singular value is rounding noise.
         r = min(self.C - 1, _rank(s, M.shape))
         self._M, self._sv_means, self._r, self._coords = M, s, r, A * s
@@ -640,16 +645,59 @@ def nc_metrics(
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if W is not None:
         W = _numpy("W", W)
+        if W.ndim == 2 and W.shape[1] != p:
+            transposed = f"; it looks transposed: pass W.T, shape {W.shape[::-1]}" if W.shape[0] == p else ""
+            raise ValueError(
+                f"W must be (C, p) with p = {p} columns like the features, got {W.shape}{transposed}"
+            )
         C = W.shape[0] if C is None and W.ndim == 2 else C
     y, C = check_labels(y, n, C)
     if outputs is not None:
         check_shape("outputs", outputs if isinstance(outputs, torch.Tensor) else np.asarray(outputs), (n, C))
-    acc = NCAccumulator(C, W=W, b=b, layers=layers)
+    # Scale invariance (docs/theory.md §17.8): the features are divided by 2^e, their largest |entry|
+    # rounded up to a power of two, and W multiplied by it, which is exact, leaves W h + b unchanged and
+    # keeps squares and products of features from overflowing (1e200) or underflowing (1e-200).
+    e = _binary_exponent(X)
+    W_in = None if W is None else np.ldexp(W, e)
+    acc = NCAccumulator(C, W=W_in, b=b, layers=layers)
     if W is not None and acc.p != p:
         raise ValueError(f"W must be (C, p) = ({C}, {p}) to match the features, got {tuple(W.shape)}")
-    return _two_passes(
-        acc, lambda: ((X[r], y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p))
+    result = _two_passes(
+        acc,
+        lambda: (
+            (_ldexp(X[r], -e), y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p)
+        ),
     )
+    # Undo the scaling where a measure carries units: the singular values of M and of W.
+    return replace(
+        result,
+        sv_means=tuple(map(float, np.ldexp(result.sv_means, e))),
+        sv_w=None if result.sv_w is None else tuple(map(float, np.ldexp(result.sv_w, -e))),
+    )
+
+
+def _binary_exponent(X: np.ndarray | torch.Tensor) -> int:
+    """e with max |X| in [2^(e-1), 2^e) (``np.frexp``); 0 for an empty, zero or non-finite X."""
+    if X.size == 0 if isinstance(X, np.ndarray) else X.numel() == 0:
+        return 0
+    top = float(np.max(np.abs(X))) if isinstance(X, np.ndarray) else float(X.detach().abs().max())
+    return int(np.frexp(top)[1]) if math.isfinite(top) and top > 0 else 0
+
+
+def _ldexp(x: np.ndarray | torch.Tensor, e: int) -> np.ndarray | torch.Tensor:
+    """x * 2^e, exact unless an entry under- or overflows; x itself when e = 0."""
+    if e == 0:
+        return x
+    if isinstance(x, np.ndarray):
+        return np.ldexp(x, e)
+    if not x.is_floating_point():
+        x = x.double()
+    # The factor must be a normal number of x's dtype (float32 ends at 2^127), so a tensor is scaled
+    # at most that far; only features whose largest entry is itself out of that range are left partly
+    # unscaled.
+    info = torch.finfo(x.dtype)
+    lo, hi = int(math.log2(info.tiny)) + 1, int(math.log2(info.max)) - 1
+    return x * torch.tensor(math.ldexp(1.0, min(max(e, lo), hi)), dtype=x.dtype, device=x.device)
 
 
 def _two_passes(acc: NCAccumulator, batches: Callable[[], Iterable[tuple]] | Iterable[tuple]) -> NCMetrics:
@@ -692,6 +740,12 @@ def load_features(path: str) -> dict[str, Any]:
     suffix = str(path).rsplit(".", 1)[-1].lower()
     if suffix not in ("npz", "pt", "pth"):
         raise ValueError(f"{path}: unknown file type; expected .npz or .pt")
+    if suffix == "npz" and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # np.load reads a file that is not a zip archive as a pickle, and then reports "pickled data".
+        raise ValueError(
+            f"{path} is not a NumPy .npz archive (not a zip file); write one with "
+            "np.savez(path, features=..., labels=...)"
+        )
     try:
         if suffix == "npz":
             with np.load(path, allow_pickle=False) as f:

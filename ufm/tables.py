@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,38 @@ def columns_of(rows: Iterable[dict[str, Any]], first: Sequence[str] = ()) -> lis
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], first: Sequence[str] = ()) -> Path:
     """Write ``rows`` as a CSV table, atomically (through a temporary file and ``os.replace``)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns_of(rows, first))
+            writer.writeheader()
+            writer.writerows({k: cell_text(v) for k, v in row.items()} for row in rows)
+
+    return atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``.
+
+    A crash leaves the previous file whole; a failed write (a full disk, a file-size limit) removes
+    the temporary file and raises an OSError naming ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns_of(rows, first))
-        writer.writeheader()
-        writer.writerows({k: cell_text(v) for k, v in row.items()} for row in rows)
-    os.replace(tmp, path)
+    # One temporary name per process: two sweeps exporting one table never write the same file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        # torch.save reports a short write as a RuntimeError from its zip writer.
+        if isinstance(err, OSError | RuntimeError):
+            raise OSError(
+                f"cannot write {path} ({str(err).strip().splitlines()[0]}); is the disk full? "
+                "The previous file is kept"
+            ) from err
+        raise
     return path
 
 
@@ -85,12 +109,8 @@ def read_csv(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically; NaN is refused (it is not JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_table(path: str | os.PathLike, text_columns: Sequence[str] = ()) -> list[dict[str, Any]]:

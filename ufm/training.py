@@ -41,8 +41,8 @@ The poster's experiment built on :func:`train` (the same run with and without we
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -53,14 +53,20 @@ import numpy as np
 import torch
 
 from . import closed_form
-from ._validation import check_choice, check_label_smoothing, check_nonneg, check_positive_int
+from ._validation import (
+    EqualClassMeans,
+    check_choice,
+    check_label_smoothing,
+    check_nonneg,
+    check_positive_int,
+)
 from .collect import capture_activations
 from .datasets import Dataset, load_dataset
 from .geometry import mean_cosine
 from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
-from .tables import write_csv, write_json
+from .tables import atomic_write, write_csv, write_json
 
 __all__ = [
     "SCHEDULES",
@@ -90,6 +96,11 @@ CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
 CONFIG = "config.json"
 FINAL = "final.json"
+# What a run leaves in its directory: a new run there is refused unless told to overwrite.
+RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, FINAL)
+CHECKPOINT_KEYS = frozenset(
+    ("identity", "epoch", "nsteps", "history", "noise", "model", "optimizer", "scheduler", "shuffle")
+)
 
 
 def _step_schedule(optimizer, epochs: int):
@@ -564,21 +575,38 @@ class _Checkpoint:
 
     def restore(self, state: _TrainState, config: TrainConfig, device: torch.device) -> None:
         """Load the checkpoint into ``state``; a ValueError naming the fields if it is another run's."""
-        # weights_only: a checkpoint holds tensors and plain Python values only, so no code can run.
-        saved = torch.load(self.path, map_location=device, weights_only=True)
+        damaged = (
+            f"cannot resume from {self.path}: {{}}; it is damaged or not a ufm checkpoint. Start the run "
+            "again with --overwrite (or move the directory away), or restore the file from a backup"
+        )
+        try:
+            # weights_only: a checkpoint holds tensors and plain Python values only, so no code can run.
+            saved = torch.load(self.path, map_location=device, weights_only=True)
+        except Exception as err:  # zero-filled, random, empty, truncated: zipfile, pickle, OS errors
+            reason = (
+                "the file is empty" if self.path.stat().st_size == 0 else f"unreadable ({type(err).__name__})"
+            )
+            raise ValueError(damaged.format(reason)) from None
+        missing = sorted(CHECKPOINT_KEYS - set(saved)) if isinstance(saved, dict) else None
+        if missing is None or missing:
+            held = type(saved).__name__ if missing is None else f"a dict without {', '.join(missing)}"
+            raise ValueError(damaged.format(f"it holds {held}"))
         diff = _identity_differences(saved["identity"], config)
         if diff:
             raise ValueError(f"cannot resume {self.path}: its configuration differs in {', '.join(diff)}")
-        state.model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        state.shuffle.set_state(saved["shuffle"].cpu())  # a CPU generator, whatever map_location did
+        try:
+            state.model.load_state_dict(saved["model"])
+            state.optimizer.load_state_dict(saved["optimizer"])
+            state.scheduler.load_state_dict(saved["scheduler"])
+            state.shuffle.set_state(saved["shuffle"].cpu())  # a CPU generator, whatever map_location did
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(damaged.format(f"its state does not fit this network ({err})")) from None
         state.epoch, state.nsteps = saved["epoch"], saved["nsteps"]
         state.history, state.noise = saved["history"], saved["noise"]
         self.saved_epoch = saved["epoch"]
 
     def save(self, state: _TrainState, config: TrainConfig) -> None:
-        saved = {
+        saved = {  # the keys of CHECKPOINT_KEYS
             "identity": _identity(config),
             "epoch": state.epoch,
             "nsteps": state.nsteps,
@@ -589,9 +617,8 @@ class _Checkpoint:
             "scheduler": state.scheduler.state_dict(),
             "shuffle": state.shuffle.get_state(),
         }
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(saved, tmp)
-        os.replace(tmp, self.path)  # atomic: a crash never leaves half a file
+        # atomic: a crash never leaves half a file, a full disk no temporary file
+        atomic_write(self.path, lambda tmp: torch.save(saved, tmp))
         self.saved_epoch = state.epoch
 
     def kept(self) -> str:
@@ -671,10 +698,21 @@ def _record(state: _TrainState, data: _Tensors, config: TrainConfig, out: Path |
     """Measure after ``state.epoch``, which trained at learning rate ``lr``; append to the history."""
     row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr}
     svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
-    row |= measure_network(
-        state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd, loss=config.data_loss,
-        singular_values=svd,
-    )  # fmt: skip
+    try:
+        row |= measure_network(
+            state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd,
+            loss=config.data_loss, singular_values=svd,
+        )  # fmt: skip
+    except EqualClassMeans as err:
+        # Every class maps to the same features, as when every ReLU feeding the classifier is
+        # inactive on every example (dead), e.g. after too large a step.
+        raise ValueError(
+            f"cannot measure the network after epoch {state.epoch}: {err}; the ReLUs feeding the classifier "
+            f"are likely dead (inactive on every example): lower --lr (now {config.lr:g}) or --wd (now "
+            f"{config.wd:g}), or try another --seed"
+        ) from None
+    except ValueError as err:
+        raise ValueError(f"cannot measure the network after epoch {state.epoch}: {err}") from None
     state.history.append(row)
     if out is not None:
         write_csv(out / HISTORY, state.history)
@@ -721,6 +759,33 @@ def _result(
     )
 
 
+def _claim_directory(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``out`` ready for a run: refuse one that holds a run (unless resuming or overwriting)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume:
+        if not overwrite:
+            raise ValueError(
+                f"{out} already holds a run ({_describe_run(out)}; {', '.join(found)}); continue it with "
+                "--resume, replace it with --overwrite, or choose another --out"
+            )
+        for name in found:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _describe_run(out: Path) -> str:
+    """A few settings of the run in ``out``, from its config.json, to name it in a message."""
+    try:
+        config = json.loads((out / CONFIG).read_text())
+        return ", ".join(
+            f"{k}={config[k]}" for k in ("dataset", "arch", "wd", "epochs", "seed") if k in config
+        )
+    except (OSError, ValueError, TypeError):
+        return "no readable config.json"
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------
@@ -731,6 +796,7 @@ def train(
     *,
     out: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stop_after_epoch: int | None = None,
     dataset: Dataset | None = None,
@@ -746,6 +812,9 @@ def train(
     resume : bool
         Continue from ``out/checkpoint.pt`` (its configuration must equal ``config`` apart from the
         device). Without a checkpoint the run starts from scratch.
+    overwrite : bool
+        Replace the run already in ``out`` (its RUN_FILES are deleted first). Without it (and without
+        ``resume``) a directory holding a run is refused with a ValueError, and nothing in it changes.
     progress : bool
         Show a tqdm bar on stderr (only when stderr is a terminal).
     stop_after_epoch : int, optional
@@ -765,7 +834,7 @@ def train(
         raise ValueError("resume needs an output directory holding a checkpoint (--out DIR)")
     out = None if out is None else Path(out)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        _claim_directory(out, resume=resume, overwrite=overwrite)
     if stop_after_epoch is not None:
         check_positive_int("stop_after_epoch", stop_after_epoch)
     dataset, data = _tensors(config, dataset, device)

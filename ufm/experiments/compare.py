@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validation import check_memory
 from ..dynamics import FlowResult, gradient_flow, record_state
 from ..geometry import mean_cosine
 from ..losses import NoClosedForm
@@ -86,6 +87,19 @@ def centred_class_means(problem: UFMProblem, params: UFMParams) -> np.ndarray:
     np.add.at(sums, labels, Z.T)  # (C, p): sum of each class's features
     mu = sums / counts[:, None]  # (C, p)
     return mu - Z.mean(axis=1)
+
+
+# Arrays the size of the flow's state that an integrator keeps at once, at most: DOP853's 13 stages,
+# the state, its update and error estimate, and the driver's records (an upper estimate, not measured).
+_STATE_COPIES = 20
+
+
+def _flow_bytes(problem: UFMProblem, p: int) -> float:
+    """Estimated float64 bytes of a flow: the targets (C, n) and their one-hot labels, twice, and
+    _STATE_COPIES copies of the state H (p, n), W_1..W_{L-1} (p, p), W_L (C, p) and b (C,)."""
+    C, n = problem.C, problem.n
+    state = p * n + (problem.depth - 1) * p * p + C * p + C
+    return 8.0 * (2 * C * n + _STATE_COPIES * state)
 
 
 def _finite(value: Any) -> Any:
@@ -174,12 +188,25 @@ def compare_flow(
     FlowComparison
         ``.row()`` is the canonical row of the module docstring.
     """
+    check_memory(
+        f"a gradient flow at C = {problem.C}, n = {problem.n}, p = {p}", _flow_bytes(problem, p),
+        "choose a smaller problem (-C, -N, -p)",
+    )  # fmt: skip
     start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
     flow = gradient_flow(problem, start, **flow_options)
     try:
         optimum, note = problem.loss.closed_form(problem), None
     except NoClosedForm as err:
         optimum, note = None, str(err)
+    if optimum is not None and p < optimum.min_dim:
+        # The closed form is the minimizer over p >= its rank; below it the flow minimizes another problem.
+        optimum, note = (
+            None,
+            (
+                f"p = {p} is below the rank {optimum.min_dim} of the closed-form minimizer ({optimum.geometry}), "
+                f"which holds for p >= {optimum.min_dim}"
+            ),
+        )
     end = {k: _finite(v) for k, v in record_state(problem, flow.params).items()}
     end["cos_h"] = _finite(mean_cosine(centred_class_means(problem, flow.params)))
     end["w_row_norm_sq"] = end["norm_w_sq"] / problem.C

@@ -14,6 +14,8 @@ written from those CSV files alone, so every number in it can be traced to a tab
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -227,6 +229,26 @@ predictions from the measured eps and lambda (empty without weight decay).
     return path
 
 
+def _staging(out: Path) -> Path:
+    """A fresh directory beside ``out`` for one run (``.NAME.partial-PID``): a run killed midway
+    leaves it, never a half-updated ``out``."""
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``stage`` with two renames (the old ``out`` is set aside, then
+    removed), so ``out`` holds either the previous run whole or this one whole, never a mix of runs.
+    A kill between the renames leaves no ``out`` and the previous run in ``.NAME.old-PID``."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def reproduce(
     out: str | Path = "figures", *, quick: bool = False, seed: int = 0, progress: bool = True
 ) -> ReproduceResult:
@@ -234,7 +256,9 @@ def reproduce(
 
     Parameters
     ----------
-    out : output directory (created).
+    out : output directory. The run is written into a fresh directory beside it and replaces ``out``
+        as a whole when complete (files of an earlier run that this one does not write go with it), so
+        report.md never sits beside tables of another run.
     quick : smaller sizes and shorter training (about 2 minutes on 2 CPU cores instead of about 10).
     seed : seed of every random start and of the network's training.
     progress : progress bars on stderr.
@@ -243,8 +267,7 @@ def reproduce(
     from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final, out = Path(out), _staging(Path(out))
     proofs = run_proofs()
     proofs_csv = write_csv(
         out / "proofs.csv",
@@ -254,12 +277,14 @@ def reproduce(
     phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
     exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
     seconds = time.perf_counter() - t0
-    report = write_report(out, quick=quick, seconds=seconds)
+    write_report(out, quick=quick, seconds=seconds)
+    _move_into_place(out, final)
+    tables = (proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv")
     return ReproduceResult(
-        out=out,
-        report=report,
-        tables=(proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv"),
-        figures=(flows_png, phase_png, exp.figure),
+        out=final,
+        report=final / "report.md",
+        tables=tuple(final / Path(t).relative_to(out) for t in tables),
+        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure)),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
         flows_agree=agree,

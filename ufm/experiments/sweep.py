@@ -49,19 +49,21 @@ the client (this process) writes the table, so it needs no shared file system.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -72,11 +74,15 @@ from .._validation import check_choice, check_positive_int
 from ..closed_form import ufm_optimum
 from ..dynamics import DEFAULT_METHOD, METHODS, gradient_flow
 from ..model import UFMProblem
-from ..tables import TABLE_FORMATS, cell_text, columns_of, pyarrow_parquet, read_table, write_csv
+from ..tables import TABLE_FORMATS, read_table
 from ..training import TrainConfig, train
 from .compare import compare_flow
+from .store import SweepStore, read_store, sql_type, store_path
 
-__all__ = ["RUNNERS", "Runner", "SweepResult", "expand_grid", "load_config", "read_table", "run_sweep"]
+__all__ = [
+    "MAX_RUNS", "RUNNERS", "Runner", "SweepInterrupted", "SweepResult", "expand_grid", "load_config",
+    "read_sweep", "read_table", "run_sweep",
+]  # fmt: skip
 
 CONFIG_KEYS = ("kind", "grid", "fixed", "out", "workers")
 
@@ -87,6 +93,21 @@ STATUS_COLUMNS = ("status", "error", "seconds")
 # A scheduler that is up answers within a second; ten seconds also covers a busy one, and a wrong
 # address fails fast instead of hanging on distributed's default of 30 s.
 CONNECT_TIMEOUT_S = 10
+
+# Largest grid run_sweep accepts unless told otherwise (ufm sweep --max-runs): a grid is validated
+# and its settings held in memory before anything runs.
+MAX_RUNS = 10_000
+
+# Runs handed to the pool or cluster at once, per worker: enough to keep every worker busy while
+# results come back, few enough that a large grid never queues all its tasks (and their memory).
+BATCH_PER_WORKER = 4
+
+# Seconds between a worker's checks that the sweep that started it is still alive; a worker whose
+# sweep was killed (SIGKILL leaves no chance to stop it) exits within about this time.
+PARENT_POLL_S = 1.0
+
+# Seconds between exports of the table while runs finish (always once more at the end).
+EXPORT_INTERVAL_S = 5.0
 
 # Hex digits of sha256 kept in run_id: a collision among 1e6 runs has probability ~1e-8.
 RUN_ID_DIGITS = 16
@@ -307,12 +328,13 @@ def _coerce(where: str, value: Any, types: tuple[type, ...]) -> Any:
     raise ValueError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def expand_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+def expand_grid(config: Mapping[str, Any], *, max_runs: int = MAX_RUNS) -> list[dict[str, Any]]:
     """The full settings of every run of a sweep configuration, in grid order (last key fastest).
 
     Checks the configuration's keys, the grid's and fixed settings' names and types against
     ``RUNNERS[kind].parameters``, and every run with the runner's ``check``; raises a ValueError naming
-    the first problem.
+    the first problem. An empty grid, and one of more than ``max_runs`` runs, are refused before any
+    run is built.
     """
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
@@ -339,10 +361,23 @@ def expand_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     base = {name: default for name, (_, default) in runner.parameters.items()}
     for name, value in fixed.items():
         base[name] = _coerce(f"fixed.{name}", value, runner.parameters[name][0])
-    axes = []
+    if not grid:
+        raise ValueError(
+            "the configuration's [grid] is empty: give each setting to vary a list of values "
+            "(a single run is a grid of one value, e.g. seed = [0])"
+        )
     for name, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid.{name} must be a non-empty list of values, got {values!r}")
+    # Counted before any run is built: a grid of 10^6 runs is refused, not expanded into memory.
+    n_runs = math.prod(len(values) for values in grid.values())
+    if n_runs > max_runs:
+        raise ValueError(
+            f"the grid has {n_runs} runs ({' x '.join(str(len(v)) for v in grid.values())}), more than "
+            f"max_runs = {max_runs}; shrink the grid or raise the limit (ufm sweep --max-runs)"
+        )
+    axes = []
+    for name, values in grid.items():
         coerced = [_coerce(f"grid.{name}[{i}]", v, runner.parameters[name][0]) for i, v in enumerate(values)]
         if len({json.dumps(v) for v in coerced}) < len(coerced):
             raise ValueError(f"grid.{name} repeats a value: {values!r}")
@@ -363,9 +398,9 @@ def run_id(kind: str, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_DIGITS]
 
 
-def _plan(config, workers: int | None) -> _Plan:
+def _plan(config, workers: int | None, max_runs: int) -> _Plan:
     data, root = load_config(config)
-    runs = expand_grid(data)
+    runs = expand_grid(data, max_runs=check_positive_int("max_runs", max_runs))
     kind = data["kind"]
     if "out" not in data or not isinstance(data["out"], str):
         raise ValueError(
@@ -377,52 +412,6 @@ def _plan(config, workers: int | None) -> _Plan:
         workers = data.get("workers", min(2, os.cpu_count() or 1))
     workers = check_positive_int("workers", workers)
     return _Plan(kind, runs, [run_id(kind, s) for s in runs], out, workers)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The results table
-
-
-class _TableWriter:
-    """The results table on disk, extended one row at a time.
-
-    A CSV row whose columns the header already has is appended (and flushed); a new column rewrites
-    the file with the wider header. Parquet cannot be appended to, so it is rewritten after every row.
-    Every rewrite goes through a temporary file and ``os.replace``, so a crash leaves the old table.
-    """
-
-    def __init__(self, path: Path, rows: list[dict[str, Any]], first: list[str]):
-        self.path, self.rows, self.first = path, rows, first
-        self.columns = columns_of(rows, first)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._rewrite()
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if self.path.suffix == ".csv" and set(row) <= set(self.columns):
-            with self.path.open("a", newline="") as f:
-                csv.writer(f).writerow([cell_text(row.get(c)) for c in self.columns])
-        else:
-            self.columns = columns_of(self.rows, self.columns)
-            self._rewrite()
-
-    def _rewrite(self) -> None:
-        full = [{c: row.get(c) for c in self.columns} for row in self.rows]
-        if self.path.suffix == ".parquet":
-            pq = pyarrow_parquet()  # a clear error when pyarrow is missing
-            import pyarrow as pa
-
-            try:
-                table = pa.Table.from_pylist(full) if full else pa.table({c: [] for c in self.columns})
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-                raise ValueError(
-                    f"results do not fit one Parquet column type: {err}; use a .csv table"
-                ) from None
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, self.path)
-        else:
-            write_csv(self.path, full, self.columns)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,6 +496,7 @@ def run_sweep(
     scheduler: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    max_runs: int = MAX_RUNS,
 ) -> SweepResult:
     """Run every combination of a sweep configuration (module docstring) into one results table.
 
@@ -519,62 +509,139 @@ def run_sweep(
     workers : local worker processes (default: the config's ``workers``, else min(2, CPUs)); ignored
         with a scheduler, whose cluster decides.
     progress : show a tqdm bar on stderr.
+    max_runs : the largest grid accepted (default MAX_RUNS); a larger one is a ValueError.
 
     Returns
     -------
     SweepResult
 
+    Raises
+    ------
+    SweepInterrupted
+        On SIGINT or SIGTERM (in the main thread): the workers are stopped, the finished runs are
+        in the store and the table, and running the sweep again resumes.
+
     Notes
     -----
-    The whole grid is validated before anything runs. Runs whose ``run_id`` is "ok" in an existing
-    table are skipped; failed ones are run again and their old rows replaced. A run that raises is
-    recorded with ``status = "failed"`` and its error while the others go on.
+    The whole grid is validated before anything runs. The rows live in the SQLite store beside the
+    table (:mod:`ufm.experiments.store`), one transaction per finished run; the table is exported
+    from it. Runs whose ``run_id`` is "ok" in the store are skipped, also when another sweep on the
+    same store finishes them meanwhile; failed ones are run again and their rows replaced. A run that
+    raises is recorded with ``status = "failed"`` and its error while the others go on.
     """
     from contextlib import ExitStack, closing
 
     from tqdm.auto import tqdm
 
-    plan = _plan(config, workers)
+    plan = _plan(config, workers, max_runs)
     runner = RUNNERS[plan.kind]
-    old = read_table(plan.out, ID_COLUMNS) if plan.out.exists() else []
-    other_kinds = sorted({r.get("kind") for r in old} - {plan.kind})
-    if other_kinds:
-        raise ValueError(
-            f"{plan.out} holds {', '.join(map(str, other_kinds))} runs; a sweep table holds one kind"
-        )
-    done = {r["run_id"] for r in old if r.get("status") == "ok"}
-    todo = [i for i, rid in enumerate(plan.run_ids) if rid not in done]
     with ExitStack() as stack:
-        # Connect before touching the table, so a wrong address changes nothing on disk.
+        store = stack.enter_context(_open_store(plan, runner))
+        done = store.done()
+        todo = [i for i, rid in enumerate(plan.run_ids) if rid not in done]
+        # Connect before running anything, so a wrong address fails fast.
         client = stack.enter_context(_connect(scheduler)) if scheduler is not None and todo else None
-        retried = {plan.run_ids[i] for i in todo}
-        # Rows of failed runs about to be retried are dropped; everything else (also other grids) is kept.
-        kept = [r for r in old if not (r.get("status") != "ok" and r["run_id"] in retried)]
-        table = _TableWriter(plan.out, kept, [*ID_COLUMNS, *runner.parameters, *STATUS_COLUMNS])
+        stack.enter_context(_signals_interrupt())
         bar = stack.enter_context(
             tqdm(
                 total=len(todo), desc=f"sweep {plan.kind}", unit="run", file=sys.stderr, disable=not progress
             )
         )
-        # closing(): an interruption (Ctrl-C) shuts the pool down or cancels the Dask tasks at once.
-        finished = stack.enter_context(
-            closing(_run_dask(client, runner, plan, todo) if client else _run_pool(runner, plan, todo))
-        )
+        exporter = stack.enter_context(_Exporter(store, plan.out))
+
+        def still_todo(i: int) -> bool:  # another sweep on this store may have finished it meanwhile
+            return plan.run_ids[i] not in store.done()
+
+        # closing(): an interruption (Ctrl-C, SIGTERM) stops the pool or cancels the Dask tasks at once.
+        run = _run_dask if client else _run_pool
+        finished = stack.enter_context(closing(run(client, runner, plan, todo, still_todo)))
         counts = {"ok": 0, "failed": 0}
         for i, outcome in finished:
-            table.add({"run_id": plan.run_ids[i], "kind": plan.kind, **plan.runs[i], **outcome})
-            counts[outcome["status"]] += 1
+            if store.put({"run_id": plan.run_ids[i], "kind": plan.kind, **plan.runs[i], **outcome}):
+                counts[outcome["status"]] += 1
             bar.update()
             bar.set_postfix(failed=counts["failed"])
-    by_id = {r["run_id"]: r for r in table.rows}
+            exporter.maybe()
+        by_id = {r["run_id"]: r for r in store.rows()}
+    n_ok = sum(by_id.get(rid, {}).get("status") == "ok" for rid in plan.run_ids)
     return SweepResult(
         plan.out,
         n_total=len(plan.runs),
         n_done=counts["ok"],
-        n_skipped=len(plan.runs) - len(todo),
+        n_skipped=n_ok - counts["ok"],  # ok before this sweep, or finished by another one meanwhile
         n_failed=counts["failed"],
         rows=[by_id[rid] for rid in plan.run_ids if rid in by_id],
     )
+
+
+def read_sweep(table: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every row of the store behind a sweep table (``out`` of its configuration), in the order
+    written, each value in its column's declared type: ids are exact strings, booleans bools.
+
+    ``ufm.tables.read_table`` reads the exported table instead, where a CSV cell carries no type.
+    """
+    return read_store(store_path(table))
+
+
+class SweepInterrupted(Exception):
+    """A sweep stopped by SIGINT or SIGTERM; ``signal`` names it (its workers are stopped)."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.signal}")
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGINT and SIGTERM raise SweepInterrupted while the sweep runs (main thread only: elsewhere
+    Python cannot install handlers, and the caller owns the signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise SweepInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _open_store(plan: _Plan, runner: Runner):
+    """The store of the plan's table, created from the table of an older version if there is one."""
+    leading = {c: "TEXT" for c in ID_COLUMNS}
+    leading |= {name: sql_type(types) for name, (types, _) in runner.parameters.items()}
+    leading |= {"status": "TEXT", "error": "TEXT", "seconds": "REAL"}
+    path = store_path(plan.out)
+    legacy = not path.exists() and plan.out.exists()
+    with SweepStore(path, plan.kind, leading) as store:
+        if legacy:
+            store.import_table(plan.out, ID_COLUMNS)
+        yield store
+
+
+class _Exporter:
+    """Exports the store to the table now and then while runs finish, and once more at the end
+    (also after an interruption, so the table holds every finished run)."""
+
+    def __init__(self, store: SweepStore, table: Path):
+        self.store, self.table, self.last = store, table, time.monotonic()
+
+    def __enter__(self) -> _Exporter:
+        self.store.export(self.table)  # at once: a missing or torn table is written whole again
+        return self
+
+    def maybe(self) -> None:
+        if time.monotonic() - self.last >= EXPORT_INTERVAL_S:
+            self.store.export(self.table)
+            self.last = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        self.store.export(self.table)
 
 
 def _lost(err: BaseException) -> dict[str, Any]:
@@ -598,39 +665,105 @@ def _worker_context():
     return ctx
 
 
-def _run_pool(runner: Runner, plan: _Plan, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (run index, outcome) as the runs finish on a local process pool."""
-    from concurrent.futures import as_completed
+def _init_worker(sweep_pid: int) -> None:
+    """Start of every local worker: ignore SIGINT (the sweep stops its workers itself; a Ctrl-C
+    reaches the whole process group) and exit when the sweep that started it is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ppid = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            # The fork server (our parent) exits with the sweep, which may linger as a zombie.
+            if os.getppid() != ppid or not _running(sweep_pid):
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ufm-sweep-parent-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie, exited but not yet reaped by its
+    parent, counts as exited; Linux's /proc tells, elsewhere only existence is checked)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _run_pool(
+    client, runner: Runner, plan: _Plan, todo: list[int], still_todo: Callable[[int], bool]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (run index, outcome) as the runs finish on a local process pool, at most
+    BATCH_PER_WORKER runs per worker in flight."""
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     if not todo:
         return
-    pool = ProcessPoolExecutor(max_workers=plan.workers, mp_context=_worker_context())
+    pool = ProcessPoolExecutor(
+        max_workers=plan.workers,
+        mp_context=_worker_context(),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
+    )
+    pending = (i for i in todo if still_todo(i))
+    running: dict[Any, int] = {}
     try:
-        futures = {pool.submit(_execute, runner.run, plan.runs[i]): i for i in todo}
-        for fut in as_completed(futures):
-            try:
-                outcome = fut.result()
-            except Exception as err:  # BrokenProcessPool: the worker crashed or was killed
-                outcome = _lost(err)
-            yield futures[fut], outcome
+        while True:
+            for i in itertools.islice(pending, BATCH_PER_WORKER * plan.workers - len(running)):
+                running[pool.submit(_execute, runner.run, plan.runs[i])] = i
+            if not running:
+                return
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                try:
+                    outcome = fut.result()
+                except Exception as err:  # BrokenProcessPool: the worker crashed or was killed
+                    outcome = _lost(err)
+                yield running.pop(fut), outcome
+    except BaseException:
+        # Interrupted (SIGINT, SIGTERM, closing()): stop the running tasks now instead of waiting for
+        # them. ProcessPoolExecutor has no public way to (terminate_workers() is Python 3.14).
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_dask(client, runner: Runner, plan: _Plan, todo: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (run index, outcome) as the runs finish on the Dask cluster behind ``client``."""
+def _run_dask(
+    client, runner: Runner, plan: _Plan, todo: list[int], still_todo: Callable[[int], bool]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (run index, outcome) as the runs finish on the Dask cluster behind ``client``, at most
+    BATCH_PER_WORKER runs per cluster thread (at least per local worker count) in flight."""
     from dask.distributed import as_completed
 
-    futures = {
-        client.submit(_execute, runner.run, plan.runs[i], key=f"ufm-sweep-{plan.run_ids[i]}", pure=False): i
-        for i in todo
-    }
+    limit = BATCH_PER_WORKER * max(plan.workers, sum(client.nthreads().values()))
+    pending = (i for i in todo if still_todo(i))
+    running: dict[Any, int] = {}
+
+    def submit(n: int) -> None:
+        for i in itertools.islice(pending, n):
+            key = f"ufm-sweep-{plan.run_ids[i]}"
+            fut = client.submit(_execute, runner.run, plan.runs[i], key=key, pure=False)
+            running[fut] = i
+            queue.add(fut)
+
+    queue = as_completed()
     try:
-        for fut in as_completed(futures):
+        submit(limit)
+        for fut in queue:
             try:
                 outcome = fut.result()
             except Exception as err:  # KilledWorker and the like: the task never returned
                 outcome = _lost(err)
-            yield futures[fut], outcome
+            yield running.pop(fut), outcome
+            submit(limit - len(running))
     finally:
-        client.cancel(list(futures))
+        client.cancel(list(running))
