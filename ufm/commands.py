@@ -17,6 +17,9 @@ from .losses import LOSSES
 # quick run (the README's quick start) writes under the ignored runs/, leaving tracked files alone.
 FULL_OUT, QUICK_OUT = "figures", "runs/reproduce-quick"
 
+# Tables wrap their long text columns to this width: a 100-column terminal shows every line whole.
+TABLE_COLUMNS = 100
+
 # Each entry adds one subcommand to the parser and sets ``run`` to its handler (``ufm.cli``).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -282,30 +285,75 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 @command
 def _prove(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prove", help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)")
-    p.add_argument("names", nargs="*", help="proof keys to run (default: all)")
-    p.add_argument("--points", type=int, default=3, help="random points per symbolic claim (default 3)")
+    p = sub.add_parser(
+        "prove",
+        help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)",
+        description="Run the SymPy proofs of ufm.proofs, or a file of your own with --module. Each claim "
+        "is evaluated at K random points (--points) and then decided by SymPy: 'verified' when SymPy "
+        "decides it, 'failed' with the counterexample's point and residual, 'undecided' when SymPy "
+        "cannot decide it and it held at all K points. Exit status 1 only when a proof failed; "
+        "undecided proofs are listed but are not counted as verified. Proof keys: {proofs}.",
+        formatter_class=_ProofsHelpFormatter,
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="proof keys to run (default: all, or the --module's)"
+    )
+    p.add_argument(
+        "--module", action="append", metavar="PATH",
+        help="a .py file that registers proofs with ufm.proofs.register (repeatable); without NAMES its "
+        "proofs are run",
+    )  # fmt: skip
+    p.add_argument("--points", type=int, default=3, help="K, random points per symbolic claim (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random points (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--latex", action="store_true", help="print each proof's formulas as LaTeX (sympy.latex)")
+    p.set_defaults(run=_run_prove)
 
-    def run(args: argparse.Namespace) -> int:
-        from .proofs import run_proofs
 
-        results = run_proofs(args.names or None, numeric_points=args.points, seed=args.seed)
-        if args.json:
-            print_json([r.as_dict() for r in results])
-        else:
-            width = max(len(r.key) for r in results)
-            print(f"{'proof':<{width}}  {'status':<8}  {'seconds':>7}  statement [source]")
-            for r in results:
-                print(f"{r.key:<{width}}  {r.status:<8}  {r.seconds:7.2f}  {r.name} [{r.source}]")
-                if not r.success:
-                    print(f"{'':<{width}}  {r.message}; residual: {r.residual}")
-            n_ok = sum(r.success for r in results)
-            print(f"{n_ok}/{len(results)} verified in {sum(r.seconds for r in results):.1f} s")
-        return 0 if all(r.success for r in results) else 1
+class _ProofsHelpFormatter(argparse.HelpFormatter):
+    """Fills ``{proofs}`` with the registered proof keys when help is shown, so that building the
+    parser (and ``ufm --help``) imports no SymPy."""
 
-    p.set_defaults(run=run)
+    def _format_text(self, text: str) -> str:
+        if "{proofs}" in text:
+            from .proofs import PROOFS
+
+            text = text.replace("{proofs}", ", ".join(PROOFS))
+        return super()._format_text(text)
+
+
+def _run_prove(args: argparse.Namespace) -> int:
+    from .proofs import run_proofs
+
+    results = run_proofs(args.names or None, module=args.module, numeric_points=args.points, seed=args.seed)
+    if args.json:
+        print_json([r.as_dict() | {"latex": r.latex} for r in results])
+    else:
+        _print_proofs(results, latex=args.latex)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _print_proofs(results, *, latex: bool) -> None:
+    """One line per proof (key, status, seconds, statement [source]) and what failed or was undecided."""
+    import textwrap
+
+    width = max(len(r.key) for r in results)
+    indent = " " * (width + 2)
+    wrap = lambda text: textwrap.fill(text, TABLE_COLUMNS, initial_indent=indent, subsequent_indent=indent)
+    print(f"{'proof':<{width}}  {'status':<9}  {'seconds':>7}  statement [source]")
+    for r in results:
+        line = f"{r.key:<{width}}  {r.status:<9}  {r.seconds:7.2f}  {r.name} [{r.source}]"
+        print(textwrap.fill(line, TABLE_COLUMNS, subsequent_indent=indent + " " * 21))
+        if r.status == "failed":
+            print(wrap(f"{r.message}; residual: {r.residual}"))
+        elif r.status == "undecided":
+            print(wrap(r.message))
+        if latex and r.status == "verified":
+            for formula in r.latex:
+                print(f"{indent}$$ {formula} $$")
+    counts = {s: sum(r.status == s for r in results) for s in ("verified", "failed", "undecided")}
+    print(f"{counts['verified']}/{len(results)} verified, {counts['failed']} failed, {counts['undecided']} "
+          f"undecided in {sum(r.seconds for r in results):.1f} s")  # fmt: skip
 
 
 @command
