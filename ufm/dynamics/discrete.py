@@ -18,15 +18,15 @@ Normalized dynamics (Xu, Rangamani, Galanti, Liao, Poggio, Research 2023)
 --------------------------------------------------------------------------
 Each layer W_k = rho_k V_k with ||V_k||_F = 1, the constraint kept by a Lagrange multiplier nu_k.
 Chain rule with G_k = dL/dW_k (the full regularized gradient): dL/drho_k = <V_k, G_k> and
-dL/dV_k = rho_k G_k. Gradient flow in (rho_k, V_k) under the constraint:
+dL/dV_k = rho_k G_k. Gradient flow in (rho_k, V_k) under the constraint::
 
     V_k'   = -rho_k G_k - nu_k V_k,   nu_k from d||V_k||^2/dt = 2 <V_k, V_k'> = 0:  nu_k = -rho_k <V_k, G_k>
            = -rho_k (G_k - <V_k, G_k> V_k)            (tangential projection of the gradient)
     rho_k' = -<V_k, G_k>                               (weight decay enters as lam_k rho_k through G_k)
 
 H and b follow plain gradient flow. The induced W_k' = -[rho_k^2 G_k + (1 - rho_k^2) <V_k, G_k> V_k]
-is a preconditioned gradient flow: dL/dt = -sum_k (<V_k, G_k>^2 + rho_k^2 ||G_k - <V_k, G_k> V_k||^2)
-- ||G_H||^2 - ||G_b||^2 <= 0, and its fixed points with rho_k != 0 are exactly those of the gradient
+is a preconditioned gradient flow: dL/dt = -sum_k (<V_k, G_k>^2 + rho_k^2 ||G_k - <V_k, G_k> V_k||^2) -
+||G_H||^2 - ||G_b||^2 <= 0, and its fixed points with rho_k != 0 are exactly those of the gradient
 flow (G_k = 0), so it converges to the same closed form. ||V_k|| = 1 is invariant exactly; numerically
 it drifts by the integrator's error, recorded as ``v_norm_err``.
 """
@@ -47,7 +47,7 @@ class DescentResult(FlowResult):
     """A run of GD or SGD: a FlowResult whose ``t`` = steps * lr is the flow time the steps approximate.
 
     Attributes (besides FlowResult's)
-    ----------
+    ---------------------------------
     steps : (k,) recorded step numbers.
 
     ``nfev`` counts full gradients for GD and mini-batch gradients for SGD; ``method`` is "GD" or

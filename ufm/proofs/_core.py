@@ -303,7 +303,7 @@ def _check_claim(claim: Claim, rng: np.random.Generator, points: int) -> ClaimRe
     point, residual = _spot_check(claim, rng, points)
     if point is not None:
         shown = {str(s): str(v) for s, v in point.items()}
-        return ClaimResult(claim.label, claim.kind, "failed", f"{residual:.3g}", shown, points, latex)
+        return ClaimResult(claim.label, claim.kind, "failed", f"{residual:.6g}", shown, points, latex)
     decided = _is_zero(claim.expr) if claim.kind == "zero" else _is_positive(claim.expr)
     if not decided:
         return ClaimResult(claim.label, claim.kind, "undecided", str(claim.expr), None, points, latex)
