@@ -280,7 +280,8 @@ def reproduce(
     Parameters
     ----------
     out : output directory (created).
-    quick : smaller sizes and shorter training (about 2 minutes on 2 CPU cores instead of about 10).
+    quick : smaller sizes and shorter training (191 s of CPU time measured for ``ufm reproduce --quick``,
+        88% of it the network part; README).
     seed : seed of every random start and of the network's training.
     progress : progress bars on stderr.
     """
