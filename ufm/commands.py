@@ -390,7 +390,9 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
         "poster's network experiment on the embedded MNIST digits; write CSV tables, figures and report.md "
         "built from them. A line on stderr marks each part's start and end with its time.",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes (191 s of CPU time, measured; see the README)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (191 s of CPU time, measured; see the README)"
+    )
     p.add_argument(
         "--out", default=None, metavar="DIR",
         help=f"output directory (default: {QUICK_OUT}/ with --quick, so the committed figures stay; else {FULL_OUT}/)",
