@@ -37,9 +37,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .._progress import progress_bar
 from .._validation import check_nonneg, check_positive_int
 from ..model import UFMParams, UFMProblem, check_params, loss_and_grad
-from .flow import FlowResult, _Progress, _stack_records, _System, integrate, linear_part, record_state
+from .flow import FlowResult, _stack_records, _System, integrate, linear_part, record_state
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def _descend(
     status, msg, nfev, k = 0, "", 0, 0
     gnorm = float("nan")
     last_good = (0, theta)
-    bar = _Progress(n_steps, progress, "descent")
+    bar = progress_bar(
+        total=n_steps, enabled=progress, terminal_only=False, desc="descent", unit="step", leave=False
+    )
     try:
         while True:
             params = UFMParams.unravel(start, theta)
@@ -141,7 +144,7 @@ def _descend(
                 vel = momentum * vel + g if momentum else g
                 theta = theta - lr * vel
             k += 1
-            bar.update(k)
+            bar.update(1)
     finally:
         bar.close()
     if sampler is _full:
