@@ -45,7 +45,8 @@ def main(argv=None) -> None:
         flow, row = comparison.flow, comparison.row()
         t = np.maximum(flow.t, flow.t[flow.t > 0].min())  # t = 0 drawn at the first t > 0
         for key in MEASURES:
-            (line,) = ax.plot(t, np.abs(flow.metrics[key]), label=key)
+            # |eps|: with cross-entropy the correct logit exceeds 1, and eps = 1 - it is negative
+            (line,) = ax.plot(t, np.abs(flow.metrics[key]), label=f"|{key}|" if key == "eps" else key)
             if key == "eps" and comparison.optimum is not None:
                 ax.axhline(comparison.optimum.eps, ls="--", color=line.get_color(), label="eps, closed form")
         note = "closed form dashed" if comparison.optimum is not None else "no closed form"

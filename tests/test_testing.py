@@ -133,9 +133,9 @@ def test_shrunk_counterexample_is_readable():
 
 def test_bad_bounds_are_clear_errors():
     with pytest.raises(ValueError, match="min_classes"):
-        simplex_etfs(min_classes=1).example()
+        find(simplex_etfs(min_classes=1), lambda E: True)
     with pytest.raises(ValueError, match="losses must be names"):
-        ufm_problems(losses=("hinge",)).example()
+        find(ufm_problems(losses=("hinge",)), lambda problem: True)
 
 
 def test_import_ufm_does_not_import_hypothesis():
