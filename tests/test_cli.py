@@ -14,12 +14,16 @@ At C = 4, N = 5, lam_w = lam_h = 0.02, a = 0.1: delta = 0.178885438199983 (value
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ufm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROBLEM = ["-C", "4", "-N", "5", "--lam-w", "0.02", "--lam-h", "0.02"]
 SMOOTHING = 0.1
@@ -200,3 +204,58 @@ def test_quick_reproduce_writes_only_under_the_ignored_runs_directory(monkeypatc
         assert "/runs/" in (repo / ".gitignore").read_text().split()
     else:
         assert ignored.returncode == 0
+def test_version():
+    import ufm
+
+    done = subprocess.run([sys.executable, "-m", "ufm", "--version"], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == f"ufm {ufm.__version__}"
+
+
+def test_closed_pipe_ends_quietly():
+    """``ufm prove --latex | head -1``: the reader closes the pipe before the ~90 kB of output (more
+    than a pipe buffers) are written; no traceback, status 1 (output cut short)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ufm", "prove", "--latex", "--wide"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.stdout.readline().startswith(b"proof")
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 1
+    assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize("command", ["solve", "metrics", "train", "sweep", "prove", "reproduce", "flow"])
+def test_every_subcommand_has_a_description(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert len(description.split()) >= 20, description
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_help_lists_the_choices(capsys):
+    """Methods from METHODS, losses from LOSSES, proof keys from PROOFS: each --help lists them."""
+    from ufm.dynamics import METHODS
+    from ufm.losses import LOSSES
+    from ufm.proofs import PROOFS
+
+    for command, names in (("flow", [*METHODS, *LOSSES]), ("train", LOSSES), ("prove", PROOFS)):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for name in names:
+            assert name in text, (command, name)
+
+
+def test_metrics_says_what_collapse_gives(tmp_path, capsys):
+    import numpy as np
+
+    from ufm import simplex_etf
+
+    path = tmp_path / "f.npz"
+    E = simplex_etf(3, 4)
+    np.savez(path, features=np.repeat(E, 2, axis=0), labels=np.repeat(np.arange(3), 2), weight=E)
+    assert main(["metrics", str(path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "at collapse" in lines["measure"]
+    assert lines["nc1"].split()[-1] == "0" and lines["rank_means"].split()[-1] == "C-1"

@@ -102,6 +102,53 @@ def test_model_nc_metrics_streams_like_one_shot(setup):
             )
 
 
+W_MEASURES = (
+    "nc2_equinorm_w",
+    "nc2_equiangle_w",
+    "nc2_maxangle_w",
+    "etf_distance_w",
+    "nc3",
+    "sv_w",
+    "rank_w",
+)
+
+
+def test_any_layer_of_another_width(setup):
+    """The first hidden layer (width 8, the classifier's is p = 5): its measures equal nc_metrics of
+    relu(W_1 x) computed by hand; the W-dependent ones are absent, NC4 and eps come from the outputs."""
+    model, loader, x, y, C = setup
+    streamed = model_nc_metrics(model, loader, layer="1", capture="output")
+    model.eval()  # as model_nc_metrics measures: dropout off
+    with torch.no_grad():
+        h = model[1](model[0](x))  # (n, 8)
+        out = model(x)
+    expected = nc_metrics(h, y, outputs=out)
+    assert streamed.p == 8 and streamed.C == C
+    assert streamed.nc1 == pytest.approx(expected.nc1, rel=RTOL_STREAM)
+    assert streamed.nc4 == pytest.approx(expected.nc4) and streamed.eps == pytest.approx(
+        expected.eps, rel=1e-12
+    )
+    for key in W_MEASURES:
+        assert getattr(streamed, key) is None, key
+    got = collect_features(model, loader, layer="1", capture="output")
+    assert got.weight is None and got.bias is None and got.classifier is None
+    torch.testing.assert_close(got.features, h, rtol=1e-12, atol=1e-12)
+
+
+def test_without_a_classifier(setup):
+    """classifier=False: the penultimate features alone; without outputs C must be given."""
+    model, loader, x, y, C = setup
+    alone = model_nc_metrics(model, loader, classifier=False, use_outputs=False, C=C)
+    full = model_nc_metrics(model, loader)
+    assert alone.nc1 == pytest.approx(full.nc1, rel=RTOL_STREAM)
+    assert alone.nc4 is None and alone.eps is None
+    for key in W_MEASURES:
+        assert getattr(alone, key) is None, key
+    headless = nn.Sequential(*list(model)[:5])  # ends at the Tanh: outputs (batch, p), no Linear classifier
+    with pytest.raises(ValueError, match="give C"):
+        model_nc_metrics(headless, loader, layer="4", capture="output", classifier=False, use_outputs=False)
+
+
 def test_rho_all_layers(setup):
     model, loader, *_ = setup
     norms = [torch.linalg.norm(m.weight).item() for m in model if isinstance(m, nn.Linear)]

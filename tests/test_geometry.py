@@ -7,17 +7,17 @@ from hypothesis import strategies as st
 from problems import helmert_etf, procrustes_distance
 
 from ufm.geometry import frame_distance, frame_gram, orthogonal_frame, simplex_etf
+from ufm.testing import assert_simplex_etf, orthogonal_frames, simplex_etfs
 
 TOL = 1e-12  # float64 round-off on O(1) entries, with room for C up to 60
 
 
-@given(
-    C=st.integers(2, 60), extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1), scale=st.floats(1e-3, 1e3)
-)
-def test_simplex_etf_properties(C, extra, seed, scale):
+@given(E=simplex_etfs(max_classes=60, max_extra_dims=5, min_scale=1e-3, max_scale=1e3))
+def test_simplex_etf_properties(E):
     """Statement 1: unit (here: equal to scale) norms, Gram C/(C-1)(I - 11^T/C), cosines -1/(C-1), any p >= C-1."""
-    E = simplex_etf(C, C - 1 + extra, scale=scale, rng=seed)
-    assert E.shape == (C, C - 1 + extra)
+    C = E.shape[0]
+    scale = np.linalg.norm(E[0])
+    assert E.shape[1] >= C - 1
     gram = E @ E.T / scale**2
     np.testing.assert_allclose(gram, C / (C - 1) * (np.eye(C) - 1.0 / C), atol=TOL)
     np.testing.assert_allclose(np.linalg.norm(E, axis=1), scale, rtol=TOL)
@@ -25,11 +25,12 @@ def test_simplex_etf_properties(C, extra, seed, scale):
     np.testing.assert_allclose(cos, -1.0 / (C - 1), atol=TOL)
     np.testing.assert_allclose(E.sum(axis=0), 0.0, atol=TOL * scale * C)
     assert frame_distance(E) < 1e-6  # sqrt of round-off
+    assert_simplex_etf(E, atol=TOL)
 
 
-@given(C=st.integers(2, 40), extra=st.integers(0, 5), seed=st.integers(0, 2**32 - 1))
-def test_orthogonal_frame(C, extra, seed):
-    F = orthogonal_frame(C, C + extra, rng=seed)
+@given(F=orthogonal_frames(max_classes=40, max_extra_dims=5))
+def test_orthogonal_frame(F):
+    C = F.shape[0]
     np.testing.assert_allclose(F @ F.T, np.eye(C), atol=TOL)
     np.testing.assert_allclose(frame_gram(C, "orthogonal_frame"), np.eye(C))
     assert frame_distance(F, "orthogonal_frame") < 1e-6

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from problems import procrustes_distance
 
-from ufm import nc_metrics, simplex_etf
+from ufm import nc_metrics
 from ufm.cli import main
 from ufm.metrics import NCAccumulator, nc_metrics_stream
+from ufm.testing import assert_collapsed, collapsed_features
 
 HYP = settings(derandomize=True, deadline=None, max_examples=30)
 
@@ -109,29 +110,17 @@ def _assert_same(a, b, rtol, skip=(), sv_scale=1.0):
 # ---------------------------------------------------------------- exact collapse (docs/theory.md §0.4, §17)
 @HYP
 @given(
-    C=st.integers(2, 50),
-    extra=st.integers(0, 6),
-    N=st.integers(1, 3),
-    scale=st.floats(1e-3, 1e3),
+    data=collapsed_features(max_classes=50, max_per_class=3, max_extra_dims=6, min_scale=1e-3, max_scale=1e3,
+                            max_shift=10.0, balanced=True),
     w_scale=st.floats(1e-2, 1e2),
-    shift=st.floats(-10, 10),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_exact_collapse_gives_zero(C, extra, N, scale, w_scale, shift, seed):
+)  # fmt: skip
+def test_exact_collapse_gives_zero(data, w_scale):
     """Features equal to their class mean on a rotated, scaled, shifted simplex ETF, with a self-dual
     classifier W = w_scale * ETF rows and bias b = 1/C - W shift, give NC1 = NC2 = NC3 = NC4 = 0."""
-    p = C - 1 + extra
-    rng = np.random.default_rng(seed)
-    etf = simplex_etf(C, p, rng=rng)  # (C, p) unit rows, random rotation
-    t = shift * scale * rng.standard_normal(p)
-    H = np.repeat(scale * etf, N, axis=0) + t  # (N C, p) class-major, no within-class noise
-    y = np.repeat(np.arange(C), N)
-    W = w_scale * etf
-    m = nc_metrics(H, y, W, 1.0 / C - W @ t)
-    for key in ("nc1", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle", "nc3", "nc4"):
-        assert abs(getattr(m, key)) < TOL_COLLAPSE, (key, getattr(m, key))
-    for key in ("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"):
-        assert abs(getattr(m, key)) < TOL_COLLAPSE, (key, getattr(m, key))
+    C, scale = data.C, data.scale
+    W, b = data.classifier(w_scale)
+    m = nc_metrics(data.features, data.labels, W, b)
+    assert_collapsed(m, atol=TOL_COLLAPSE)
     assert m.etf_distance < TOL_DISTANCE and m.etf_distance_w < TOL_DISTANCE
     assert m.rank_means == C - 1 and m.rank_w == C - 1
     # An ETF has C-1 equal singular values: stable rank C-1.
@@ -142,6 +131,21 @@ def test_exact_collapse_gives_zero(C, extra, N, scale, w_scale, shift, seed):
     assert m.eps == pytest.approx((C - 1) / C - a, abs=1e-9 * max(a, 1))
     # An RMS of rounding errors: accurate to about sqrt(eps), like the frame distances.
     assert m.sqi_spread == pytest.approx(0, abs=TOL_DISTANCE * max(a, 1))
+
+
+@HYP
+@given(data=collapsed_features(max_classes=6, min_per_class=5, max_per_class=8))
+def test_noise_breaks_nc1(data):
+    """Every example on its class mean gives NC1 = 0 for any class counts (Sigma_W = 0); within-class
+    noise of relative size 0.1 makes NC1 positive, and assert_collapsed names it with its value.
+    (With unequal counts the global mean mu_G is not the frame's centre, so the centred means are not
+    an ETF and only NC1 is checked here.)"""
+    noisy = data.features + 0.1 * data.scale * np.random.default_rng(data.C).standard_normal(
+        data.features.shape
+    )
+    assert nc_metrics(data.features, data.labels).nc1 < TOL_COLLAPSE
+    with pytest.raises(AssertionError, match=r"nc1 = [0-9.e-]+ \(NC1"):
+        assert_collapsed(nc_metrics(noisy, data.labels), atol=TOL_COLLAPSE)
 
 
 # ---------------------------------------------------------------- invariances

@@ -72,3 +72,29 @@ def test_cli_quick(tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["success"] and summary["proofs_verified"] == summary["proofs_total"]
+
+
+def test_report_carries_the_proofs_latex(result):
+    """Each proof's formulas, LaTeX from ``ufm prove --latex`` (proofs.csv's latex column), are in
+    report.md below the proof table, linked from it."""
+    from ufm.experiments.reproduce import LATEX_SEPARATOR
+
+    text = result.report.read_text()
+    rows = read_csv(result.out / "proofs.csv")
+    with_formulas = [r for r in rows if r["latex"]]
+    assert len(with_formulas) >= len(rows) - 2  # theorem_nc1 and the numeric check have none
+    for r in with_formulas:
+        formulas = r["latex"].split(LATEX_SEPARATOR)
+        assert f"[{len(formulas)} formulas](#formulas-{r['key']})" in text
+        assert all(f"$$ {f} $$" in text for f in formulas)
+
+
+def test_each_part_prints_a_line_with_its_time(capsys):
+    from ufm.experiments.reproduce import _PartLog
+
+    with _PartLog(True)("2/4 flows"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "reproduce: 2/4 flows ..." and re.fullmatch(
+        r"reproduce: 2/4 flows: done in \d+ s", err[1]
+    )

@@ -306,8 +306,15 @@ def test_weight_decay_experiment_quick_smoke(tmp_path):
     assert [r.config.wd for r in exp.results] == [0.0, TrainConfig.wd, 2 * TrainConfig.wd]
     assert exp.figure.is_file() and exp.figure.stat().st_size > 10_000
     assert exp.table[0]["w_row_norm_sq_pred"] is None and exp.table[1]["w_row_norm_sq_pred"] is not None
-    text = format_theory_table(exp.table)
+    text = format_theory_table(exp.table, width=None)  # --wide: a header and one line per run
     assert len(text.splitlines()) == 4 and "NC3" in text
+    wrapped = format_theory_table(exp.table)  # blocks of 4 lines that fit 100 columns, lambda leading each
+    blocks = wrapped.split("\n\n")
+    assert len(blocks) > 1 and all(len(line) <= 100 for line in wrapped.splitlines())
+    assert all(b.splitlines()[0].split()[0] == "lambda" and len(b.splitlines()) == 4 for b in blocks)
+    assert sorted(" ".join(b.splitlines()[0] for b in blocks).split()) == sorted(
+        (" lambda" * (len(blocks) - 1) + " " + text.splitlines()[0]).split()
+    )
     assert (tmp_path / "theory_vs_measurement.csv").is_file()
 
 

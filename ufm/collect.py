@@ -137,7 +137,9 @@ def _batches(model: nn.Module, loader: Iterable, captured: list[torch.Tensor], d
             yield h, y, out.detach() if is_matrix else None
 
 
-def _classifier(model: nn.Module, layer: str, capture: str, classifier: str | None) -> str | None:
+def _classifier(model: nn.Module, layer: str, capture: str, classifier: str | bool | None) -> str | None:
+    if classifier is False:  # measure the layer alone
+        return None
     if classifier is not None:
         _module(model, classifier)
         return classifier
@@ -147,7 +149,7 @@ def _classifier(model: nn.Module, layer: str, capture: str, classifier: str | No
 
 
 def _resolve(
-    model: nn.Module, layer: str | None, capture: str, classifier: str | None
+    model: nn.Module, layer: str | None, capture: str, classifier: str | bool | None
 ) -> tuple[str, str | None]:
     check_choice("capture", capture, CAPTURE)
     if layer is None:
@@ -159,6 +161,12 @@ def _resolve(
         if layer is None:
             raise ValueError("model has no nn.Linear classifier; name the layer to hook with layer=")
     return layer, _classifier(model, layer, capture, classifier)
+
+
+def _acting_on(W: torch.Tensor | None, width: int) -> bool:
+    """Whether a (C, q) classifier acts on features of this width (q = width); one that does not,
+    e.g. the last layer when an earlier, wider layer is measured, gives no W-dependent measures."""
+    return W is not None and W.shape[1] == width
 
 
 def _weights(model: nn.Module, classifier: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -178,7 +186,7 @@ def collect_features(
     *,
     layer: str | None = None,
     capture: str = "input",
-    classifier: str | None = None,
+    classifier: str | bool | None = None,
     eval_mode: bool = True,
     store_device: str | torch.device | None = "cpu",
 ) -> CollectedFeatures:
@@ -194,6 +202,8 @@ def collect_features(
     capture : "input" or "output" of ``layer``; flattened to (batch, p).
     classifier : name of the linear classifier giving W (C, p) and b; default ``layer`` when it is an
         ``nn.Linear`` hooked at its input, else the last ``nn.Linear`` (None if there is none).
+        ``False``: no classifier. A classifier whose width differs from the layer's (it does not act
+        on these features) is dropped: ``weight``, ``bias`` and ``classifier`` are then None.
     eval_mode : run in eval mode (dropout off, batch-norm running statistics); the previous modes are
         restored afterwards.
     store_device : where the collected tensors are kept (default CPU, to spare accelerator memory;
@@ -214,8 +224,11 @@ def collect_features(
     if not feats:
         raise ValueError("loader yielded no batches")
     W, b = _weights(model, classifier)
+    features = torch.cat(feats)
+    if not _acting_on(W, features.shape[1]):
+        W = b = classifier = None
     return CollectedFeatures(
-        features=torch.cat(feats),
+        features=features,
         labels=torch.cat(labels).long(),
         outputs=None if any(o is None for o in outs) else torch.cat(outs),
         weight=W,
@@ -232,29 +245,53 @@ def model_nc_metrics(
     *,
     layer: str | None = None,
     capture: str = "input",
-    classifier: str | None = None,
+    classifier: str | bool | None = None,
     eval_mode: bool = True,
     use_outputs: bool = True,
     layers: Any = None,
 ) -> NCMetrics:
     """NC measurements of ``model`` over ``loader`` by two streaming passes; memory independent of n.
 
-    Same hooking rules as :func:`collect_features`. The loader must yield the same examples in both
-    passes (no shuffling, or at least the same set). The model's outputs feed eps and the SQI spread
-    when ``use_outputs`` and they are (batch, C). ``layers="all"`` sets rho over every parameter of
+    Same hooking rules as :func:`collect_features`: any named ``layer``, its ``capture="input"`` or
+    ``"output"``. The classifier W, b feeds the W-dependent measures (NC2 of W, NC3, NC4 by W) only
+    when it acts on that layer, i.e. its width equals the layer's; for any other layer, or with
+    ``classifier=False`` (no classifier at all), those measures are None, not an error. C is then
+    ``C``, else the classifier's row count, else the width of the model's (batch, C) outputs.
+
+    The loader must yield the same examples in both passes (no shuffling, or at least the same set).
+    The model's outputs feed eps and the SQI spread (and NC4 without a classifier) when
+    ``use_outputs`` and they are (batch, C). ``layers="all"`` sets rho over every parameter of
     ndim >= 2 (the weight matrices and kernels); a sequence of tensors is used as given.
     """
     layer, classifier = _resolve(model, layer, capture, classifier)
     W, b = _weights(model, classifier)
     if layers == "all":
         layers = [t.detach() for t in model.parameters() if t.ndim >= 2]
-    acc = NCAccumulator(C, W=W, b=b, layers=layers)
+    acc = None
     device = _model_device(model)
     with capture_activations(model, layer, capture=capture, eval_mode=eval_mode) as captured:
         for _ in range(2):
             for h, y, out in _batches(model, loader, captured, device):
+                if acc is None:
+                    acc = _accumulator(C, W, b, h.shape[1], out if use_outputs else None, layers, layer)
                 keep = use_outputs and out is not None and out.shape[1] == acc.C
                 acc.update(h, y, out if keep else None)
+            if acc is None:
+                raise ValueError("loader yielded no batches")
             if acc.pass_number == 1:
                 acc.end_first_pass()
     return acc.result()
+
+
+def _accumulator(C, W, b, width: int, out, layers, layer: str) -> NCAccumulator:
+    """The accumulator for features of ``width``: with W only when W acts on them (:func:`_acting_on`)."""
+    if C is None:
+        C = W.shape[0] if W is not None else None if out is None else out.shape[1]
+    if C is None:
+        raise ValueError(
+            f"layer {layer!r} has no classifier and the model's outputs are not (batch, C): give C, "
+            "the number of classes"
+        )
+    if not _acting_on(W, width):
+        W = b = None
+    return NCAccumulator(C, W=W, b=b, layers=layers)

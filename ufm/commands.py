@@ -17,6 +17,9 @@ from .losses import LOSSES
 # quick run (the README's quick start) writes under the ignored runs/, leaving tracked files alone.
 FULL_OUT, QUICK_OUT = "figures", "runs/reproduce-quick"
 
+# Tables wrap their long text columns to this width: a 100-column terminal shows every line whole.
+TABLE_COLUMNS = 100
+
 # Each entry adds one subcommand to the parser and sets ``run`` to its handler (``ufm.cli``).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
@@ -89,7 +92,15 @@ def _add_label_smoothing(p: argparse.ArgumentParser) -> None:
 
 @command
 def _solve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("solve", help="closed-form global minimizer of the regularized square-loss UFM")
+    p = sub.add_parser(
+        "solve",
+        help="closed-form global minimizer of the regularized square-loss UFM",
+        description="The global minimizer of the regularized UFM in closed form (docs/theory.md §5; "
+        "ufm.ufm_optimum, Loss.closed_form): with delta = C sqrt(N lam_w lam_h), a simplex ETF with a bias "
+        "or an orthogonal frame without one when delta < 1 - a, else a rank-one or zero solution. Prints "
+        "eps, the outputs, norms, cosines and the minimal loss; --verify compares with L-BFGS from random "
+        "starts. Problems without a closed form (per-class counts, cross-entropy) exit 2 saying why.",
+    )
     _add_problem_arguments(p)
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
     p.add_argument("--starts", type=int, default=4, help="random starts for --verify (default 4)")
@@ -161,7 +172,9 @@ def _register_metrics(sub: argparse._SubParsersAction) -> None:
         "metrics",
         help="neural-collapse measurements NC1-NC4 of saved features",
         description="NC1-NC4 of features saved in a .npz or torch .pt file holding 'features' (n, p), "
-        "'labels' (n,) and optionally 'weight' (C, p), 'bias' (C,) and 'outputs' (n, C).",
+        "'labels' (n,) and optionally 'weight' (C, p), 'bias' (C,) and 'outputs' (n, C) (ufm.nc_metrics, "
+        "docs/theory.md §17). The table's last column says what each measure reads at exact collapse onto "
+        "a simplex ETF (0 for NC1-NC4); measures that need what the file lacks are shown as '-'.",
     )
     p.add_argument("file", metavar="FILE", help=".npz or .pt file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -179,7 +192,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
         print_json(result.as_dict())
     else:
         print(f"# {args.file}")
-        print(result.table())
+        print(result.table(at_collapse=True))
     return 0
 
 
@@ -199,7 +212,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         description="Train with SGD on 1/n sum_i l(f(x_i), t_i) + lambda/2 sum_k ||W_k||^2 (by default the "
         "square loss l = 1/2 ||t - f||^2, targets t = (1 - a) y + a/C with label smoothing a) and record "
         "NC1-NC4, norms, ranks, SQI residuals and the theorem's predictions every epoch. Unset flags "
-        "take the defaults of ufm.TrainConfig (print them with --show-defaults).",
+        "take the defaults of ufm.TrainConfig (print them with --show-defaults). A progress bar per epoch "
+        "shows on a terminal's stderr.",
     )
     p.add_argument("--dataset", help="default | mnist:DIR | fashion:DIR | cifar10:DIR")
     p.add_argument("--arch", choices=("mlp", "cnn"))
@@ -232,6 +246,9 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the final epoch as one JSON line")
     p.add_argument(
+        "--wide", action="store_true", help="the final table on one line per row (default: fit 100 columns)"
+    )
+    p.add_argument(
         "--show-defaults",
         action="store_true",
         help="print the configuration (flags over TrainConfig defaults) as JSON and exit",
@@ -260,7 +277,7 @@ def _train(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         print(result.message)
-        print(format_theory_table([summary | {"wd": config.wd}]))
+        print(format_theory_table([summary | {"wd": config.wd}], width=None if args.wide else TABLE_COLUMNS))
         if result.out is not None:
             print(f"history and checkpoint in {result.out}")
     if result.status != 0:
@@ -320,38 +337,100 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 @command
 def _prove(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prove", help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)")
-    p.add_argument("names", nargs="*", help="proof keys to run (default: all)")
-    p.add_argument("--points", type=int, default=3, help="random points per symbolic claim (default 3)")
+    p = sub.add_parser(
+        "prove",
+        help="verify every formula ufm claims, symbolically in SymPy (ufm.proofs)",
+        description="Run the SymPy proofs of ufm.proofs, or a file of your own with --module. Each claim "
+        "is evaluated at K random points (--points) and then decided by SymPy: 'verified' when SymPy "
+        "decides it, 'failed' with the counterexample's point and residual, 'undecided' when SymPy "
+        "cannot decide it and it held at all K points. Exit status 1 only when a proof failed; "
+        "undecided proofs are listed but are not counted as verified. Proof keys: {proofs}.",
+        formatter_class=_ProofsHelpFormatter,
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="proof keys to run (default: all, or the --module's)"
+    )
+    p.add_argument(
+        "--module", action="append", metavar="PATH",
+        help="a .py file that registers proofs with ufm.proofs.register (repeatable); without NAMES its "
+        "proofs are run",
+    )  # fmt: skip
+    p.add_argument("--points", type=int, default=3, help="K, random points per symbolic claim (default 3)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random points (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    p.add_argument("--latex", action="store_true", help="print each proof's formulas as LaTeX (sympy.latex)")
+    p.add_argument("--wide", action="store_true", help="do not wrap long lines (default: fit 100 columns)")
+    p.set_defaults(run=_run_prove)
 
-    def run(args: argparse.Namespace) -> int:
-        from .proofs import run_proofs
 
-        results = run_proofs(args.names or None, numeric_points=args.points, seed=args.seed)
-        if args.json:
-            print_json([r.as_dict() for r in results])
-        else:
-            width = max(len(r.key) for r in results)
-            print(f"{'proof':<{width}}  {'status':<8}  {'seconds':>7}  statement [source]")
-            for r in results:
-                print(f"{r.key:<{width}}  {r.status:<8}  {r.seconds:7.2f}  {r.name} [{r.source}]")
-                if not r.success:
-                    print(f"{'':<{width}}  {r.message}; residual: {r.residual}")
-            n_ok = sum(r.success for r in results)
-            print(f"{n_ok}/{len(results)} verified in {sum(r.seconds for r in results):.1f} s")
-        return 0 if all(r.success for r in results) else 1
+class _ProofsHelpFormatter(argparse.HelpFormatter):
+    """Fills ``{proofs}`` with the registered proof keys when help is shown, so that building the
+    parser (and ``ufm --help``) imports no SymPy."""
 
-    p.set_defaults(run=run)
+    def _format_text(self, text: str) -> str:
+        if "{proofs}" in text:
+            from .proofs import PROOFS
+
+            text = text.replace("{proofs}", ", ".join(PROOFS))
+        return super()._format_text(text)
+
+
+def _run_prove(args: argparse.Namespace) -> int:
+    from .proofs import run_proofs
+
+    results = run_proofs(args.names or None, module=args.module, numeric_points=args.points, seed=args.seed)
+    if args.json:
+        print_json([r.as_dict() | {"latex": r.latex} for r in results])
+    else:
+        _print_proofs(results, latex=args.latex, width=None if args.wide else TABLE_COLUMNS)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _print_proofs(results, *, latex: bool, width: int | None) -> None:
+    """One line per proof (key, status, seconds, statement [source]) and what failed or was undecided,
+    wrapped to ``width`` columns (None: unwrapped)."""
+    import textwrap
+
+    key_width = max(len(r.key) for r in results)
+    indent = " " * (key_width + 2)
+
+    def fill(text: str, first: str, rest: str) -> str:
+        return (
+            text
+            if width is None
+            else textwrap.fill(text, width, initial_indent=first, subsequent_indent=rest)
+        )
+
+    wrap = lambda text: fill(text, indent, indent) if width is not None else indent + text
+    print(f"{'proof':<{key_width}}  {'status':<9}  {'seconds':>7}  statement [source]")
+    for r in results:
+        line = f"{r.key:<{key_width}}  {r.status:<9}  {r.seconds:7.2f}  {r.name} [{r.source}]"
+        print(fill(line, "", indent + " " * 21))
+        if r.status == "failed":
+            print(wrap(f"{r.message}; residual: {r.residual}"))
+        elif r.status == "undecided":
+            print(wrap(r.message))
+        if latex and r.status == "verified":
+            for formula in r.latex:
+                print(f"{indent}$$ {formula} $$")
+    counts = {s: sum(r.status == s for r in results) for s in ("verified", "failed", "undecided")}
+    print(f"{counts['verified']}/{len(results)} verified, {counts['failed']} failed, {counts['undecided']} "
+          f"undecided in {sum(r.seconds for r in results):.1f} s")  # fmt: skip
 
 
 @command
 def _reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "reproduce", help="the main job: proofs, flows, phase diagram, network; figures + report"
+        "reproduce",
+        help="the main job: proofs, flows, phase diagram, network; figures + report",
+        description="Run the four parts of the main job (ufm.experiments.reproduce): the SymPy proofs, "
+        "gradient flows against the closed form, the phase diagram across the collapse threshold, and the "
+        "poster's network experiment on the embedded MNIST digits; write CSV tables, figures and report.md "
+        "built from them. A line on stderr marks each part's start and end with its time.",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes (191 s of CPU time, measured; see the README)"
+    )
     p.add_argument(
         "--out", default=None, metavar="DIR",
         help=f"output directory (default: {QUICK_OUT}/ with --quick, so the committed figures stay; else {FULL_OUT}/)",

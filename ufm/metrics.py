@@ -55,6 +55,23 @@ _BLOCK_ELEMENTS = 2**18
 _FLOAT32_WORK = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# What each measure reads at exact neural collapse onto a simplex ETF (the UFM minimizer with a bias,
+# docs/theory.md §0.4, §5, §17), shown by ``ufm metrics``. Without a bias the minimizer's W is an
+# orthogonal frame (the class means, centred, are still an ETF), so the W-side ETF measures and NC3
+# then read the orthogonal frame's values instead.
+AT_COLLAPSE: dict[str, str] = {
+    "n": "-", "p": "-", "C": "-",
+    "nc1": "0", "nc2_equinorm": "0", "nc2_equiangle": "0", "nc2_maxangle": "0", "etf_distance": "0",
+    "sv_means": "C-1 equal, then 0", "rank_means": "C-1", "stable_rank_means": "C-1",
+    "nc2_equinorm_w": "0", "nc2_equiangle_w": "0", "nc2_maxangle_w": "0 (bias-free: 1/(C-1))",
+    "etf_distance_w": "0 (bias-free: > 0)", "orth_distance_w": "> 0 (bias-free: 0)",
+    "nc3": "0 (bias-free: > 0)", "nc4": "0",
+    "eps": "the closed form's (ufm solve)", "sqi_spread": "0", "sqi_correct_std": "0",
+    "sv_w": "C-1 equal (bias-free: C)", "rank_w": "C-1 (bias-free: C)", "stable_rank_w": "C-1 (bias-free: C)",
+    "rho": "-",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class NCMetrics:
     """Neural-collapse measurements of features (n, p) with labels, and optionally a classifier.
@@ -114,9 +131,11 @@ class NCMetrics:
         """Plain dict of Python scalars, lists and None (valid JSON: no NaN can occur)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def table(self) -> str:
-        """Readable two-column table; singular values abbreviated to the leading few."""
-        rows = []
+    def table(self, *, at_collapse: bool = False) -> str:
+        """Readable two-column table; singular values abbreviated to the leading few. With
+        ``at_collapse``, a third column says what each measure reads at exact collapse
+        (``AT_COLLAPSE``)."""
+        rows = [f"{'measure':<18} {'value':<24} at collapse"] if at_collapse else []
         for key, value in self.as_dict().items():
             if value is None:
                 text = "-"
@@ -127,7 +146,7 @@ class NCMetrics:
                 text = str(value)
             else:
                 text = f"{value:.6g}"
-            rows.append(f"{key:<18} {text}")
+            rows.append(f"{key:<18} {text:<24} {AT_COLLAPSE[key]}" if at_collapse else f"{key:<18} {text}")
         return "\n".join(rows)
 
 

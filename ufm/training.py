@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -826,7 +827,7 @@ def train(
     -------
     TrainResult
     """
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
     t0 = time.perf_counter()
     device = resolve_device(config.device)
@@ -853,13 +854,7 @@ def train(
     reference_loss = state.history[0]["train_loss"]
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     status, message = 0, f"finished {config.epochs} epochs{note}"
-    bar = tqdm(
-        range(state.epoch + 1, last_epoch + 1),
-        desc="train",
-        unit="epoch",
-        file=sys.stderr,
-        disable=not progress or not sys.stderr.isatty(),
-    )
+    bar = progress_bar(range(state.epoch + 1, last_epoch + 1), enabled=progress, desc="train", unit="epoch")
     for epoch in bar:
         model.train()
         noise = _SGDNoise(len(model.layers)) if epoch == config.epochs else None  # the last epoch's

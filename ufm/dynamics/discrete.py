@@ -18,15 +18,15 @@ Normalized dynamics (Xu, Rangamani, Galanti, Liao, Poggio, Research 2023)
 --------------------------------------------------------------------------
 Each layer W_k = rho_k V_k with ||V_k||_F = 1, the constraint kept by a Lagrange multiplier nu_k.
 Chain rule with G_k = dL/dW_k (the full regularized gradient): dL/drho_k = <V_k, G_k> and
-dL/dV_k = rho_k G_k. Gradient flow in (rho_k, V_k) under the constraint:
+dL/dV_k = rho_k G_k. Gradient flow in (rho_k, V_k) under the constraint::
 
     V_k'   = -rho_k G_k - nu_k V_k,   nu_k from d||V_k||^2/dt = 2 <V_k, V_k'> = 0:  nu_k = -rho_k <V_k, G_k>
            = -rho_k (G_k - <V_k, G_k> V_k)            (tangential projection of the gradient)
     rho_k' = -<V_k, G_k>                               (weight decay enters as lam_k rho_k through G_k)
 
 H and b follow plain gradient flow. The induced W_k' = -[rho_k^2 G_k + (1 - rho_k^2) <V_k, G_k> V_k]
-is a preconditioned gradient flow: dL/dt = -sum_k (<V_k, G_k>^2 + rho_k^2 ||G_k - <V_k, G_k> V_k||^2)
-- ||G_H||^2 - ||G_b||^2 <= 0, and its fixed points with rho_k != 0 are exactly those of the gradient
+is a preconditioned gradient flow: dL/dt = -sum_k (<V_k, G_k>^2 + rho_k^2 ||G_k - <V_k, G_k> V_k||^2) -
+||G_H||^2 - ||G_b||^2 <= 0, and its fixed points with rho_k != 0 are exactly those of the gradient
 flow (G_k = 0), so it converges to the same closed form. ||V_k|| = 1 is invariant exactly; numerically
 it drifts by the integrator's error, recorded as ``v_norm_err``.
 """
@@ -37,9 +37,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .._progress import progress_bar
 from .._validation import check_nonneg, check_positive_int
 from ..model import UFMParams, UFMProblem, check_params, loss_and_grad
-from .flow import FlowResult, _Progress, _stack_records, _System, integrate, linear_part, record_state
+from .flow import FlowResult, _stack_records, _System, integrate, linear_part, record_state
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DescentResult(FlowResult):
     """A run of GD or SGD: a FlowResult whose ``t`` = steps * lr is the flow time the steps approximate.
 
     Attributes (besides FlowResult's)
-    ----------
+    ---------------------------------
     steps : (k,) recorded step numbers.
 
     ``nfev`` counts full gradients for GD and mini-batch gradients for SGD; ``method`` is "GD" or
@@ -94,7 +95,9 @@ def _descend(
     status, msg, nfev, k = 0, "", 0, 0
     gnorm = float("nan")
     last_good = (0, theta)
-    bar = _Progress(n_steps, progress, "descent")
+    bar = progress_bar(
+        total=n_steps, enabled=progress, terminal_only=False, desc="descent", unit="step", leave=False
+    )
     try:
         while True:
             params = UFMParams.unravel(start, theta)
@@ -141,7 +144,7 @@ def _descend(
                 vel = momentum * vel + g if momentum else g
                 theta = theta - lr * vel
             k += 1
-            bar.update(k)
+            bar.update(1)
     finally:
         bar.close()
     if sampler is _full:

@@ -30,7 +30,6 @@ per unit of time at (C, N, p) = (3, 2, 4)). Integrate them over short horizons, 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -319,24 +318,54 @@ def _default_t_eval(t_max: float, n_records: int) -> np.ndarray:
 
 
 class _Progress:
-    """tqdm bar over flow time on stderr; a no-op when disabled."""
+    """tqdm bar on stderr, in percent of the way to the nearest stopping rule; a no-op when disabled.
 
-    def __init__(self, t_max: float, enabled: bool, desc: str):
+    The stationarity measure decays roughly exponentially along the flow, so its share of the way
+    from the start's value down to ``tol`` is measured in log scale; the budgets (t_max, max_nfev,
+    max_seconds) count linearly. The bar shows the largest of these shares (whichever rule will
+    stop the run first), never moving backwards, and tqdm's time estimate extrapolates from it.
+    """
+
+    def __init__(
+        self, enabled: bool, desc: str, *, tol: float, t_max: float, max_nfev: int, max_seconds: float
+    ):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from .._progress import progress_bar
 
-            self.bar = tqdm(total=float(t_max), desc=desc, unit="t", file=sys.stderr, leave=False)
-        self.t = 0.0
+            # Asked for explicitly (progress=True): shown on any stderr, not only a terminal.
+            self.bar = progress_bar(
+                total=100, desc=desc, unit="%", leave=False, bar_format=_BAR_FORMAT, terminal_only=False
+            )
+        self.limits = (tol, t_max, max_nfev, max_seconds)
+        self.start_stat: float | None = None
+        self.done = 0.0
 
-    def update(self, t: float) -> None:
-        if self.bar is not None and t > self.t:
-            self.bar.update(t - self.t)
-            self.t = t
+    def share(self, t: float, stat: float, nfev: int, seconds: float) -> float:
+        """Fraction in [0, 1] of the way to the first stopping rule to fire."""
+        tol, t_max, max_nfev, max_seconds = self.limits
+        if self.start_stat is None:
+            self.start_stat = stat
+        shares = [t / t_max if t_max > 0 else 1.0, nfev / max_nfev, seconds / max_seconds]
+        if tol > 0 and self.start_stat > tol and stat > 0:
+            shares.append(np.log(self.start_stat / stat) / np.log(self.start_stat / tol))
+        return float(np.clip(max(shares), 0.0, 1.0))
+
+    def update(self, t: float, stat: float, nfev: int, seconds: float) -> None:
+        if self.bar is None:
+            return
+        done = max(self.done, 100 * self.share(t, stat, nfev, seconds))
+        self.bar.update(done - self.done)
+        self.bar.set_postfix_str(f"t={t:.3g}, stationarity={stat:.2g}", refresh=False)
+        self.done = done
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# Percent to the nearest stopping rule, then tqdm's elapsed<remaining estimate.
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
 def _check_t_eval(t_eval, t_max: float, n_records: int) -> np.ndarray:
@@ -500,7 +529,8 @@ def integrate(
     except FlowDiverged as err:
         raise ValueError(f"the start: {err.cause}; scale it down") from None
     solver = cls(fun, system.y0, t_max, rtol=rtol, atol=atol, linear=system.linear, device=device)
-    bar = _Progress(t_max, progress, f"flow {method}")
+    bar = _Progress(progress, f"flow {method}", tol=tol, t_max=t_max, max_nfev=budget_nfev,
+                    max_seconds=budget_seconds)  # fmt: skip
     t_start = time.perf_counter()
     try:
         status, msg, (t_end, y_end) = _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar,
@@ -548,7 +578,7 @@ def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfe
             )
         if time.perf_counter() - t_start >= max_seconds:
             return 4, f"{STATUS_MESSAGES[4]}: {max_seconds:g} s{at}; raise max_seconds or loosen tol", good
-        bar.update(solver.t)
+        bar.update(solver.t, stat, fun.nfev, time.perf_counter() - t_start)
         try:
             failure = solver.step()
         except FlowDiverged as err:

@@ -242,9 +242,11 @@ class ETD2Step:
 def etd2_step(fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray) -> ETD2Step:
     """ETD2RK (Cox and Matthews 2002, eq. 22) for y' = Lambda y + R(y), Lambda diagonal by ``runs``.
 
-    With u - y = h phi_1(h Lambda) f(y), the two stages read
+    With u - y = h phi_1(h Lambda) f(y), the two stages read::
+
         u     = y + h phi_1 f(y)                                        (exponential Euler)
         y_new = u + h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 Lambda f(y)  (ETD2RK),
+
     so the phi-functions are one scalar per run of Lambda. The correction y_new - u is the ETD1/ETD2
     difference, the error estimate. rho is free: both f values are at hand (Shampine's stiffness
     detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike.

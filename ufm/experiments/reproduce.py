@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +166,26 @@ def _methods(rows: Sequence[dict]) -> str:
     return ", ".join(dict.fromkeys(str(r["method"]) for r in rows)) or "-"
 
 
+# proofs.csv keeps each proof's formulas in one cell, LaTeX lines joined as in an align environment.
+LATEX_SEPARATOR = r" \\ "
+
+
+def _formulas_link(row: dict) -> str:
+    """The proof table's cell: how many formulas, linked to their LaTeX below the table."""
+    n = len(row["latex"].split(LATEX_SEPARATOR)) if row.get("latex") else 0
+    return f"[{n} formulas](#formulas-{row['key']})" if n else "-"
+
+
+def _formulas(proofs: Sequence[dict]) -> str:
+    """Each proof's formulas as LaTeX display blocks (sympy.latex of every claim, ``ufm prove --latex``)."""
+    parts = ["### Formulas (LaTeX, from `ufm prove --latex`)"]
+    for r in proofs:
+        if r.get("latex"):
+            blocks = "\n".join(f"$$ {f} $$" for f in r["latex"].split(LATEX_SEPARATOR))
+            parts.append(f'<a id="formulas-{r["key"]}"></a>**{r["key"]}** ({r["status"]})\n\n{blocks}')
+    return "\n\n".join(parts)
+
+
 def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     """The Markdown report, built only from the CSV tables in ``out``."""
     proofs = read_csv(out / "proofs.csv")
@@ -183,6 +205,7 @@ def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
         ("eps_flow", "eps (flow)"), ("loss_theory", "loss (theory)"), ("loss_flow", "loss (flow)"),
         ("nc1_flow", "NC1 (flow)"), ("cos_w_flow", "cos W (flow)"), ("norm_h_sq_flow", "‖H‖² (flow)"),
     ]  # fmt: skip
+    proofs = [r | {"formulas": _formulas_link(r)} for r in proofs]
     net_cols = [(k, k) for k in network[0]] if network else []
     size = FLOW_SIZES["quick" if quick else "full"]
     text = f"""# ufm reproduce: theory against measurement
@@ -192,7 +215,9 @@ file named with its table, in this directory.
 
 ## 1. Proofs ({n_ok}/{len(proofs)} verified; `proofs.csv`)
 
-{_md_table(proofs, [("name", "proof"), ("status", "status"), ("seconds", "seconds"), ("source", "source")])}
+{_md_table(proofs, [("name", "proof"), ("status", "status"), ("seconds", "seconds"), ("source", "source"), ("formulas", "formulas")])}
+
+{_formulas(proofs)}
 
 ## 2. Gradient flow against the closed-form minimizer (`flows.csv`, figure `flows.png`)
 
@@ -249,6 +274,26 @@ def _move_into_place(stage: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class _PartLog:
+    """``with part(name):`` prints "name ..." when a part starts and "name: done in S s" when it ends,
+    on stderr (where the progress bars go), so a person watching sees every part, also those without
+    a bar."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        if self.enabled:
+            print(f"reproduce: {name} ...", file=sys.stderr, flush=True)
+        yield
+        if self.enabled:
+            print(
+                f"reproduce: {name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True
+            )
+
+
 def reproduce(
     out: str | Path = "figures", *, quick: bool = False, seed: int = 0, progress: bool = True
 ) -> ReproduceResult:
@@ -259,7 +304,8 @@ def reproduce(
     out : output directory. The run is written into a fresh directory beside it and replaces ``out``
         as a whole when complete (files of an earlier run that this one does not write go with it), so
         report.md never sits beside tables of another run.
-    quick : smaller sizes and shorter training (about 2 minutes on 2 CPU cores instead of about 10).
+    quick : smaller sizes and shorter training (191 s of CPU time measured for ``ufm reproduce --quick``,
+        88% of it the network part; README).
     seed : seed of every random start and of the network's training.
     progress : progress bars on stderr.
     """
@@ -268,14 +314,29 @@ def reproduce(
 
     t0 = time.perf_counter()
     final, out = Path(out), _staging(Path(out))
-    proofs = run_proofs()
-    proofs_csv = write_csv(
-        out / "proofs.csv",
-        [{"name": r.name, "source": r.source, "status": r.status, "seconds": r.seconds} for r in proofs],
-    )
-    flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
-    phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
-    exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
+    part = _PartLog(progress)
+    with part("1/4 proofs (SymPy)"):
+        proofs = run_proofs()
+        proofs_csv = write_csv(
+            out / "proofs.csv",
+            [
+                {
+                    "key": r.key,
+                    "name": r.name,
+                    "source": r.source,
+                    "status": r.status,
+                    "seconds": r.seconds,
+                    "latex": LATEX_SEPARATOR.join(r.latex),
+                }
+                for r in proofs
+            ],  # fmt: skip
+        )
+    with part("2/4 gradient flows against the closed form"):
+        flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
+    with part("3/4 phase diagram"):
+        phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
+    with part("4/4 network training (the poster's experiment)"):
+        exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)

@@ -142,10 +142,21 @@ def weight_decay_experiment(
     return WeightDecayExperiment(results=results, table=table, figure=figure)
 
 
-def format_theory_table(table: Sequence[dict]) -> str:
-    """The theory-vs-measurement table as aligned text (4 significant digits; '-' where undefined)."""
-    lines = ["  ".join(f"{head:>11}" for _, head in _TABLE_COLUMNS)]
+def format_theory_table(table: Sequence[dict], width: int | None = 100) -> str:
+    """The theory-vs-measurement table as aligned text (4 significant digits; '-' where undefined).
+
+    Lines longer than ``width`` characters are wrapped: the columns are split into blocks that fit,
+    each block led by the lambda column and separated by a blank line. ``width=None``: one line per
+    row, however long (``ufm train --wide``).
+    """
+    cells = [[f"{head:>11}" for _, head in _TABLE_COLUMNS]]
     for row in table:
-        cells = ["-" if row.get(key) is None else f"{row[key]:.4g}" for key, _ in _TABLE_COLUMNS]
-        lines.append("  ".join(f"{c:>11}" for c in cells))
-    return "\n".join(lines)
+        cells.append(
+            [f"{'-' if row.get(key) is None else format(row[key], '.4g'):>11}" for key, _ in _TABLE_COLUMNS]
+        )
+    per_block = len(_TABLE_COLUMNS) if width is None else max(1, (width - 11) // 13)
+    blocks = []
+    for start in range(1, len(_TABLE_COLUMNS), per_block):
+        columns = [0, *range(start, min(start + per_block, len(_TABLE_COLUMNS)))]
+        blocks.append("\n".join("  ".join(line[c] for c in columns) for line in cells))
+    return "\n\n".join(blocks)

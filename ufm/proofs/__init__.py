@@ -8,6 +8,11 @@ Modules, in the order of docs/theory.md: ``etf`` (§1), ``lemma1`` (poster, Lemm
 ``lemma2`` (poster, Lemma 2), ``theorem`` (poster, main theorem, NC1-NC4), ``ufm_minimizer``
 (§5, the global minimizer of the regularized UFM, derived here), ``label_smoothing`` (the
 same minimizer with smoothed targets (1 - a) y + a/C, derived here).
+
+The public API is also the plugin API: a user's file builds ``Proof(key, name, source, assumptions,
+check)`` objects from the same ``Claim`` makers (``zero``, ``positive``, ``numeric``), symbols and I/J
+algebra (``IJ``) as the library's proofs, passes each to ``register``, and runs with
+``ufm prove --module FILE`` or ``run_proofs(module=FILE)`` (docs/proofs_and_testing.md).
 """
 
 # Each module registers its proofs on import, in this order (the order ``ufm prove`` lists them):
@@ -17,6 +22,26 @@ from . import etf, lemma1, lemma2, theorem, ufm_minimizer  # noqa: F401
 from . import label_smoothing  # noqa: F401
 
 # isort: on
-from ._core import PROOFS, Claim, Proof, ProofResult, run_proofs, verify
+from ._core import (
+    PROOFS,
+    STATUSES,
+    Claim,
+    ClaimResult,
+    Proof,
+    ProofResult,
+    load_module,
+    numeric,
+    positive,
+    register,
+    run_proofs,
+    verify,
+    zero,
+)
+from .algebra import IJ
+from .symbols import C_GE2, C, N, alpha, eps, k, lam, lam_h, lam_w, u
 
-__all__ = ["PROOFS", "Claim", "Proof", "ProofResult", "run_proofs", "verify"]
+__all__ = [
+    "PROOFS", "STATUSES", "Claim", "ClaimResult", "Proof", "ProofResult", "load_module", "numeric",
+    "positive", "register", "run_proofs", "verify", "zero",
+    "IJ", "C", "C_GE2", "N", "alpha", "eps", "k", "lam", "lam_h", "lam_w", "u",
+]  # fmt: skip

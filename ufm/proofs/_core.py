@@ -4,28 +4,37 @@ A proof is a list of claims, each a SymPy expression that must vanish identicall
 positive under the symbols' assumptions ("positive"), or a number the library computed that must
 vanish within a tolerance ("numeric"). The checker
 
-1. decides every symbolic claim (the expanded numerator over a common denominator, then
-   expand/cancel, ``simplify`` only if those leave a rest),
-2. evaluates every symbolic claim at random points that respect the assumptions (a spot check that
-   catches a simplification gone wrong, and reports the size of a failing residual), and
+1. evaluates every symbolic claim at K random points that respect the assumptions: a point where
+   the claim does not hold is a counterexample, reported with the point and the residual;
+2. decides every claim that held at those points symbolically (the expanded numerator over a common
+   denominator, then expand/cancel, ``simplify`` only if those leave a rest);
 3. compares numeric claims with their tolerance.
 
-A proof is "verified" when every claim holds; the first claim that does not is reported with its
-residual.
+Each claim, and each proof, ends in one of ``STATUSES``: "verified" (decided symbolically, or a numeric
+claim within its tolerance), "failed" (a counterexample: the point and the residual, or a numeric
+claim out of tolerance) or "undecided" (SymPy could not decide it, and it held at the K random
+points). A proof is verified only when every claim is; an undecided claim never counts as verified.
+
+User proofs register through the same :func:`register` and load from a file with
+``run_proofs(module=PATH)`` or ``ufm prove --module PATH`` (docs/proofs_and_testing.md).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sympy
 
-STATUSES = ("verified", "failed")
+# A proof's status is the worst of its claims' in this order: failed > undecided > verified.
+STATUSES = ("verified", "failed", "undecided")
 
 # Spot checks evaluate at exact rational points, then with this many significant digits where
 # radicals remain, so that cancellation among O(1) terms leaves far less than NUMERIC_ATOL.
@@ -52,23 +61,40 @@ class Claim:
     kind : "zero" (expr = 0 identically), "positive" (expr > 0 under the assumptions) or "numeric"
         (|expr| <= tol).
     tol : tolerance of a numeric claim.
+    statement : the claim as written, for LaTeX: ``sympy.Eq(lhs, rhs)`` when :func:`zero` was given
+        both sides, else None (the LaTeX is then ``expr = 0`` or ``expr > 0``).
     """
 
     label: str
     expr: Any
     kind: str = "zero"
     tol: float = NUMERIC_ATOL
+    statement: Any = None
+
+    def latex(self) -> str | None:
+        """The claim as LaTeX (``sympy.latex``), or None for a numeric claim (a number, not a formula)."""
+        if self.kind == "numeric":
+            return None
+        if self.statement is not None:
+            return sympy.latex(self.statement)
+        return sympy.latex(self.expr) + (" = 0" if self.kind == "zero" else " > 0")
 
 
-def zero(label: str, expr: Any) -> Claim:
-    return Claim(label, sympy.sympify(expr), "zero")
+def zero(label: str, expr: Any, rhs: Any = None) -> Claim:
+    """Claim ``expr = 0`` identically, or ``expr = rhs`` when ``rhs`` is given (kept for LaTeX)."""
+    if rhs is None:
+        return Claim(label, sympy.sympify(expr), "zero")
+    lhs, rhs = sympy.sympify(expr), sympy.sympify(rhs)
+    return Claim(label, lhs - rhs, "zero", statement=sympy.Eq(lhs, rhs, evaluate=False))
 
 
 def positive(label: str, expr: Any) -> Claim:
+    """Claim ``expr > 0`` for every value the symbols' assumptions allow."""
     return Claim(label, sympy.sympify(expr), "positive")
 
 
 def numeric(label: str, residual: float, tol: float = NUMERIC_ATOL) -> Claim:
+    """Claim ``|residual| <= tol`` for a number the library computed (float64)."""
     return Claim(label, float(residual), "numeric", tol)
 
 
@@ -83,7 +109,8 @@ class Proof:
     source : where it comes from: "poster, Lemma 1", "docs/theory.md §5", "derived here", ...
     assumptions : the symbols and what they are declared to be.
     check : ``check(rng, **formulas) -> list[Claim]``; keyword arguments replace the library's
-        closed forms (tests inject wrong formulas through them).
+        closed forms (tests inject wrong formulas through them). ``rng`` is a
+        ``numpy.random.Generator`` for the check's own numeric claims.
     """
 
     key: str
@@ -91,6 +118,36 @@ class Proof:
     source: str
     assumptions: str
     check: Callable[..., list[Claim]]
+
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not self.key.strip() or any(ch.isspace() for ch in self.key):
+            raise ValueError(f"a proof key must be a non-empty word without spaces, got {self.key!r}")
+        if not callable(self.check):
+            raise ValueError(f"proof {self.key!r}: check must be callable check(rng) -> list[Claim]")
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """Outcome of one claim.
+
+    Attributes
+    ----------
+    label, kind : copied from the claim.
+    status : "verified", "failed" or "undecided" (see the module docstring).
+    residual : "0" when verified; the residual at the counterexample (failed); the undecided
+        expression, as text.
+    point : the counterexample, symbol -> value as text (failed symbolic claims only), else None.
+    points : K, the random points at which the claim was evaluated (0 for numeric claims).
+    latex : the claim as LaTeX (None for numeric claims).
+    """
+
+    label: str
+    kind: str
+    status: str
+    residual: str
+    point: dict[str, str] | None
+    points: int
+    latex: str | None
 
 
 @dataclass(frozen=True)
@@ -100,13 +157,17 @@ class ProofResult:
     Attributes
     ----------
     name, source, assumptions : copied from the proof; key its registry name.
-    status : "verified" or "failed"; success is ``status == "verified"``.
+    status : "verified", "failed" or "undecided"; success is ``status == "verified"`` (an undecided
+        proof is not a success, and not a failure either: ``ufm prove`` exits 1 only on "failed").
     seconds : wall time of the check.
-    residual : "0" when verified, else the residual of the first failing claim (a SymPy expression
-        or a number, as text).
-    message : the failing claim's label, or how many claims held.
+    residual : "0" when verified, else the residual of the first failing (or, with none failing, the
+        first undecided) claim, as text.
+    message : what happened: how many claims hold, the failing claim's label with its
+        counterexample, or the undecided claims with K.
     n_claims : number of claims checked.
     nfev : number of random points at which the symbolic claims were evaluated.
+    point : the counterexample of the first failing claim (symbol -> value as text), else None.
+    claims : one :class:`ClaimResult` per claim checked (checking stops at the first failure).
     """
 
     key: str
@@ -120,6 +181,14 @@ class ProofResult:
     message: str
     n_claims: int
     nfev: int
+    point: dict[str, str] | None = None
+    claims: tuple[ClaimResult, ...] = ()
+
+    @property
+    def latex(self) -> list[str]:
+        """LaTeX of every verified symbolic claim, in order (claims that SymPy already reduced to
+        ``0 = 0`` when the check built them carry no formula and are left out)."""
+        return [c.latex for c in self.claims if c.status == "verified" and c.latex not in (None, "0 = 0")]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,13 +205,32 @@ def with_overrides(formulas: dict[str, Callable], overrides: dict[str, Callable]
     return {**formulas, **overrides}
 
 
-def register(key: str, name: str, source: str, assumptions: str):
-    """Decorator: register ``check`` as the proof ``key``."""
+def _add(proof: Proof) -> Proof:
+    if proof.key in PROOFS:
+        raise ValueError(f"proof {proof.key!r} is registered twice")
+    PROOFS[proof.key] = proof
+    return proof
+
+
+def register(proof: Proof | str, name: str | None = None, source: str = "", assumptions: str = ""):
+    """Add a proof to the registry ``PROOFS`` (the one the library's own proofs use).
+
+    Two forms:
+
+    * ``register(Proof(key, name, source, assumptions, check))`` registers and returns the proof;
+    * ``@register(key, name, source, assumptions)`` above ``def check(rng): ...`` registers ``check``
+      and returns it unchanged.
+
+    A key registered twice raises ValueError.
+    """
+    if isinstance(proof, Proof):
+        return _add(proof)
+    if not isinstance(proof, str) or name is None:
+        raise ValueError("register takes a Proof, or (key, name, source, assumptions) as a decorator")
+    key = proof
 
     def wrap(check: Callable[..., list[Claim]]) -> Callable[..., list[Claim]]:
-        if key in PROOFS:
-            raise ValueError(f"proof {key!r} is registered twice")
-        PROOFS[key] = Proof(key, name, source, assumptions, check)
+        _add(Proof(key, name, source, assumptions, check))
         return check
 
     return wrap
@@ -183,36 +271,64 @@ def _random_value(symbol: sympy.Symbol, rng: np.random.Generator) -> sympy.Expr:
     return sympy.Rational(value).limit_denominator(RATIONAL_DENOMINATOR)
 
 
-def _spot_check(claim: Claim, rng: np.random.Generator, points: int) -> tuple[bool, float]:
-    """Evaluate a symbolic claim at random points; (holds everywhere, worst |residual|)."""
+def _spot_check(claim: Claim, rng: np.random.Generator, points: int) -> tuple[dict | None, float]:
+    """Evaluate a symbolic claim at random points: (the first counterexample or None, its residual or
+    the worst |residual|)."""
     worst = 0.0
     symbols = sorted(claim.expr.free_symbols, key=str)
     for _ in range(points):
         values = {s: _random_value(s, rng) for s in symbols}
-        value = complex(claim.expr.xreplace(values).evalf(EVAL_DIGITS))
+        try:
+            value = complex(claim.expr.xreplace(values).evalf(EVAL_DIGITS))
+        except TypeError:  # zoo, nan: the claim is undefined at a point its assumptions allow
+            return values, float("nan")
         if claim.kind == "zero":
             worst = max(worst, abs(value))
-            if abs(value) > NUMERIC_ATOL:
-                return False, abs(value)
-        elif abs(value.imag) > NUMERIC_ATOL or value.real <= 0:
-            return False, value.real
-    return True, worst
+            if not abs(value) <= NUMERIC_ATOL:
+                return values, value.real if abs(value.imag) <= NUMERIC_ATOL else abs(value)
+        elif abs(value.imag) > NUMERIC_ATOL or not value.real > 0:
+            return values, value.real
+    return None, worst
 
 
-def _check_claim(claim: Claim, rng: np.random.Generator, points: int) -> tuple[bool, str, int]:
-    """(holds, residual as text, points evaluated) for one claim."""
+def _check_claim(claim: Claim, rng: np.random.Generator, points: int) -> ClaimResult:
+    """Counterexample search at ``points`` random points, then a symbolic decision (module docstring)."""
     if claim.kind == "numeric":
         ok = bool(np.isfinite(claim.expr)) and abs(claim.expr) <= claim.tol
-        return ok, f"{claim.expr:.3g}", 0
+        status = "verified" if ok else "failed"
+        return ClaimResult(claim.label, claim.kind, status, f"{claim.expr:.3g}", None, 0, None)
     if claim.kind not in ("zero", "positive"):
         raise ValueError(f"claim kind must be 'zero', 'positive' or 'numeric', got {claim.kind!r}")
-    spot_ok, spot = _spot_check(claim, rng, points)
-    if not spot_ok:
-        return False, f"{sympy.simplify(claim.expr)} (= {spot:.3g} at a random point)", points
-    symbolic_ok = _is_zero(claim.expr) if claim.kind == "zero" else _is_positive(claim.expr)
-    if not symbolic_ok:
-        return False, f"{sympy.simplify(claim.expr)} (not decided symbolically)", points
-    return True, "0", points
+    latex = claim.latex()
+    point, residual = _spot_check(claim, rng, points)
+    if point is not None:
+        shown = {str(s): str(v) for s, v in point.items()}
+        return ClaimResult(claim.label, claim.kind, "failed", f"{residual:.6g}", shown, points, latex)
+    decided = _is_zero(claim.expr) if claim.kind == "zero" else _is_positive(claim.expr)
+    if not decided:
+        return ClaimResult(claim.label, claim.kind, "undecided", str(claim.expr), None, points, latex)
+    return ClaimResult(claim.label, claim.kind, "verified", "0", None, points, latex)
+
+
+def _point_text(point: dict[str, str]) -> str:
+    return ", ".join(f"{s} = {v}" for s, v in point.items()) or "no free symbols"
+
+
+def _summary(claims: list[ClaimResult], n_claims: int) -> tuple[str, str, str, dict | None]:
+    """(status, residual, message, point) of a proof from its claims' results."""
+    failed = [c for c in claims if c.status == "failed"]
+    undecided = [c for c in claims if c.status == "undecided"]
+    if failed:
+        c = failed[0]
+        where = "" if c.point is None else f" at {_point_text(c.point)}"
+        return "failed", c.residual, f"failed: {c.label}{where}", c.point
+    if undecided:
+        labels = "; ".join(c.label for c in undecided)
+        K = undecided[0].points
+        message = (f"undecided: SymPy could not decide {len(undecided)} of {n_claims} claims, which held "
+                   f"at K = {K} random points: {labels}")  # fmt: skip
+        return "undecided", undecided[0].residual, message, None
+    return "verified", "0", f"{n_claims} claims hold", None
 
 
 def verify(
@@ -223,7 +339,8 @@ def verify(
     Parameters
     ----------
     proof : the proof or its registry key.
-    numeric_points : random points at which every symbolic claim is also evaluated (>= 1).
+    numeric_points : K, the random points at which every symbolic claim is evaluated (>= 1) before
+        SymPy decides it; a claim SymPy cannot decide is "undecided" after holding at all K.
     seed : seed of those points and of the numeric checks.
     formulas : replacements for the closed forms the check takes as keyword arguments, e.g.
         ``cosine=lambda C: -1/C``; an unknown name raises ValueError.
@@ -238,16 +355,21 @@ def verify(
     except TypeError as err:
         raise ValueError(f"proof {proof.key!r} does not take these formulas: {err}") from err
     claims = proof.check(rng, **formulas)
-    status, residual, message, nfev = "verified", "0", f"{len(claims)} claims hold", 0
+    if not isinstance(claims, (list, tuple)) or not all(isinstance(c, Claim) for c in claims):
+        raise ValueError(
+            f"proof {proof.key!r}: check(rng) must return a list of Claim (made by zero, positive or "
+            f"numeric), got {type(claims).__name__}"
+        )
+    results: list[ClaimResult] = []
     for claim in claims:
-        ok, res, evaluated = _check_claim(claim, rng, int(numeric_points))
-        nfev += evaluated
-        if not ok:
-            status, residual, message = "failed", res, f"failed: {claim.label}"
+        results.append(_check_claim(claim, rng, int(numeric_points)))
+        if results[-1].status == "failed":
             break
+    status, residual, message, point = _summary(results, len(claims))
     return ProofResult(
         proof.key, proof.name, proof.source, proof.assumptions, status, status == "verified",
-        time.perf_counter() - start, residual, message, len(claims), nfev,
+        time.perf_counter() - start, residual, message, len(claims), sum(c.points for c in results),
+        point, tuple(results),
     )  # fmt: skip
 
 
@@ -257,13 +379,68 @@ def _lookup(key: str) -> Proof:
     return PROOFS[key]
 
 
+# A user's proof file loaded once per process: its resolved path -> the keys it registered.
+_LOADED: dict[Path, list[str]] = {}
+
+
+def load_module(path: str | Path) -> list[str]:
+    """Import a user's proof file (which calls :func:`register`) and return the keys it registered.
+
+    A file is imported once per process; loading it again returns the same keys. A missing file, an
+    error while importing it, or a file that registers nothing raises ValueError naming the file.
+    """
+    path = Path(path).expanduser().resolve()
+    if path in _LOADED:
+        return _LOADED[path]
+    if not path.is_file() or path.suffix != ".py":
+        raise ValueError(f"proof module {str(path)!r} is not a .py file")
+    before = set(PROOFS)
+    name = f"ufm_user_proofs_{len(_LOADED)}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        for key in set(PROOFS) - before:
+            del PROOFS[key]
+        raise ValueError(f"proof module {str(path)!r} raised {type(err).__name__}: {err}") from err
+    keys = [k for k in PROOFS if k not in before]
+    if not keys:
+        raise ValueError(
+            f"proof module {str(path)!r} registers no proofs: call ufm.proofs.register(Proof(...)) in it"
+        )
+    _LOADED[path] = keys
+    return keys
+
+
 def run_proofs(
-    names: list[str] | None = None, *, numeric_points: int = 3, seed: int = 0
+    names: Sequence[str] | None = None,
+    *,
+    module: str | Path | Sequence[str | Path] | None = None,
+    numeric_points: int = 3,
+    seed: int = 0,
 ) -> list[ProofResult]:
     """Run the registered proofs (all, or those named by key) and return one result each.
 
-    Every symbolic claim is decided by SymPy and also evaluated at ``numeric_points`` random points
-    that respect its assumptions; numeric claims compare the library's float64 computations.
+    Parameters
+    ----------
+    names : proof keys to run; default all registered proofs, or with ``module`` the proofs that
+        module registers.
+    module : path of a user's proof file (or several), imported first; see :func:`load_module`.
+    numeric_points : K, random points per symbolic claim (see :func:`verify`).
+    seed : seed of the random points.
+
+    Every symbolic claim is evaluated at ``numeric_points`` random points that respect its assumptions
+    and then decided by SymPy; numeric claims compare the library's float64 computations.
     """
-    proofs = list(PROOFS.values()) if names is None else [_lookup(k) for k in names]
-    return [verify(p, numeric_points=numeric_points, seed=seed) for p in proofs]
+    loaded: list[str] = []
+    if module is not None:
+        for path in [module] if isinstance(module, (str, Path)) else module:
+            loaded += load_module(path)
+    if names:
+        keys = list(names)
+    else:
+        keys = loaded or list(PROOFS)
+    return [verify(_lookup(k), numeric_points=numeric_points, seed=seed) for k in keys]

@@ -39,9 +39,9 @@ def etf(rng: np.random.Generator, *, cosine=closed_form.sqi_cosine, simplex=geom
     target = C / (C - 1) * P
     claims = [
         *(zero("I - J/C is a projector: (I - J/C)^2 = I - J/C", r) for r in (P * P - P).coefficients()),
-        zero("§1: unit columns, diag(E^T E) = 1", G.diag - 1),
+        zero("§1: unit columns, diag(E^T E) = 1", G.diag, 1),
         *(zero("§1: Gram E^T E = C/(C-1)(I - J/C)", r) for r in (G - target).coefficients()),
-        zero("§1: cosine of distinct columns = sqi_cosine(C) = -1/(C-1)", G.off / G.diag - cosine(C)),
+        zero("§1: cosine of distinct columns = sqi_cosine(C) = -1/(C-1)", G.off / G.diag, cosine(C)),
         zero("§1: columns sum to zero (E 1 = 0)", P.row_sum),
         # Eigenvalue C/(C-1) on 1^perp (C-1 times) and 0 on 1: rank C-1, so E fits in any p >= C-1.
         positive("§1: rank C-1, eigenvalue on 1^perp is C/(C-1) > 0", etf_gram(C_GE2).eig_perp),

@@ -39,12 +39,12 @@ def lemma1(rng: np.random.Generator, *, loss=closed_form.lemma1_loss,
     a_star = alpha_star(C)
     certificate = loss(C, alpha) - 1 / (2 * C) - C / (2 * (C - 1)) * (alpha - a_star) ** 2
     claims = [
-        zero("Lemma 1: 1/(2NC)||W M Y - Y||^2 = lemma1_loss(C, alpha)", direct - loss(C, alpha)),
+        zero("Lemma 1: 1/(2NC)||W M Y - Y||^2 = lemma1_loss(C, alpha)", direct, loss(C, alpha)),
         zero(
             "derived here: d lemma1_loss/d alpha = 0 at lemma1_alpha_star",
             sympy.diff(loss(C, alpha), alpha).subs(alpha, a_star),
         ),
-        zero("derived here: L(alpha*) = 1/(2C)", loss(C, a_star) - 1 / (2 * C)),
+        zero("derived here: L(alpha*) = 1/(2C)", loss(C, a_star), 1 / (2 * C)),
         zero(
             "Lemma 1 (> 0): L(alpha) = 1/(2C) + C/(2(C-1))(alpha - alpha*)^2 for every real alpha",
             certificate,

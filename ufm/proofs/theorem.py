@@ -73,11 +73,11 @@ def theorem_nc3_nc2(rng: np.random.Generator, *, scale=closed_form.sqi_w_scale, 
     s = scale(C, eps, lam)
     G_W = s * O * P  # W W^T = s W M_c = s W M_raw (I - J/C) = s O (I - J/C)
     claims = [
-        zero("SQI: each example's outputs sum to 1 (columns of O)", O.row_sum - 1),
+        zero("SQI: each example's outputs sum to 1 (columns of O)", O.row_sum, 1),
         *(zero("Theorem NC3: -1/(C lam)(O - I) = sqi_w_scale (I - J/C), i.e. W^T = s M_c", r)
           for r in (-E / (C * lam) - s * P).coefficients()),
-        zero("Theorem NC2 (equinorm): diag(W W^T) = sqi_w_row_norm_sq", G_W.diag - norm_sq(C, eps, lam)),
-        zero("Theorem NC2 (equiangularity): off/diag of W W^T = sqi_cosine", G_W.off / G_W.diag - cosine(C)),
+        zero("Theorem NC2 (equinorm): diag(W W^T) = sqi_w_row_norm_sq", G_W.diag, norm_sq(C, eps, lam)),
+        zero("Theorem NC2 (equiangularity): off/diag of W W^T = sqi_cosine", G_W.off / G_W.diag, cosine(C)),
     ]  # fmt: skip
     # Signs on the theorem's range: C >= 2, 0 < eps < (C-1)/C.
     eps_in_range = k / ((k + 1) * (1 + u))
@@ -146,7 +146,7 @@ def theorem_nc4(rng: np.random.Generator, *, scale=closed_form.sqi_w_scale,
     # the c-dependent constants are ||d_c||^2 (equal by NC2: M_c^T M_c = W W^T / s^2 lies in the I/J
     # algebra) and <d_c, mu_G> = (W mu_G)_c / s = (O 1)_c / (C s).
     claims = [
-        zero("Theorem NC4: W mu_G = O 1/C = 1/C 1 is the same for every class", O.row_sum / C - 1 / C),
+        zero("Theorem NC4: W mu_G = O 1/C = 1/C 1 is the same for every class", O.row_sum / C, 1 / C),
         positive("Theorem NC4: s > 0, so the smallest distance is the largest <W_c, h>",
                  scale(C_GE2, k / ((k + 1) * (1 + u)), lam)),
     ]  # fmt: skip
