@@ -36,6 +36,8 @@ FLOW_AGREEMENT = 1e-6
 FLOW_JSON_KEYS = {
     "success", "status", "message", "method", "t", "n_grad_evals", "grad_norm", "loss", "eps", "nc1",
     "cos_w", "nc2_equinorm_w", "nc3", "closed_form", "closed_form_note",
+    # issue 14: what the end point is (ufm.critical)
+    "geometry", "rank", "hessian_min_eig", "critical_point",
 }  # fmt: skip
 CLOSED_FORM_KEYS = {"eps", "loss", "cos_w", "w_row_norm_sq", "geometry", "delta"}
 # The integrators the spec names (ufm.dynamics.METHODS).
