@@ -12,10 +12,11 @@ A flow, a descent or L-BFGS ends somewhere; this module says what that end point
 * its **kind**, one of ``CRITICAL_POINTS``: "not_stationary", "minimum", "saddle", or "stationary"
   (stationary, Hessian not computed).
 
-The UFM has continuous symmetries, rotations H -> Q H, W -> W Q^T (and, at depth > 1, the hidden
-layers' rotations, and for ReLU positive rescalings of hidden units). Each is a flat direction of the
-loss, so at a minimum the Hessian has exact zero eigenvalues, and at a point that is stationary only
-to a tolerance these come out as small numbers of either sign. "Minimum" therefore means a smallest
+The regularized loss has continuous symmetries: rotations of the features H -> Q H, W_1 -> W_1 Q^T
+and, for linear hidden layers, of each hidden layer (rescalings of hidden units leave the data term
+alone but not the weight decay, so they are not flat when lam > 0). Each is a flat direction, so at
+a minimum the Hessian has exact zero eigenvalues, and at a point that is stationary only to a
+tolerance these come out as small numbers of either sign. "Minimum" therefore means a smallest
 eigenvalue >= -HESSIAN_RTOL times the Hessian's largest |eigenvalue|: second-order stationary to a
 scale-aware tolerance, which a strict saddle fails and a minimum with flat symmetry directions passes.
 """
@@ -62,7 +63,7 @@ STATIONARY_TOL = 1e-6
 # Minimum: lambda_min >= -HESSIAN_RTOL rho, rho the largest |eigenvalue| of the Hessian. The flat
 # symmetry directions of a point stationary to ||grad L|| = g have Rayleigh quotients of order
 # g / ||theta|| (docs/theory.md §13.7), far below this; the saddles of docs/theory.md §13.7 have
-# lambda_min / rho of -1e-3 to -1e-2.
+# lambda_min / rho = -0.018 (the regularized-bias ETF point) and -0.54 (the zero point).
 HESSIAN_RTOL = 1e-6
 # Lanczos: relative residual tolerance of eigsh (on a shifted operator, so it bounds the error of
 # lambda_min by LANCZOS_TOL rho), Krylov dimension, and a budget of Hessian-vector products.
