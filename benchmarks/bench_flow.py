@@ -85,7 +85,7 @@ def main() -> None:
         lr = STEP_MARGIN * 2 / lam_max
         t0 = time.perf_counter()
         gd = gradient_descent(problem, start, lr=lr, n_steps=200_000, target_loss=target, metrics=False,
-                              record_every=10**9)  # fmt: skip
+                              record_every=10**9, classify=False)  # fmt: skip
         base = (gd.nfev, time.perf_counter() - t0)
         rows.append((C, N, p, f"GD lr={lr:.3f}", *base, gd.loss[-1] / opt.loss - 1, gd.message, base))
         for m, rtol, label in runs:
@@ -97,7 +97,7 @@ def main() -> None:
                 atol = rtol * 1e-2
             t0 = time.perf_counter()
             r = gradient_flow(problem, start, method=m, target_loss=target, tol=0.0, rtol=rtol, atol=atol,
-                              t_max=1e6, metrics=False, n_records=2)  # fmt: skip
+                              t_max=1e6, metrics=False, n_records=2, classify=False)  # fmt: skip
             wall = time.perf_counter() - t0
             rows.append((C, N, p, label, r.nfev, wall, r.loss[-1] / opt.loss - 1, r.message, base))
     print(f"{'C':>4} {'N':>4} {'p':>4}  {'method':<18} {'grad evals':>10} {'wall s':>8} {'rel err':>9} "

@@ -40,6 +40,8 @@ FLOW_AGREEMENT = 1e-6
 FLOW_JSON_KEYS = {
     "success", "status", "message", "method", "t", "n_grad_evals", "grad_norm", "loss", "eps", "nc1",
     "cos_w", "nc2_equinorm_w", "nc3", "closed_form", "closed_form_note",
+    # issue 14: what the end point is (ufm.critical)
+    "geometry", "rank", "hessian_min_eig", "critical_point",
 }  # fmt: skip
 CLOSED_FORM_KEYS = {"eps", "loss", "cos_w", "w_row_norm_sq", "geometry", "delta"}
 # The integrators the spec names (ufm.dynamics.METHODS).
@@ -259,3 +261,62 @@ def test_metrics_says_what_collapse_gives(tmp_path, capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "at collapse" in lines["measure"]
     assert lines["nc1"].split()[-1] == "0" and lines["rank_means"].split()[-1] == "C-1"
+# Issue 14, case (a), typed: C = 4, N = 5, lam = 0.02, lam_b = 1, delta = C sqrt(N) lam; the bias
+# saturates (lam_b (1 - delta) > delta) and the minimal loss is delta - delta^2/2 - delta^2/(2 C lam_b)
+# (docs/theory.md §6), attained at rank C, so in p = 4 the end point is neither an ETF nor a frame.
+_DELTA_A = 4 * 5**0.5 * 0.02
+REGULARIZED_BIAS_LOSS = _DELTA_A - _DELTA_A**2 / 2 - _DELTA_A**2 / 8
+
+
+def test_flow_with_a_regularized_bias_reports_its_end_point(capsys):
+    args = ["flow", "-C", "4", "-N", "5", "-p", "4", "--lam-w", "0.02", "--lam-h", "0.02", "--lam-b", "1"]
+    assert main(args + ["--json"]) == 0
+    out = _json(capsys)
+    assert set(out) == FLOW_JSON_KEYS
+    assert out["loss"] == pytest.approx(REGULARIZED_BIAS_LOSS, rel=FLOW_AGREEMENT)
+    assert (out["geometry"], out["rank"], out["critical_point"]) == ("other", 4, "minimum")
+    assert abs(out["hessian_min_eig"]) < 1e-8
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "other (rank 4)" in text and "end point: minimum" in text
+
+
+def test_problem_flags_build_the_problem():
+    """--depth, per-layer --lam-w (W_1 first), --lam-b, --loss and counts reach UFMProblem as given."""
+    from ufm.cli import build_parser
+    from ufm.commands import _problem
+
+    args = build_parser().parse_args(
+        ["flow", "-C", "3", "-N", "4,3,2", "-p", "3", "--depth", "2", "--lam-w", "0.01,0.02",
+         "--lam-h", "0.03", "--lam-b", "0.5", "--loss", "ce"]
+    )  # fmt: skip
+    problem = _problem(args)
+    assert (problem.depth, problem.lam_w, problem.lam_h, problem.lam_b) == (2, (0.01, 0.02), 0.03, 0.5)
+    assert problem.counts == (4, 3, 2) and problem.loss.name == "ce" and problem.bias
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lam-w", "0.1,0.2"], "lam_w has 2 entries but depth = 1"),
+        (["--lam-w", "0.1", "--lam-b", "1", "--no-bias"], "--no-bias"),
+        (["--lam-w", "0.1", "--depth", "0"], "depth"),
+    ],
+)
+def test_bad_problem_flags_are_exit_2_naming_the_flag(extra, message, capsys):
+    assert main(["flow", "-C", "3", "-N", "2", "-p", "3", "--lam-h", "0.1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ufm flow: error:") and message in err
+
+
+def test_lam_w_must_be_decays(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["flow", "-C", "3", "-N", "2", "-p", "3", "--lam-w", "0.1,x", "--lam-h", "0.1"])
+    assert info.value.code == 2
+    assert "comma-separated decays" in capsys.readouterr().err
+
+
+def test_solve_deep_model_is_exit_2_saying_there_is_no_closed_form(capsys):
+    args = ["solve", "-C", "3", "-N", "2", "-p", "3", "--depth", "2", "--lam-w", "0.1", "--lam-h", "0.1"]
+    assert main(args) == 2
+    assert "no closed form" in capsys.readouterr().err

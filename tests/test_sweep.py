@@ -370,3 +370,58 @@ def test_flow_sweep_on_pool_and_dask_cluster_agree_with_the_closed_form(tmp_path
     )
     with pytest.raises(ValueError, match="no column 'nc9'"):
         plot_sweep(dask.rows, tmp_path / "bad.png", y="nc9")
+
+
+def test_flow_grid_takes_the_model_flags(tmp_path):
+    """per_class (one count or C counts), lam_b, per-layer lam_w and depth are sweep settings; a list
+    is written as the CLI's comma-separated text, and every row says what its end point is."""
+    config = {
+        "kind": "flow",
+        "grid": {"per_class": [2, [3, 2, 1]], "lam_b": [0.0, 1.0]},
+        "fixed": {"classes": 3, "dim": 3, "depth": 2, "lam_w": [0.02, 0.03], "lam_h": 0.02},
+        "out": str(tmp_path / "model.csv"),
+    }
+    runs = expand_grid(config)
+    assert [(r["per_class"], r["lam_b"]) for r in runs] == [
+        (2, 0.0),
+        (2, 1.0),
+        ((3, 2, 1), 0.0),
+        ((3, 2, 1), 1.0),
+    ]
+    assert all(r["lam_w"] == (0.02, 0.03) for r in runs)
+    res = run_sweep(config, workers=1, progress=False)
+    assert (res.n_done, res.n_failed) == (4, 0)
+    table = read_table(res.table, ("run_id", "kind"))
+    assert [r["per_class"] for r in table] == [2, 2, "3,2,1", "3,2,1"] and table[0]["lam_w"] == "0.02,0.03"
+    for r in table:
+        assert r["critical_point"] in ("minimum", "saddle") and r["geometry"] in (
+            "simplex_etf",
+            "other",
+            "zero",
+        )
+        assert r["closed_form_note"]  # depth 2: no closed form
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"per_class": [[3, "x", 1]]}, r"grid.per_class\[0\]\[1\] must be int"),
+        ({"lam_w": [[0.1, 0.2]]}, "lam_w has 2 entries but depth = 1"),
+        ({"lam_b": [1.0], "bias": [False]}, "bias = false"),
+    ],
+)
+def test_bad_model_settings_are_refused_before_running(tmp_path, grid, message):
+    config = {"kind": "flow", "grid": grid, "fixed": {"classes": 3}, "out": str(tmp_path / "t.csv")}
+    with pytest.raises(ValueError, match=message):
+        expand_grid(config)
+
+
+def test_parquet_table_refuses_a_column_of_mixed_forms(tmp_path):
+    pytest.importorskip("pyarrow")
+    config = {
+        "kind": "flow", "grid": {"per_class": [2, [3, 2, 1]]}, "fixed": {"classes": 3},
+        "out": str(tmp_path / "t.parquet"),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="mixes int and str"):
+        run_sweep(config, workers=1, progress=False)
+    assert not (tmp_path / "t.parquet").exists()

@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "UFMOptimum",
     ),
     "collect": ("collect_features", "CollectedFeatures", "model_nc_metrics"),
+    "critical": ("classify_point", "CriticalPoint"),
     "datasets": ("Dataset", "DATASETS", "load_dataset"),
     "dynamics": (
         "DEFAULT_METHOD",

@@ -67,20 +67,58 @@ def _seed(text: str) -> int:
     return value
 
 
+def _decays(text: str) -> float | tuple[float, ...]:
+    """``--lam-w``: one decay for every layer (``1e-3``) or L comma-separated ones, W_1 first."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a decay or L comma-separated decays, W_1 first (1e-3,2e-3), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
-    """The UFM problem's flags, shared by ``solve`` and ``flow``."""
+    """The UFM problem's flags, shared by ``solve`` and ``flow`` (``_problem`` builds the problem)."""
     p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
     p.add_argument(
         "--per-class", "-N", type=_counts, required=True, metavar="N",
         help="examples per class: one count N, or C comma-separated counts N_1,...,N_C (e.g. 8,4,2)",
     )  # fmt: skip
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
-    p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
+    p.add_argument(
+        "--depth", type=int, default=1, metavar="L",
+        help="weight layers after H: L - 1 linear hidden layers (p x p), then the classifier (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lam-w", type=_decays, required=True, metavar="LAM",
+        help="weight decay of the layers: one value for all, or L comma-separated values "
+        "(W_1 first, the classifier last)",
+    )  # fmt: skip
     p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
     p.add_argument(
-        "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
+        "--lam-b", type=float, default=0.0, metavar="X",
+        help="weight decay of the bias (default 0: unregularized)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-bias", action="store_true", help="bias-free classifier (default: a bias, decay --lam-b)"
+    )
+    p.add_argument(
+        "--loss", choices=tuple(LOSSES), default="mse", help="loss, one of ufm.losses.LOSSES (default mse)"
     )
     _add_label_smoothing(p)
+
+
+def _problem(args: argparse.Namespace):
+    """The UFMProblem of the flags of ``_add_problem_arguments`` (the library checks the values)."""
+    from .model import UFMProblem
+
+    if args.no_bias and args.lam_b:
+        raise ValueError(f"--lam-b {args.lam_b:g} is the decay of a bias, but --no-bias removes it")
+    return UFMProblem(
+        args.classes, args.per_class, args.lam_w, args.lam_h, lam_b=args.lam_b, bias=not args.no_bias,
+        loss=args.loss, depth=args.depth, label_smoothing=args.label_smoothing or 0.0,
+    )  # fmt: skip
 
 
 def _add_label_smoothing(p: argparse.ArgumentParser) -> None:
@@ -110,12 +148,11 @@ def _solve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_solve(args: argparse.Namespace) -> int:
-    from .model import UFMProblem
-
     bias = not args.no_bias
     a = args.label_smoothing or 0.0
-    # The library says when there is no closed form (e.g. imbalanced counts): NoClosedForm, exit 2.
-    problem = UFMProblem(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias, label_smoothing=a)
+    # The library says when there is no closed form (e.g. imbalanced counts, depth > 1, lam_b > 0,
+    # cross-entropy): NoClosedForm, exit 2.
+    problem = _problem(args)
     opt = problem.loss.closed_form(problem)
     if args.dim < opt.min_dim:
         raise ValueError(
@@ -478,9 +515,6 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
     )
     _add_problem_arguments(p)
     p.add_argument(
-        "--loss", choices=tuple(LOSSES), default="mse", help="loss, one of ufm.losses.LOSSES (default mse)"
-    )
-    p.add_argument(
         "--method", default=None,
         help="integrator, one of {methods} (default {default_method}, the library's default)",
     )  # fmt: skip
@@ -535,6 +569,8 @@ _FLOW_JSON = {
     "success": "success", "status": "flow_status", "message": "message", "method": "method",
     "t": "t", "n_grad_evals": "nfev", "grad_norm": "grad_norm", "loss": "loss", "eps": "eps",
     "nc1": "nc1", "cos_w": "cos_w", "nc2_equinorm_w": "nc2_equinorm_w", "nc3": "nc3",
+    "geometry": "geometry", "rank": "rank", "hessian_min_eig": "hessian_min_eig",
+    "critical_point": "critical_point",
 }  # fmt: skip
 _FLOW_JSON_CLOSED_FORM = {
     "eps": "cf_eps", "loss": "cf_loss", "cos_w": "cf_cos_w", "w_row_norm_sq": "cf_w_row_norm_sq",
@@ -546,14 +582,9 @@ def _run_flow(args: argparse.Namespace) -> int:
     import sys
 
     from .experiments.compare import compare_flow
-    from .model import UFMProblem
 
-    problem = UFMProblem(
-        args.classes, args.per_class, args.lam_w, args.lam_h, bias=not args.no_bias, loss=args.loss,
-        label_smoothing=args.label_smoothing or 0.0,
-    )  # fmt: skip
     comparison = compare_flow(
-        problem, args.dim, seed=args.seed, method=args.method, t_max=args.t_max, tol=args.tol,
+        _problem(args), args.dim, seed=args.seed, method=args.method, t_max=args.t_max, tol=args.tol,
         rtol=args.rtol, atol=args.atol, max_nfev=args.max_nfev, max_seconds=args.max_seconds,
         progress=args.progress,
     )  # fmt: skip
@@ -579,6 +610,11 @@ def _run_flow(args: argparse.Namespace) -> int:
         v, c = out[name], cf.get(name)
         shown = "-" if v is None else f"{v:.10g}"
         print(f"  {name:<12} {shown:>16} {'-' if c is None else format(c, '.10g'):>16}")
+    rank = f" (rank {out['rank']})" if out["geometry"] == "other" else ""
+    print(f"  {'geometry':<12} {out['geometry'] + rank:>16} {cf.get('geometry') or '-':>16}")
+    eig = out["hessian_min_eig"]
+    print(f"  {'hessian_min':<12} {'-' if eig is None else format(eig, '.3g'):>16}")
+    print(f"  end point: {out['critical_point']}")
     if comparison.optimum is None:
         print(f"  (no closed form: {row['closed_form_note']})")
     for path in out.get("files", []):

@@ -66,7 +66,7 @@ class UFMProblem:
     N : examples per class (balanced), or C per-class counts N_c; n = sum_c N_c examples in all,
         ordered class-major. Equal counts are stored as one int.
     lam_w : weight decay of the layers: one number for every layer, or a tuple of ``depth``
-        numbers (the last is the classifier's).
+        numbers, W_1 first (the last is the classifier's).
     lam_h : weight decay of the free features H.
     lam_b : weight decay of the bias (0 = unregularized). Ignored when ``bias`` is False.
     bias : whether the classifier has a bias b (C,).

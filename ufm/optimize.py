@@ -1,8 +1,11 @@
 """Numerical minimization of the UFM loss, the independent check of the closed forms.
 
 L-BFGS (``scipy.optimize.minimize``) on the exact gradient of ``ufm.model``, from several random
-starts; the best end point is kept. The square-loss UFM has no spurious local minima (its critical
-points other than the global minima are strict saddles), so a few starts suffice in practice.
+starts; the best end point is kept. The depth-1 square-loss UFM with an unregularized bias or none
+has no spurious local minima (its critical points other than the global minima are strict saddles),
+so a few starts suffice there. Other models have them (deep linear layers, a regularized bias in a
+small dimension, cross-entropy at depth 3: docs/theory.md §13.7), so every start's end point is
+classified (``ufm.critical.classify_point``) and the result reports the spread of the end losses.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from scipy.optimize import minimize
 
 from ._validation import check_positive_int
 from .closed_form import UFMOptimum
+from .critical import CriticalPoint, classify_point
 from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
 
 # L-BFGS stops on a relative decrease below FTOL or a projected gradient below GTOL. These are far
@@ -21,6 +25,10 @@ from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
 FTOL = 1e-15
 GTOL = 1e-11
 MAXITER = 20_000
+# End losses of two starts within DISTINCT_RTOL (relative, floor 1e-12) count as one: L-BFGS at the
+# tolerances above ends within ~1e-14 of the critical point it converges to, and distinct local
+# minima of the models in docs/theory.md §13.7 differ by 1e-3 or more.
+DISTINCT_RTOL = 1e-8
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ class MinimizeResult:
     nfev : loss-and-gradient evaluations over all starts.
     success : whether the best run met its tolerance.
     message : the optimizer's message for the best run.
+    ends : (n_starts,) the classification of each start's end point (geometry, Hessian, kind;
+        ``ufm.critical.CriticalPoint``), in the order of ``losses``.
     """
 
     params: UFMParams
@@ -45,6 +55,28 @@ class MinimizeResult:
     nfev: int
     success: bool
     message: str
+    ends: tuple[CriticalPoint, ...] = ()
+
+    @property
+    def critical(self) -> CriticalPoint:
+        """The classification of the best end point."""
+        return self.ends[int(np.argmin(self.losses))]
+
+    @property
+    def loss_worst(self) -> float:
+        """The highest end loss over the starts."""
+        return float(np.max(self.losses))
+
+    @property
+    def n_distinct(self) -> int:
+        """How many distinct end losses the starts reached (to DISTINCT_RTOL)."""
+        ordered = np.sort(self.losses)
+        gaps = np.diff(ordered) > DISTINCT_RTOL * np.maximum(np.abs(ordered[1:]), 1e-12)
+        return 1 + int(gaps.sum())
+
+    def spread(self) -> dict[str, float | int]:
+        """best and worst end loss, and the number of distinct end losses, as a plain dict."""
+        return {"best": self.loss, "worst": self.loss_worst, "n_distinct": self.n_distinct}
 
 
 def minimize_loss(
@@ -55,13 +87,16 @@ def minimize_loss(
     seed: int = 0,
     init_scale: float = 1.0,
     start: UFMParams | None = None,
+    classify: bool = True,
 ) -> MinimizeResult:
     """Minimize the regularized loss of ``problem`` in feature dimension p by L-BFGS.
 
     Parameters
     ----------
     problem : the model; p : feature dimension; n_starts : random starts (seeded by ``seed``);
-    init_scale : scale of ``UFMParams.random``; start : an explicit first start (then n_starts - 1 random).
+    init_scale : scale of ``UFMParams.random``; start : an explicit first start (then n_starts - 1 random);
+    classify : classify every end point (``ufm.critical.classify_point``, with its Hessian up to
+        ``HESSIAN_MAX_PARAMS`` parameters); False leaves ``ends`` empty.
     """
     n_starts = check_positive_int("n_starts", n_starts)
     rng = np.random.default_rng(seed)
@@ -82,11 +117,16 @@ def minimize_loss(
         nfev += res.nfev
         runs.append((res.fun, res, x0))
     losses = np.array([r[0] for r in runs])
+    ends = (
+        tuple(classify_point(problem, UFMParams.unravel(x0, res.x)) for _, res, x0 in runs)
+        if classify
+        else ()
+    )
     best_loss, best, like = runs[int(np.argmin(losses))]
     params = UFMParams.unravel(like, best.x)
     grad_norm = float(np.linalg.norm(loss_and_grad(problem, params)[1].ravel()))
     return MinimizeResult(
-        params, float(best_loss), losses, grad_norm, nfev, bool(best.success), str(best.message)
+        params, float(best_loss), losses, grad_norm, nfev, bool(best.success), str(best.message), ends
     )
 
 

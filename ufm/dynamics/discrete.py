@@ -40,7 +40,7 @@ import numpy as np
 from .._progress import progress_bar
 from .._validation import check_nonneg, check_positive_int
 from ..model import UFMParams, UFMProblem, check_params, loss_and_grad
-from .flow import FlowResult, _stack_records, _System, integrate, linear_part, record_state
+from .flow import FlowResult, _stack_records, _System, end_point, integrate, linear_part, record_state
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _batch_gradient(problem: UFMProblem, params: UFMParams, idx: np.ndarray, per
 
 def _descend(
     problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler,
-    check_every=1,
+    check_every=1, classify=True,
 ):  # fmt: skip
     """Shared loop of GD and SGD: ``sampler(k, params) -> gradient`` (or None for the full gradient).
 
@@ -157,7 +157,7 @@ def _descend(
     return DescentResult(
         steps=steps_a, t=steps_a * lr, loss=loss_t, metrics=stacked, params=final, grad_norm=gfinal,
         nfev=int(nfev), success=status >= 0, status=status, message=msg,
-        method="GD" if sampler is _full else "SGD",
+        method="GD" if sampler is _full else "SGD", critical=end_point(problem, final, tol, classify, status == -1),
     )  # fmt: skip
 
 
@@ -177,6 +177,7 @@ def gradient_descent(
     record_every: int = 100,
     metrics: bool = True,
     progress: bool = False,
+    classify: bool = True,
 ) -> DescentResult:
     """Full-batch gradient descent (heavy-ball momentum optional; module docstring).
 
@@ -185,11 +186,13 @@ def gradient_descent(
     problem, start : model and theta_0; lr : step size (flow time per step); n_steps : maximum steps;
     momentum : mu in [0, 1); tol : stop when ||grad L|| < tol; target_loss : stop when the loss is
     <= this; record_every : record loss and measures every so many steps (and at the end);
-    metrics : record NC measures; progress : tqdm bar on stderr.
+    metrics : record NC measures; progress : tqdm bar on stderr; classify : classify the end point
+    (``critical``, as for ``gradient_flow``; docs/theory.md §13.7).
     """
     return _descend(
-        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, _full
-    )
+        problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, _full,
+        classify=classify,
+    )  # fmt: skip
 
 
 def sgd(
@@ -207,13 +210,15 @@ def sgd(
     metrics: bool = True,
     progress: bool = False,
     check_every: int | None = None,
+    classify: bool = True,
 ) -> DescentResult:
     """SGD over class-balanced mini-batches of examples (module docstring for the gradient estimate).
 
     ``batch_size`` must be a multiple of C and at most n. The stopping rules (``tol``,
     ``target_loss``) look at the full loss and gradient, evaluated every ``check_every`` steps
     (default: once an epoch, n/batch_size steps), at every record and at n_steps; so a run stops at
-    such a step. ``nfev`` counts mini-batch gradients only, not these full ones.
+    such a step. ``nfev`` counts mini-batch gradients only, not these full ones. ``classify`` as for
+    ``gradient_descent``.
     """
     C, N = problem.C, problem.N
     batch_size = check_positive_int("batch_size", batch_size)
@@ -237,7 +242,7 @@ def sgd(
     check_every = per_epoch if check_every is None else check_positive_int("check_every", check_every)
     return _descend(
         problem, start, lr, n_steps, momentum, tol, target_loss, record_every, metrics, progress, sampler,
-        check_every,
+        check_every, classify,
     )  # fmt: skip
 
 
@@ -310,16 +315,18 @@ def normalized_flow(
     progress: bool = False,
     max_nfev: int | None = None,
     max_seconds: float | None = None,
+    classify: bool = True,
 ) -> FlowResult:
     """The normalized dynamics (module docstring), integrated by the driver of ``ufm.dynamics.gradient_flow`` (same methods, defaults and budget).
 
     The stationarity event compares ||(H', rho', V', b')|| with ``tol``; ``metrics`` gain ``rho_k``,
     ``rho`` = prod_k rho_k and ``v_norm_err`` = max_k | ||V_k|| - 1 |. ``params`` is W_k = rho_k V_k.
-    The ``ETD2`` method runs on the host only (the field is NumPy).
+    The ``ETD2`` method runs on the host only (the field is NumPy). ``classify`` as for
+    ``gradient_flow`` (the end point is classified by ||grad L||, not by the stationarity above).
     """
     check_params(problem, start)
     return integrate(
         _normalized_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
         t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=None, dense_output=False,
-        progress=progress, device="cpu", max_nfev=max_nfev, max_seconds=max_seconds,
+        progress=progress, device="cpu", max_nfev=max_nfev, max_seconds=max_seconds, classify=classify,
     )  # fmt: skip

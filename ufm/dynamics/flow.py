@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy.integrate import OdeSolution
 
 from .._validation import check_choice, check_nonneg, check_positive_int
+from ..critical import STATIONARY_TOL, CriticalPoint, classify_point
 from ..geometry import mean_cosine
 from ..model import (
     UFMParams,
@@ -90,6 +91,10 @@ class FlowResult:
     method : the integrator.
     sol : dense output ``sol(t) -> (n_params,)`` of the flat state (``UFMParams.ravel`` order, or the
         flow's own state), or None unless requested.
+    critical : what the end point is (``ufm.critical.CriticalPoint``: geometry, ||grad L||, extreme
+        Hessian eigenvalues, "minimum" / "saddle" / "stationary" / "not_stationary";
+        docs/theory.md §13.7), computed once at the end; None when the run was asked not to
+        (``classify=False``) or failed at a state whose loss overflows.
     """
 
     t: np.ndarray
@@ -103,6 +108,7 @@ class FlowResult:
     message: str
     method: str
     sol: Callable[[float], np.ndarray] | None = field(default=None, repr=False)
+    critical: CriticalPoint | None = None
 
     @property
     def t_final(self) -> float:
@@ -401,6 +407,7 @@ def gradient_flow(
     device: str = "cpu",
     max_nfev: int | None = None,
     max_seconds: float | None = None,
+    classify: bool = True,
 ) -> FlowResult:
     """Integrate d theta/dt = -grad L(theta) from ``start`` until ||grad L|| < tol or t = t_max.
 
@@ -422,6 +429,7 @@ def gradient_flow(
     device : torch device for ``ETD2`` ("cpu" uses the analytic NumPy gradient, others torch autograd).
     max_nfev, max_seconds : the budget; None takes DEFAULT_MAX_NFEV and DEFAULT_MAX_SECONDS. A run
         that spends it stops with status 3 or 4 and its state so far.
+    classify : classify the end point (``FlowResult.critical``; ``end_point`` below).
 
     Returns
     -------
@@ -432,8 +440,25 @@ def gradient_flow(
         _gradient_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
         t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=target_loss,
         dense_output=dense_output, progress=progress, device=device, max_nfev=max_nfev,
-        max_seconds=max_seconds,
+        max_seconds=max_seconds, classify=classify,
     )  # fmt: skip
+
+
+def end_point(
+    problem: UFMProblem, params: UFMParams, tol: float, classify: bool, failed: bool
+) -> CriticalPoint | None:
+    """The classification of a run's end point (``ufm.critical.classify_point``), or None when not
+    asked, or when a failed run's last state overflows the loss (an SGD run checked only at its
+    mini-batches). A run stopped at ||grad L|| < tol counts as stationary at that tol when it is looser
+    than ``STATIONARY_TOL``; the Hessian is computed up to ``HESSIAN_MAX_PARAMS`` parameters."""
+    if not classify:
+        return None
+    try:
+        return classify_point(problem, params, grad_tol=max(tol, STATIONARY_TOL))
+    except ValueError:
+        if failed:
+            return None
+        raise
 
 
 def _then(first: Callable[[float], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
@@ -505,6 +530,7 @@ def integrate(
     device: str,
     max_nfev: int | None = None,
     max_seconds: float | None = None,
+    classify: bool = True,
 ) -> FlowResult:
     """The one driver: integrate ``system`` with a registry method, record, stop, package the result."""
     method = default_method(rtol) if method is None else check_choice("method", method, METHODS)
@@ -542,7 +568,9 @@ def integrate(
     sol = run.solution() if dense_output else None
     if sol is not None and system.to_flat is not None:
         sol = _then(sol, system.to_flat)
-    return _package(system, run, method, nfev, status, msg, metrics, sol)
+    result = _package(system, run, method, nfev, status, msg, metrics, sol)
+    critical = end_point(system.problem, result.params, tol, classify, status == -1)
+    return result if critical is None else replace(result, critical=critical)
 
 
 def _torch_only(system: _System):

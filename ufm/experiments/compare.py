@@ -20,6 +20,12 @@ The canonical row (``ROW_KEYS``; None marks a value that is undefined or absent,
 ``norm_w_sq``,
 ``norm_h_sq``,
 ``w_row_norm_sq``
+``geometry``, ``rank``,    what the end point is (``FlowResult.critical``, docs/theory.md §13.7):
+``hessian_min_eig``,       the frame of W ("simplex_etf", "orthogonal_frame", "other", "zero")
+``hessian_max_abs_eig``,   and the rank of W, the smallest Hessian eigenvalue and the largest
+``critical_point``         |eigenvalue| (Lanczos; None when skipped), and "minimum", "saddle",
+                           "stationary" (Hessian skipped) or "not_stationary"; all None when the
+                           flow ran with ``classify=False``
 ``cf_eps``, ``cf_loss``,   the closed form (``ufm.closed_form.UFMOptimum``): eps, minimal loss,
 ``cf_cos_w``,              the two cosines, ||W_c||^2, the geometry and delta = C sqrt(N lam_w
 ``cf_cos_h``,              lam_h); all None without a closed form
@@ -65,7 +71,8 @@ CLOSED_FORM_KEYS = (
     "cf_eps", "cf_loss", "cf_cos_w", "cf_cos_h", "cf_w_row_norm_sq", "cf_geometry", "cf_delta",
 )  # fmt: skip
 GAP_KEYS = ("eps_err", "loss_rel_err", "reached", "closed_form_note")
-ROW_KEYS = FLOW_KEYS + END_KEYS + CLOSED_FORM_KEYS + GAP_KEYS
+CRITICAL_KEYS = ("geometry", "rank", "hessian_min_eig", "hessian_max_abs_eig", "critical_point")
+ROW_KEYS = FLOW_KEYS + END_KEYS + CRITICAL_KEYS + CLOSED_FORM_KEYS + GAP_KEYS
 
 # UFMOptimum field behind each closed-form key.
 _OPTIMUM_FIELDS = {
@@ -153,6 +160,8 @@ class FlowComparison:
             "method": r.method,
         }  # fmt: skip
         row |= {k: self.end.get(k) for k in END_KEYS}
+        cp = r.critical
+        row |= {k: None if cp is None else _finite(getattr(cp, k)) for k in CRITICAL_KEYS}
         row |= {k: v for k, v in self.end.items() if k not in row}
         if opt is None:
             row |= dict.fromkeys(CLOSED_FORM_KEYS + GAP_KEYS)

@@ -17,8 +17,12 @@ A sweep is described by a TOML (or JSON) file::
     per_class = 5
     dim = 6
 
-The keys of ``grid`` and ``fixed`` are the runner's parameters (``RUNNERS[kind].parameters``); any
-other key, a value of the wrong type, or a run that its runner rejects (e.g. ``dim`` below the
+The keys of ``grid`` and ``fixed`` are the runner's parameters (``RUNNERS[kind].parameters``). A
+flow run takes the model flags of ``ufm solve`` and ``ufm flow``: ``per_class`` one count or a list
+of C per-class counts, ``lam_w`` one decay or a list of ``depth`` decays (W_1 first, the classifier
+last), ``lam_b``, ``depth``, ``loss``; so a grid ``per_class = [5, [8, 4, 2]]`` runs a balanced and
+an imbalanced problem. A list-valued setting is written to the table as its comma-separated text
+("8,4,2"), the form of the CLI flags. Any other key, a value of the wrong type, or a run that its runner rejects (e.g. ``dim`` below the
 minimizer's rank) is a ValueError raised before anything runs.
 
 Every run becomes one row of a tidy table: ``run_id`` (a hash of the run's full configuration, the
@@ -71,7 +75,6 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_choice, check_positive_int
-from ..closed_form import ufm_optimum
 from ..dynamics import DEFAULT_METHOD, METHODS, gradient_flow
 from ..model import UFMProblem
 from ..tables import TABLE_FORMATS, read_table
@@ -147,12 +150,13 @@ class Runner:
 # as the integrator's default_tolerances(tol) and the library's budgets.
 _FLOW_DEFAULTS = inspect.signature(gradient_flow).parameters
 FLOW_OPTIONS = ("method", "t_max", "tol", "rtol", "atol", "max_nfev", "max_seconds")
-FLOW_PARAMETERS: dict[str, tuple[tuple[type, ...], Any]] = {
+FLOW_PARAMETERS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "classes": ((int,), 4),
-    "per_class": ((int,), 5),
+    "per_class": ((int, tuple[int, ...]), 5),
     "dim": ((int,), 4),
-    "lam_w": ((float,), 1e-3),
+    "lam_w": ((float, tuple[float, ...]), 1e-3),
     "lam_h": ((float,), 1e-3),
+    "lam_b": ((float,), 0.0),
     "bias": ((bool,), True),
     "loss": ((str,), "mse"),
     "label_smoothing": ((float,), 0.0),
@@ -171,16 +175,18 @@ FLOW_PARAMETERS: dict[str, tuple[tuple[type, ...], Any]] = {
 
 def _flow_problem(settings: dict[str, Any]) -> UFMProblem:
     s = settings
+    if not s["bias"] and s["lam_b"]:
+        raise ValueError(f"lam_b = {s['lam_b']:g} is the decay of a bias, but bias = false removes it")
     return UFMProblem(
-        s["classes"], s["per_class"], s["lam_w"], s["lam_h"], bias=s["bias"], loss=s["loss"],
-        depth=s["depth"], activation=s["activation"], label_smoothing=s["label_smoothing"],
+        s["classes"], s["per_class"], s["lam_w"], s["lam_h"], lam_b=s["lam_b"], bias=s["bias"],
+        loss=s["loss"], depth=s["depth"], activation=s["activation"], label_smoothing=s["label_smoothing"],
     )  # fmt: skip
 
 
 def _check_flow(settings: dict[str, Any]) -> None:
     problem = _flow_problem(settings)
     check_choice("method", settings["method"], METHODS)
-    min_dim = ufm_optimum(problem.C, problem.N, 0.0, 0.0, bias=problem.bias).min_dim
+    min_dim = problem.C - 1 if problem.bias else problem.C  # the rank of the depth-1 minimizers
     if settings["dim"] < min_dim:
         raise ValueError(
             f"dim = {settings['dim']} is below {min_dim} ({'C-1' if problem.bias else 'C'}), the minimizer's rank"
@@ -311,10 +317,15 @@ def load_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str
     return data, path.resolve().parent
 
 
-def _coerce(where: str, value: Any, types: tuple[type, ...]) -> Any:
-    """``value`` as one of ``types``: an int is accepted for a float (so 1 and 1.0 hash alike)."""
+def _coerce(where: str, value: Any, types: tuple[Any, ...]) -> Any:
+    """``value`` as one of ``types``: an int is accepted for a float (so 1 and 1.0 hash alike); a
+    list for ``tuple[T, ...]`` becomes a tuple of T (per-class counts, per-layer decays)."""
     if value is None and type(None) in types:
         return None
+    sequences = [t for t in types if typing.get_origin(t) is tuple]
+    if isinstance(value, list | tuple) and sequences:
+        item = (typing.get_args(sequences[0])[0],)
+        return tuple(_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value))
     if isinstance(value, bool):
         if bool in types:
             return value
@@ -324,7 +335,10 @@ def _coerce(where: str, value: Any, types: tuple[type, ...]) -> Any:
         return float(value)
     elif isinstance(value, str) and str in types:
         return value
-    names = " or ".join(t.__name__ if t is not type(None) else "null" for t in types)
+    names = " or ".join(
+        "null" if t is type(None) else f"a list of {typing.get_args(t)[0].__name__}" if t in sequences
+        else t.__name__ for t in types
+    )  # fmt: skip
     raise ValueError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -398,6 +412,23 @@ def run_id(kind: str, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:RUN_ID_DIGITS]
 
 
+def _setting_cells(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's settings as table cells: a list-valued one (per-class counts, per-layer decays) as its
+    comma-separated text, the form of the CLI flags ("8,4,2")."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def _check_parquet_columns(runs: list[dict[str, Any]]) -> None:
+    """A Parquet column holds one type: refuse, before anything runs, a grid that mixes them."""
+    for name in runs[0] if runs else ():
+        kinds = {type(v).__name__ for v in (_setting_cells(r)[name] for r in runs) if v is not None}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"setting {name!r} mixes {' and '.join(sorted(kinds))} values, which one Parquet column "
+                "cannot hold; use a .csv table, or give every value in the same form"
+            )
+
+
 def _plan(config, workers: int | None, max_runs: int) -> _Plan:
     data, root = load_config(config)
     runs = expand_grid(data, max_runs=check_positive_int("max_runs", max_runs))
@@ -408,6 +439,8 @@ def _plan(config, workers: int | None, max_runs: int) -> _Plan:
         )
     out = root / Path(data["out"]).expanduser()
     check_choice("table format (suffix of 'out')", out.suffix, TABLE_FORMATS)
+    if out.suffix == ".parquet":
+        _check_parquet_columns(runs)
     if workers is None:
         workers = data.get("workers", min(2, os.cpu_count() or 1))
     workers = check_positive_int("workers", workers)
@@ -557,7 +590,7 @@ def run_sweep(
         finished = stack.enter_context(closing(run(client, runner, plan, todo, still_todo)))
         counts = {"ok": 0, "failed": 0}
         for i, outcome in finished:
-            if store.put({"run_id": plan.run_ids[i], "kind": plan.kind, **plan.runs[i], **outcome}):
+            if store.put({"run_id": plan.run_ids[i], "kind": plan.kind, **_setting_cells(plan.runs[i]), **outcome}):
                 counts[outcome["status"]] += 1
             bar.update()
             bar.set_postfix(failed=counts["failed"])
