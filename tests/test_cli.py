@@ -84,11 +84,11 @@ def test_solve_table_shows_both_eps_side_by_side(capsys):
     assert float(lines[sqi + 1].split()[-1]) == pytest.approx(EPS_OF_THE_SMOOTHING, rel=1e-9)
 
 
-def test_solve_imbalanced_counts_is_exit_2_naming_balanced_classes(capsys):
+def test_solve_imbalanced_cross_entropy_is_exit_2_naming_the_counts(capsys):
     args = ["solve", "-C", "3", "--per-class", "8,4,2", "-p", "3", "--lam-w", "0.01", "--lam-h", "0.01"]
-    assert main(args) == 2
+    assert main(args + ["--loss", "ce"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ufm solve: error:") and "balanced" in err
+    assert err.startswith("ufm solve: error:") and "per-class counts (8, 4, 2)" in err
 
 
 def test_flow_imbalanced_counts_runs_without_closed_form(capsys):
@@ -154,3 +154,79 @@ def test_train_passes_loss_and_label_smoothing_to_the_config(capsys):
     assert main(args) == 0
     config = _json(capsys)
     assert config["loss"] == "ce" and config["label_smoothing"] == 0.1 and config["epochs"] == 1
+
+
+# ``ufm solve`` flags for every model, on both sides of each threshold (issue 14's done-when grid):
+# bias decay (saturated / carries the mean / zero), depth 2 and 3 (collapse / a root but zero wins),
+# per-class counts with and without a bias (all fit / minority collapse), cross-entropy (ETF / zero).
+SOLVE_GRID_FAST = [
+    "-C 4 -N 5 --lam-w 0.02 --lam-h 0.02 --lam-b 1",
+    "-C 3 -N 4 --lam-w 0.0833 --lam-h 0.0833 --depth 2",
+    "-C 3 -N 8,4,2 --lam-w 0.12 --lam-h 0.12 --no-bias",
+    "-C 4 -N 3 --lam-w 0.01 --lam-h 0.01 --loss ce",
+]
+SOLVE_GRID_SLOW = [
+    "-C 4 -N 5 --lam-w 0.02 --lam-h 0.02 --lam-b 0.1",
+    "-C 3 -N 2 --lam-w 0.5 --lam-h 0.5 --lam-b 1",
+    "-C 3 -N 4 --lam-w 0.06 --lam-h 0.06 --depth 2",
+    "-C 3 -N 4 --lam-w 0.09 --lam-h 0.09 --depth 2",
+    "-C 3 -N 2 --lam-w 0.05,0.08,0.04 --lam-h 0.05 --depth 3",
+    "-C 3 -N 2 --lam-w 0.12 --lam-h 0.12 --depth 3 --no-bias",
+    "-C 3 -N 8,4,2 --lam-w 0.05 --lam-h 0.05 --no-bias",
+    "-C 3 -N 8,4,2 --lam-w 0.03 --lam-h 0.03",
+    "-C 3 -N 8,4,2 --lam-w 0.03 --lam-h 0.03 --depth 2",
+    "-C 4 -N 3 --lam-w 0.01 --lam-h 0.01 --loss ce --no-bias",
+    "-C 3 -N 2 --lam-w 0.3 --lam-h 0.3 --loss ce",
+]
+
+
+def _solve_agrees_with_verify(flags: str, capsys) -> dict:
+    assert main(["solve", *flags.split(), "-p", "5", "--json", "--verify", "--starts", "6"]) == 0
+    out = _json(capsys)
+    gap = out["verify"]["loss_numeric"] - out["loss"]
+    assert abs(gap) <= 1e-8 * max(out["loss"], 1e-12), (flags, out["regime"], gap)
+    assert abs(out["verify"]["loss_built"] - out["loss"]) <= 1e-12 * max(out["loss"], 1)
+    return out
+
+
+@pytest.mark.parametrize("flags", SOLVE_GRID_FAST)
+def test_solve_json_agrees_with_verify(flags, capsys):
+    out = _solve_agrees_with_verify(flags, capsys)
+    assert len(out["z_singular_values"]) == (4 if "-C 4" in flags else 3)
+    assert out["z_singular_values"] == sorted(out["z_singular_values"], reverse=True)
+    assert ("b" in out and out["b"] is not None) == ("--no-bias" not in flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", SOLVE_GRID_SLOW)
+def test_solve_json_agrees_with_verify_full_grid(flags, capsys):
+    _solve_agrees_with_verify(flags, capsys)
+
+
+def test_solve_json_new_keys(capsys):
+    assert main(["solve", "-C", "3", "-N", "8,4,2", "-p", "3", "--lam-w", "0.12", "--lam-h", "0.12",
+                 "--no-bias", "--json"]) == 0  # fmt: skip
+    out = _json(capsys)
+    # n lam = 1.68 > sqrt(2): class 2 is sent to zero; the others keep sqrt(N_c) - n lam.
+    assert out["regime"] == "minority_collapse"
+    assert out["z_singular_values"] == pytest.approx([8**0.5 - 1.68, 4**0.5 - 1.68, 0.0], abs=1e-12)
+    assert len(out["w_row_norm_sq"]) == 3 and out["w_row_norm_sq"][2] == 0
+    assert out["geometry"] == "other" and out["rank"] == 2 and out["cos_w"] is None
+
+
+def test_solve_zero_decay_says_infimum_not_attained(capsys):
+    args = ["solve", *PROBLEM, "-p", "4"]
+    args[args.index("--lam-w") + 1] = "0"
+    assert main(args + ["--json"]) == 0
+    out = _json(capsys)
+    assert out["attained"] is False and "infimum not attained" in out["note"]
+    assert out["w_row_norm_sq"] is None and out["h_norm_sq"] is None
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "infimum not attained" in text
+    assert next(line for line in text.splitlines() if "||W_c||^2" in line).split()[-1] == "-"
+
+
+def test_solve_lam_w_per_layer_must_match_depth(capsys):
+    assert main(["solve", *PROBLEM, "-p", "4", "--lam-w", "0.1,0.2"]) == 2
+    assert "lam_w has 2 entries but depth = 1" in capsys.readouterr().err

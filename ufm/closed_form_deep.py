@@ -247,6 +247,8 @@ def _classify(W: np.ndarray, rank: int) -> str:
     if rank == 0:
         return "zero"
     C = W.shape[0]
+    if W.shape[1] < C:  # frame_distance needs the rows in at least C - 1 (ETF) or C dimensions
+        W = np.hstack([W, np.zeros((C, C - W.shape[1]))])
     norms = np.linalg.norm(W, axis=1)
     if rank == 1 and np.allclose(W, W[:1], atol=1e-9 * norms.max()):
         return "rank_one"
@@ -317,7 +319,9 @@ def deep_optimum(problem: Any) -> DeepOptimum:
         b=None if b is None else [float(v) for v in b], loss=float(np.sum(g)), zero_loss=zero_loss,
         eps=1.0 - float(np.mean(f[labels, idx])), f_correct=_per_class(correct, problem.balanced),
         f_other=_per_class(wrong, problem.balanced), w_row_norm_sq=None, h_norm_sq=None,
-        layer_norm_sq=(), h_total_norm_sq=0.0, cos_w=None, cos_h=None, geometry="zero", rank=rank,
+        layer_norm_sq=(), h_total_norm_sq=0.0, cos_w=None, cos_h=None, rank=rank,
+        # W_L = U diag(sqrt(c/lam_L) s^(1/m)) R^T: the rows' geometry is that of U diag(s^(1/m)).
+        geometry=_classify(factors[0] * factors[1] ** (1.0 / m), rank),
         regime=regime, collapsed=kind == "collapse", attained=attained,
         lam_product_max=float(max(thresholds)) ** m, _factors=factors,
     )  # fmt: skip
@@ -351,5 +355,4 @@ def _measured(opt: DeepOptimum, problem: Any) -> DeepOptimum:
         h_norm_sq=_per_class((mu_h**2).sum(axis=1), problem.balanced),
         layer_norm_sq=tuple(float((Wk**2).sum()) for Wk in params.Ws),
         h_total_norm_sq=float((params.H**2).sum()), cos_w=cosine(W), cos_h=cosine(centred),
-        geometry=_classify(W, opt.rank),
     )  # fmt: skip

@@ -53,6 +53,41 @@ def _counts(text: str) -> int | tuple[int, ...]:
     return counts[0] if len(counts) == 1 else counts
 
 
+def _floats(text: str) -> float | tuple[float, ...]:
+    """``--lam-w``: one value (``0.01``) or one per layer, W_1 first, classifier last (``0.01,0.02``)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or comma-separated numbers, one per layer (0.01,0.02), got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *, loss: bool = True) -> None:
+    """The model's flags beyond ``_add_problem_arguments``: bias decay, depth and (optionally) loss."""
+    p.add_argument(
+        "--lam-b",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="weight decay of the bias (default 0: unregularized)",
+    )
+    p.add_argument("--depth", type=int, default=1, metavar="L", help="weight layers after H (default 1)")
+    if loss:
+        p.add_argument("--loss", choices=tuple(LOSSES), default="mse", help="the loss (default mse)")
+
+
+def _problem_from_args(args: argparse.Namespace):
+    """The UFMProblem of the problem and model flags (linear hidden layers)."""
+    from .model import UFMProblem
+
+    return UFMProblem(
+        args.classes, args.per_class, args.lam_w, args.lam_h, lam_b=args.lam_b, bias=not args.no_bias,
+        loss=args.loss, depth=args.depth, label_smoothing=args.label_smoothing or 0.0,
+    )  # fmt: skip
+
+
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
     """The UFM problem's flags, shared by ``solve`` and ``flow``."""
     p.add_argument("--classes", "-C", type=int, required=True, help="number of classes C")
@@ -61,7 +96,10 @@ def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
         help="examples per class: one count N, or C comma-separated counts N_1,...,N_C (e.g. 8,4,2)",
     )  # fmt: skip
     p.add_argument("--dim", "-p", type=int, required=True, help="feature dimension p")
-    p.add_argument("--lam-w", type=float, required=True, help="weight decay of the classifier W")
+    p.add_argument(
+        "--lam-w", type=_floats, required=True,
+        help="weight decay of the layers: one value, or one per layer comma-separated (W_1 first, classifier last)",
+    )  # fmt: skip
     p.add_argument("--lam-h", type=float, required=True, help="weight decay of the features H")
     p.add_argument(
         "--no-bias", action="store_true", help="bias-free classifier (default: unregularized bias)"
@@ -78,8 +116,11 @@ def _add_label_smoothing(p: argparse.ArgumentParser) -> None:
 
 @command
 def _solve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("solve", help="closed-form global minimizer of the regularized square-loss UFM")
+    p = sub.add_parser(
+        "solve", help="closed-form global minimizer of the regularized UFM (square loss or cross-entropy)"
+    )
     _add_problem_arguments(p)
+    _add_model_arguments(p)
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
     p.add_argument("--starts", type=int, default=4, help="random starts for --verify (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for --verify (default 0)")
@@ -87,25 +128,52 @@ def _solve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_solve)
 
 
-def _run_solve(args: argparse.Namespace) -> int:
-    from .model import UFMProblem
-    from .optimize import check_optimum
+# Rows of the ``ufm solve`` table: (label, key of the JSON object); absent keys are skipped.
+_SOLVE_ROWS = (
+    ("regime", "regime"), ("geometry", "geometry"), ("rank of Z = W_L...W_1 H", "rank"),
+    ("collapsed", "collapsed"), ("spectrum of the targets", "spectrum"),
+    ("delta (threshold ratio)", "delta"),
+    ("lam product threshold", "lam_product_max"), ("label smoothing a", "label_smoothing"),
+    # The poster: SQI is "similar to label smoothing"; the two eps side by side.
+    ("eps of SQI (1 - correct output)", "eps"), ("eps of the smoothing a(C-1)/C", "eps_label_smoothing"),
+    ("p_wrong (1 - softmax correct)", "p_wrong"), ("f_correct", "f_correct"), ("f_other", "f_other"),
+    ("b", "b"), ("singular values of Z", "z_singular_values"), ("||W_c||^2", "w_row_norm_sq"),
+    ("||mu_c||^2", "h_norm_sq"), ("||W_k||^2 per layer", "layer_norm_sq"), ("cos(W_c, W_c')", "cos_w"),
+    ("cos(mu_c - mu_G, mu_c' - mu_G)", "cos_h"), ("W_c / mu_c", "w_scale"),
+    ("a root exists, zero wins", "zero_wins_over_root"), ("minimal loss", "loss"),
+)  # fmt: skip
+# Keys that describe a minimizer's point; dropped (null) where the infimum is not attained.
+_POINT_KEYS = (
+    "w_row_norm_sq", "h_norm_sq", "layer_norm_sq", "h_total_norm_sq", "w_scale", "cos_w", "cos_h",
+)  # fmt: skip
 
-    bias = not args.no_bias
-    a = args.label_smoothing or 0.0
-    # The library says when there is no closed form (e.g. imbalanced counts): NoClosedForm, exit 2.
-    problem = UFMProblem(args.classes, args.per_class, args.lam_w, args.lam_h, bias=bias, label_smoothing=a)
+
+def _shown(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
+
+
+def _run_solve(args: argparse.Namespace) -> int:
+    from .optimize import verify_optimum
+
+    # The library says when there is no closed form (e.g. ReLU layers): NoClosedForm, exit 2.
+    problem = _problem_from_args(args)
     opt = problem.loss.closed_form(problem)
     if args.dim < opt.min_dim:
         raise ValueError(
-            f"--dim {args.dim} is below {opt.min_dim} ({'C-1' if bias else 'C'}), the minimizer's rank"
+            f"--dim {args.dim} is below {opt.min_dim}, the rank of the minimizer ({opt.geometry})"
         )
-    out = {"p": args.dim, **opt.as_dict()}
+    out = {"p": args.dim, **opt.as_dict(), "attained": opt.attained}
+    if not opt.attained:
+        out |= dict.fromkeys(_POINT_KEYS)
+        out["note"] = "infimum not attained: a decay is zero on one side, so rescaling lowers the loss"
     if args.verify:
-        chk = check_optimum(
-            args.classes, args.per_class, args.dim, args.lam_w, args.lam_h,
-            bias=bias, n_starts=args.starts, seed=args.seed, label_smoothing=a,
-        )  # fmt: skip
+        chk = verify_optimum(problem, args.dim, n_starts=args.starts, seed=args.seed)
         out["verify"] = {
             "loss_numeric": chk.numeric.loss,
             "loss_built": chk.loss_built,
@@ -113,33 +181,32 @@ def _run_solve(args: argparse.Namespace) -> int:
             "grad_norm": chk.numeric.grad_norm,
             "nfev": chk.numeric.nfev,
             "starts": args.starts,
+            "losses": chk.numeric.losses.tolist(),
         }
     if args.json:
         print_json(out)
         return 0
-    rows = [
-        ("geometry", opt.geometry), ("collapsed", opt.collapsed),
-        ("delta = C sqrt(N lam_w lam_h)", opt.delta), ("lam_w lam_h threshold (1-a)^2/(N C^2)", opt.lam_product_max),
-        ("label smoothing a", opt.label_smoothing),
-        # The poster: SQI is "similar to label smoothing"; the two eps side by side.
-        ("eps of SQI (1 - correct output)", opt.eps), ("eps of the smoothing a(C-1)/C", opt.eps_label_smoothing),
-        ("f_correct", opt.f_correct), ("f_other", opt.f_other),
-        ("||W_c||^2", opt.w_row_norm_sq), ("||mu_c - mu_G||^2", opt.h_norm_sq),
-        ("cos(W_c, W_c')", opt.cos_w), ("cos(mu_c, mu_c')", opt.cos_h),
-        ("W_c / (mu_c - mu_G)", opt.w_scale), ("minimal loss", opt.loss),
-    ]  # fmt: skip
+    # For cross-entropy f_correct is a logit; its eps (1 - f_correct, as ``ufm flow`` measures it)
+    # means nothing beside p_wrong, so the table leaves it out.
+    skip = {"eps"} if "p_wrong" in out else set()
+    rows = [(label, out[key]) for label, key in _SOLVE_ROWS if key in out and key not in skip]
     if args.verify:
         v = out["verify"]
         rows += [
-            ("loss at built (W, H, b)", v["loss_built"]), (f"L-BFGS best of {args.starts}", v["loss_numeric"]),
+            ("loss at built point", v["loss_built"]), (f"L-BFGS best of {args.starts}", v["loss_numeric"]),
             ("relative gap", v["rel_gap"]), ("L-BFGS ||grad||", v["grad_norm"]),
         ]  # fmt: skip
-    b = "unregularized bias" if bias else "no bias"
-    print(f"UFM global minimizer: C={args.classes} N={args.per_class} p={args.dim} "
-          f"lam_w={args.lam_w:g} lam_h={args.lam_h:g}, {b}")  # fmt: skip
+    b = (
+        "no bias"
+        if args.no_bias
+        else ("unregularized bias" if args.lam_b == 0 else f"bias decay {args.lam_b:g}")
+    )
+    print(f"UFM global minimizer ({problem.loss.description}, depth {problem.depth}): C={args.classes} "
+          f"N={_shown(args.per_class)} p={args.dim} lam_w={_shown(args.lam_w)} lam_h={args.lam_h:g}, {b}")  # fmt: skip
+    if not opt.attained:
+        print(f"  infimum not attained: {out['note'].split(': ', 1)[1]}; no minimizer exists")
     for name, value in rows:
-        shown = "-" if value is None else f"{value:.10g}" if isinstance(value, float) else str(value)
-        print(f"  {name:<38} {shown}")
+        print(f"  {name:<38} {_shown(value)}")
     return 0
 
 
