@@ -91,14 +91,17 @@ def test_solve_imbalanced_cross_entropy_is_exit_2_naming_the_counts(capsys):
     assert err.startswith("ufm solve: error:") and "per-class counts (8, 4, 2)" in err
 
 
-def test_flow_imbalanced_counts_runs_without_closed_form(capsys):
+def test_flow_imbalanced_counts_reaches_the_numerical_spectrum_closed_form(capsys):
+    """Counts with a bias have a closed form whose target spectrum is computed numerically (§8); the
+    flow from a random start ends at its loss."""
     args = ["flow", "-C", "3", "--per-class", "8,4,2", "-p", "4", "--lam-w", "0.02", "--lam-h", "0.02"]
     assert main(args + ["--json"]) == 0
     out = _json(capsys)
     assert set(out) == FLOW_JSON_KEYS
     assert out["status"] == 1 and out["grad_norm"] < 1e-8
-    assert out["closed_form"] is None
-    assert "balanced" in out["closed_form_note"]
+    assert out["loss"] == pytest.approx(out["closed_form"]["loss"], rel=FLOW_AGREEMENT)
+    assert len(out["closed_form"]["w_row_norm_sq"]) == 3
+    assert out["closed_form_note"] is None
 
 
 def test_flow_label_smoothing_reaches_the_typed_closed_form(capsys):
