@@ -252,3 +252,25 @@ def test_minimize_loss_is_independent_of_the_closed_form():
     problem = UFMProblem(3, 2, 0.05, 0.05, lam_b=0.5)
     r = minimize_loss(problem, 4, n_starts=3, seed=5)
     assert r.loss == pytest.approx(problem.loss.closed_form(problem).loss, rel=LBFGS_AGREEMENT)
+
+
+@pytest.mark.parametrize(("bias", "a"), [(True, 0.0), (False, 0.0), (True, 0.2), (False, 0.2)])
+def test_deep_route_at_depth_1_matches_the_depth_1_closed_form(bias, a):
+    """Two routes to the balanced depth-1 minimizer: ufm_optimum (the I/J algebra of §5) and
+    deep_optimum (numerical SVD of the targets, scalar threshold per singular value, m = 2)."""
+    from ufm.closed_form_deep import deep_optimum
+
+    problem = UFMProblem(4, 3, 0.03, 0.05, bias=bias, label_smoothing=a)
+    want = problem.loss.closed_form(problem)
+    got = deep_optimum(problem)
+    assert got.loss == pytest.approx(want.loss, rel=1e-12)
+    assert got.eps == pytest.approx(want.eps, rel=1e-12)
+    assert got.z_singular_values == pytest.approx(want.z_singular_values, rel=1e-12, abs=1e-14)
+    assert got.w_row_norm_sq == pytest.approx(want.w_row_norm_sq, rel=1e-10)
+    assert got.cos_w == pytest.approx(want.cos_w, rel=1e-9, abs=1e-12)
+
+
+def test_cross_entropy_zero_decay_without_smoothing_is_refused():
+    problem = UFMProblem(3, 2, 0.0, 0.1, loss="ce")
+    with pytest.raises(ValueError, match="infimum not attained"):
+        problem.loss.closed_form(problem)

@@ -141,6 +141,11 @@ def ce_optimum(
     """The minimizer of the module docstring (lam_w, lam_h > 0 for a finite scale)."""
     a = label_smoothing
     delta = float(ufm_delta(C, N, lam_w, lam_h))
+    if delta == 0 and a == 0:
+        raise ValueError(
+            "cross-entropy with a zero decay and no label smoothing: infimum not attained (the loss tends "
+            "to 0 as the logits grow without bound); give lam_w, lam_h > 0 or a label smoothing"
+        )
     collapsed = delta < 1 - a
     if collapsed:
         eps = float(ce_eps(C, N, lam_w, lam_h, a))
