@@ -112,21 +112,24 @@ def test_solve_table_shows_both_eps_side_by_side(capsys):
     assert float(lines[sqi + 1].split()[-1]) == pytest.approx(EPS_OF_THE_SMOOTHING, rel=1e-9)
 
 
-def test_solve_imbalanced_counts_is_exit_2_naming_balanced_classes(capsys):
+def test_solve_imbalanced_cross_entropy_is_exit_2_naming_the_counts(capsys):
     args = ["solve", "-C", "3", "--per-class", "8,4,2", "-p", "3", "--lam-w", "0.01", "--lam-h", "0.01"]
-    assert main(args) == 2
+    assert main(args + ["--loss", "ce"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ufm solve: error:") and "balanced" in err
+    assert err.startswith("ufm solve: error:") and "per-class counts (8, 4, 2)" in err
 
 
-def test_flow_imbalanced_counts_runs_without_closed_form(capsys):
+def test_flow_imbalanced_counts_reaches_the_numerical_spectrum_closed_form(capsys):
+    """Counts with a bias have a closed form whose target spectrum is computed numerically (§8); the
+    flow from a random start ends at its loss."""
     args = ["flow", "-C", "3", "--per-class", "8,4,2", "-p", "4", "--lam-w", "0.02", "--lam-h", "0.02"]
     assert main(args + ["--json"]) == 0
     out = _json(capsys)
     assert set(out) == FLOW_JSON_KEYS
     assert out["status"] == 1 and out["grad_norm"] < 1e-8
-    assert out["closed_form"] is None
-    assert "balanced" in out["closed_form_note"]
+    assert out["loss"] == pytest.approx(out["closed_form"]["loss"], rel=FLOW_AGREEMENT)
+    assert len(out["closed_form"]["w_row_norm_sq"]) == 3
+    assert out["closed_form_note"] is None
 
 
 def test_flow_label_smoothing_reaches_the_typed_closed_form(capsys):
@@ -316,7 +319,53 @@ def test_lam_w_must_be_decays(capsys):
     assert "comma-separated decays" in capsys.readouterr().err
 
 
-def test_solve_deep_model_is_exit_2_saying_there_is_no_closed_form(capsys):
-    args = ["solve", "-C", "3", "-N", "2", "-p", "3", "--depth", "2", "--lam-w", "0.1", "--lam-h", "0.1"]
-    assert main(args) == 2
-    assert "no closed form" in capsys.readouterr().err
+def _solve_agrees_with_verify(flags: str, capsys) -> dict:
+    assert main(["solve", *flags.split(), "-p", "5", "--json", "--verify", "--starts", "6"]) == 0
+    out = _json(capsys)
+    gap = out["verify"]["loss_numeric"] - out["loss"]
+    assert abs(gap) <= 1e-8 * max(out["loss"], 1e-12), (flags, out["regime"], gap)
+    assert abs(out["verify"]["loss_built"] - out["loss"]) <= 1e-12 * max(out["loss"], 1)
+    return out
+
+
+@pytest.mark.parametrize("flags", SOLVE_GRID_FAST)
+def test_solve_json_agrees_with_verify(flags, capsys):
+    out = _solve_agrees_with_verify(flags, capsys)
+    assert len(out["z_singular_values"]) == (4 if "-C 4" in flags else 3)
+    assert out["z_singular_values"] == sorted(out["z_singular_values"], reverse=True)
+    assert ("b" in out and out["b"] is not None) == ("--no-bias" not in flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", SOLVE_GRID_SLOW)
+def test_solve_json_agrees_with_verify_full_grid(flags, capsys):
+    _solve_agrees_with_verify(flags, capsys)
+
+
+def test_solve_json_new_keys(capsys):
+    assert main(["solve", "-C", "3", "-N", "8,4,2", "-p", "3", "--lam-w", "0.12", "--lam-h", "0.12",
+                 "--no-bias", "--json"]) == 0  # fmt: skip
+    out = _json(capsys)
+    # n lam = 1.68 > sqrt(2): class 2 is sent to zero; the others keep sqrt(N_c) - n lam.
+    assert out["regime"] == "minority_collapse"
+    assert out["z_singular_values"] == pytest.approx([8**0.5 - 1.68, 4**0.5 - 1.68, 0.0], abs=1e-12)
+    assert len(out["w_row_norm_sq"]) == 3 and out["w_row_norm_sq"][2] == 0
+    assert out["geometry"] == "other" and out["rank"] == 2 and out["cos_w"] is None
+
+
+def test_solve_zero_decay_says_infimum_not_attained(capsys):
+    args = ["solve", *PROBLEM, "-p", "4"]
+    args[args.index("--lam-w") + 1] = "0"
+    assert main(args + ["--json"]) == 0
+    out = _json(capsys)
+    assert out["attained"] is False and "infimum not attained" in out["note"]
+    assert out["w_row_norm_sq"] is None and out["h_norm_sq"] is None
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "infimum not attained" in text
+    assert next(line for line in text.splitlines() if "||W_c||^2" in line).split()[-1] == "-"
+
+
+def test_solve_lam_w_per_layer_must_match_depth(capsys):
+    assert main(["solve", *PROBLEM, "-p", "4", "--lam-w", "0.1,0.2"]) == 2
+    assert "lam_w has 2 entries but depth = 1" in capsys.readouterr().err

@@ -127,10 +127,12 @@ def test_counts_define_the_problem():
         UFMProblem(4, (4, 2, 1), 0.1, 0.1)
     with pytest.raises(ValueError, match="examples of class 1"):
         UFMProblem(3, (4, 0, 1), 0.1, 0.1)
-    with pytest.raises(NoClosedForm, match="balanced classes"):
-        p.loss.closed_form(p)
-    with pytest.raises(NoClosedForm, match="cross-entropy|ce"):
-        UFMProblem(3, 2, 0.1, 0.1, loss="ce").loss.closed_form(UFMProblem(3, 2, 0.1, 0.1, loss="ce"))
+    ce = UFMProblem(3, (4, 2, 1), 0.1, 0.1, loss="ce")
+    with pytest.raises(NoClosedForm, match="per-class counts"):
+        ce.loss.closed_form(ce)
+    deep_ce = UFMProblem(3, 2, 0.1, 0.1, loss="ce", depth=2)
+    with pytest.raises(NoClosedForm, match="cross-entropy at depth 2"):
+        deep_ce.loss.closed_form(deep_ce)
 
 
 def test_imbalanced_flow_is_stationary_and_fits_the_majority_best():

@@ -98,3 +98,13 @@ def test_each_part_prints_a_line_with_its_time(capsys):
     assert err[0] == "reproduce: 2/4 flows ..." and re.fullmatch(
         r"reproduce: 2/4 flows: done in \d+ s", err[1]
     )
+def test_minimizer_phase_diagrams_cross_each_threshold(result):
+    """Part 5: the flows end at the closed form on both sides of each threshold (docs/theory.md §6-§8)."""
+    rows = read_csv(result.out / "minimizer_phases.csv")
+    regimes = {d: {r["regime"] for r in rows if r["diagram"] == d} for d in ("lam_b", "depth", "minority")}
+    assert {"collapse", "collapse_bias_saturated"} <= regimes["lam_b"]
+    assert "collapse" in regimes["depth"] and any(g.startswith("zero") for g in regimes["depth"])
+    assert {"collapse", "minority_collapse"} <= regimes["minority"]
+    assert all(r["reached"] for r in rows), [(r["diagram"], r["x"]) for r in rows if not r["reached"]]
+    for r in rows:
+        assert abs(r["loss_flow"] - r["loss_theory"]) <= 1e-6 * r["loss_theory"]

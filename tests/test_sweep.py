@@ -325,9 +325,10 @@ def _assert_flow_rows_match_closed_form(rows):
             assert r["w_row_norm_sq"] < 1e-8  # the zero solution
 
 
-def test_flow_sweep_budget_and_a_loss_without_closed_form(tmp_path):
-    """max_nfev stops a run with its own status (a finished row, not a failed run); cross-entropy has no
-    closed form, so its closed-form columns are empty and the note says why."""
+def test_flow_sweep_budget_and_the_cross_entropy_closed_form(tmp_path):
+    """max_nfev stops a run with its own status (a finished row, not a failed run); cross-entropy's
+    closed-form columns hold docs/theory.md §9 typed out: delta = 3 sqrt(2) 0.1, eps = (2/3) delta,
+    loss = -log(1 - eps) + eps log(2 (1 - eps)/eps)."""
     config = {
         "kind": "flow",
         "grid": {"loss": ["mse", "ce"]},
@@ -341,8 +342,9 @@ def test_flow_sweep_budget_and_a_loss_without_closed_form(tmp_path):
         assert r["success"] is False and r["flow_status"] == 3 and "max_nfev" in r["message"]
         assert r["nfev"] <= 5 + 2  # an integrator may finish the step it is in
     assert mse["cf_loss"] == pytest.approx(_typed_closed_form(0.1, 0.1, True)["loss"], rel=1e-12)
-    assert ce["cf_loss"] is None and ce["cf_eps"] is None and ce["reached"] is None
-    assert ce["closed_form_note"]
+    eps = 2 / 3 * 3 * math.sqrt(2) * 0.1
+    assert ce["cf_loss"] == pytest.approx(-math.log(1 - eps) + eps * math.log(2 * (1 - eps) / eps), rel=1e-12)
+    assert ce["closed_form_note"] is None
 
 
 def test_flow_sweep_on_pool_and_dask_cluster_agree_with_the_closed_form(tmp_path):

@@ -205,36 +205,94 @@ def ufm_zero_loss(C: Any, bias: bool = True, label_smoothing: Any = 0) -> Any:
     return value if bias else value + _one(C) / (2 * C)
 
 
-GEOMETRIES = ("simplex_etf", "orthogonal_frame", "smoothed_frame", "rank_one", "zero")
+# ---------------------------------------------------------------------------------------------
+# Regularized bias lam_b > 0 (docs/theory.md §6; derived here). The centred modes are those of §5;
+# the mean mode is shared between the bias (cost lam_b C beta^2/2) and the features (cost delta per
+# unit of mean output): with x the mean output per class, minimize
+# C/2 (x - 1/C)^2 + delta (x - beta) + lam_b C beta^2/2 over beta <= x.
+
+
+def ufm_bias_boundary(lam_b: Any) -> Any:
+    """delta at which the regimes of a regularized bias meet: lam_b/(1 + lam_b). Below it the bias
+    saturates and the features carry part of the mean output (q_1 > 0); at or above it the bias
+    carries the whole mean (q_1 = 0)."""
+    return lam_b / (1 + lam_b)
+
+
+def ufm_bias_mean(C: Any, lam_b: Any) -> Any:
+    """Bias entry when it carries the whole mean output (delta >= ufm_bias_boundary): 1/(C(1 + lam_b))."""
+    return _one(C) / (C * (1 + lam_b))
+
+
+def ufm_bias_saturated(C: Any, N: Any, lam_w: Any, lam_h: Any, lam_b: Any) -> Any:
+    """Bias entry when it saturates (delta < ufm_bias_boundary): delta/(lam_b C), where its marginal
+    cost lam_b C beta equals the features' delta."""
+    return ufm_delta(C, N, lam_w, lam_h) / (lam_b * C)
+
+
+def ufm_mean_weight_saturated(C: Any, N: Any, lam_w: Any, lam_h: Any, lam_b: Any) -> Any:
+    """q_1 of the mean mode when the bias saturates: 1 - delta - delta/lam_b (> 0 below the boundary)."""
+    delta = ufm_delta(C, N, lam_w, lam_h)
+    return 1 - delta - delta / lam_b
+
+
+def ufm_mean_loss_bias(C: Any, N: Any, lam_w: Any, lam_h: Any, lam_b: Any, saturated: bool) -> Any:
+    """Cost of the mean mode with a regularized bias: (delta - delta^2/2 - delta^2/(2 lam_b))/C when
+    the bias saturates, lam_b/(2 C (1 + lam_b)) when it carries the whole mean."""
+    if not saturated:
+        return lam_b * _one(C) / (2 * C * (1 + lam_b))
+    delta = ufm_delta(C, N, lam_w, lam_h)
+    return (delta - delta**2 / 2 - delta**2 / (2 * lam_b)) / C
+
+
+def ufm_centred_loss(C: Any, N: Any, lam_w: Any, lam_h: Any, label_smoothing: Any, collapsed: bool) -> Any:
+    """Cost of the C-1 centred modes (value 1 - a each): (C-1)/C (delta (1 - a) - delta^2/2) when they
+    are kept (delta < 1 - a), (C-1)(1 - a)^2/(2C) when they are sent to zero."""
+    a = label_smoothing
+    if not collapsed:
+        return (C - 1) * (1 - a) ** 2 * _one(C) / (2 * C)
+    delta = ufm_delta(C, N, lam_w, lam_h)
+    return (C - 1) * (delta * (1 - a) - delta**2 / 2) * _one(C) / C
+
+
+GEOMETRIES = ("simplex_etf", "orthogonal_frame", "smoothed_frame", "rank_one", "zero", "other")
 
 
 @dataclass(frozen=True)
 class UFMOptimum:
-    """Global minimizer of the regularized square-loss UFM (docs/theory.md §5).
+    """Global minimizer of the regularized square-loss UFM, depth 1, balanced (docs/theory.md §5, §6).
 
     Attributes
     ----------
-    C, N, lam_w, lam_h, bias : the problem (bias unregularized when present).
+    C, N, lam_w, lam_h, bias : the problem.
+    lam_b : decay of the bias (0 = unregularized; docs/theory.md §6 for lam_b > 0).
     label_smoothing : a; the targets are (1 - a) y + a/C.
-    delta : C sqrt(N lam_w lam_h); the minimizer collapses iff delta < 1 - a.
+    delta : C sqrt(N lam_w lam_h); the centred modes are kept iff delta < 1 - a.
     eps : 1 minus the output on the correct class.
     eps_label_smoothing : a (C-1)/C, the eps of the smoothed targets themselves, beside ``eps``.
     f_correct, f_other : outputs on the correct and on a wrong class.
     w_row_norm_sq : ||W_c||^2 of every classifier row.
-    h_norm_sq : ||mu_c||^2 of every class mean (= ||h_i||^2: features are collapsed). With a bias
-        mu_G = 0, so this is also ||mu_c - mu_G||^2.
+    h_norm_sq : ||mu_c||^2 of every class mean (= ||h_i||^2: features are collapsed); with an
+        unregularized bias mu_G = 0, so this is also ||mu_c - mu_G||^2.
     cos_w : cosine between two distinct classifier rows: -1/(C-1) (ETF), 0 (orthogonal frame),
-        a/((1 - a - delta)(C-1) + 1 - delta) (smoothed frame), 1 (rank one).
+        (q_1 - q_perp)/(q_perp (C-1) + q_1) in general, 1 (rank one).
     cos_h : cosine between two distinct centred class means mu_c - mu_G: -1/(C-1) whenever the
-        minimizer collapses (centring an orthogonal or smoothed frame gives a simplex ETF).
+        centred modes are kept (centring removes the mean mode).
     w_scale : s in W_c = s mu_c (= s (mu_c - mu_G) with a bias, the theorem's NC3).
     Fields that describe a direction are None where it is undefined (the zero solution; cos_h of the
     rank-one solution, whose class means coincide).
     loss : the minimal loss.
     collapsed : delta < 1 - a (classes separated, NC1-NC3 hold).
-    geometry : one of GEOMETRIES: "simplex_etf" (bias), "orthogonal_frame" (no bias, a = 0),
-        "smoothed_frame" (no bias, a > 0), "rank_one" (no bias, 1 - a <= delta < 1), "zero".
+    geometry : one of GEOMETRIES: "simplex_etf" (mean mode 0), "orthogonal_frame" (no bias, a = 0),
+        "smoothed_frame" (no bias, a > 0), "other" (regularized bias that saturates: both modes, rank
+        C), "rank_one" (only the mean mode), "zero".
     lam_product_max : (1 - a)^2/(N C^2), the collapse threshold on lam_w * lam_h.
+    q_perp, q_1 : thresholded target singular values (units sqrt(N)) on the centred directions and on
+        the mean direction; W W^T = w_scale (q_perp P_perp + q_1 P_1).
+    beta : the bias entry (b = beta 1), None without a bias.
+    regime : short name of the case: "collapse", "rank_one", "zero", with "_bias_saturated" where a
+        regularized bias saturates and the features carry part of the mean (delta < lam_b/(1 + lam_b)).
+    rank : rank of Z = W H (the number of modes kept).
     """
 
     C: int
@@ -257,14 +315,17 @@ class UFMOptimum:
     lam_product_max: float
     label_smoothing: float = 0.0
     eps_label_smoothing: float = 0.0
+    lam_b: float = 0.0
+    q_perp: float = 0.0
+    q_1: float = 0.0
+    beta: float | None = None
+    regime: str = ""
+    rank: int = 0
 
     @property
     def min_dim(self) -> int:
-        """Smallest feature dimension p that holds the minimizer: C-1 with a bias, 1 for the rank-one
-        solution, C otherwise."""
-        if self.geometry == "rank_one":
-            return 1
-        return self.C - 1 if self.bias else self.C
+        """Smallest feature dimension p that holds the minimizer: the rank of W H (at least 1)."""
+        return max(self.rank, 1)
 
     @property
     def attained(self) -> bool:
@@ -272,15 +333,27 @@ class UFMOptimum:
         (W, H) -> (W/t, t H) then lowers the loss towards an infimum that no point reaches."""
         return not (self.w_row_norm_sq > 0 and (self.lam_w == 0) != (self.lam_h == 0))
 
+    @property
+    def z_singular_values(self) -> list[float]:
+        """The C singular values of Z = W H (C, n), descending: sqrt(N) q_perp (C-1 times) and
+        sqrt(N) q_1."""
+        values = [self.q_perp] * (self.C - 1) + [self.q_1]
+        return sorted((float(np.sqrt(self.N)) * v for v in values), reverse=True)
+
+    @property
+    def b(self) -> list[float] | None:
+        """The bias as a list (b = beta 1), None without one."""
+        return None if self.beta is None else [self.beta] * self.C
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "z_singular_values": self.z_singular_values, "b": self.b}
 
     def build(self, p: int, *, rng: np.random.Generator | int | None = None) -> UFMParams:
         """An exact global minimizer (H (p, n), W (C, p), b) in dimension p, optionally rotated.
 
         W = sqrt(s) (sqrt(q_perp) P_perp + sqrt(q_1) P_1) R, so that W W^T = s (q_perp P_perp + q_1 P_1)
         (docs/theory.md §5.2), with R orthonormal rows and P_perp, P_1 the projections on 1^perp and 1;
-        H = (W/s)[labels]^T and b = 1/C. With q_1 = 0 the rows are a simplex ETF (p >= C-1 suffices).
+        H = (W/s)[labels]^T and b = beta 1. With q_1 = 0 the rows are a simplex ETF (p >= C-1 suffices).
         """
         p = check_positive_int("p", p)
         if p < self.min_dim:
@@ -302,28 +375,49 @@ class UFMOptimum:
         W = np.sqrt(scale) * core
         labels = np.repeat(np.arange(C), self.N)
         H = (W / scale)[labels].T  # (p, n)
-        b = np.full(C, 1.0 / C) if self.bias else None
+        b = None if self.beta is None else np.full(C, self.beta)
         return UFMParams(H, (W,), b)
 
     def _mode_weights(self) -> tuple[float, float]:
         """(q_perp, q_1) of this minimizer, zero for the modes the threshold removed."""
-        if self.geometry == "zero":
-            return 0.0, 0.0
-        if self.geometry == "rank_one":
-            return 0.0, 1.0 - self.delta
-        args = (self.C, self.N, self.lam_w, self.lam_h, self.bias, self.label_smoothing)
-        return tuple(float(q) for q in _mode_weights(*args))
+        return self.q_perp, self.q_1
+
+
+def _thresholded_modes(C: int, N: int, lam_w: float, lam_h: float, bias: bool, a: float, lam_b: float):
+    """(q_perp, q_1, beta, saturated) on both sides of every threshold (docs/theory.md §5.1, §6)."""
+    delta = float(ufm_delta(C, N, lam_w, lam_h))
+    q_perp = max(1.0 - a - delta, 0.0)
+    if not bias:
+        return q_perp, max(1.0 - delta, 0.0), None, False
+    if lam_b == 0:
+        return q_perp, 0.0, 1.0 / C, False
+    if delta < float(ufm_bias_boundary(lam_b)):
+        q_1 = float(ufm_mean_weight_saturated(C, N, lam_w, lam_h, lam_b))
+        return q_perp, q_1, float(ufm_bias_saturated(C, N, lam_w, lam_h, lam_b)), True
+    return q_perp, 0.0, float(ufm_bias_mean(C, lam_b)), False
+
+
+def _geometry(q_perp: float, q_1: float, bias: bool, a: float) -> str:
+    if q_perp > 0 and q_1 == 0:
+        return "simplex_etf"
+    if q_perp > 0:
+        if bias:
+            return "other"
+        return "orthogonal_frame" if a == 0 else "smoothed_frame"
+    return "rank_one" if q_1 > 0 else "zero"
 
 
 def ufm_optimum(
-    C: int, N: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0
-) -> UFMOptimum:
-    """Global minimizer of the square-loss UFM with an unregularized bias or none (docs/theory.md §5).
+    C: int, N: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0,
+    lam_b: float = 0.0,
+) -> UFMOptimum:  # fmt: skip
+    """Global minimizer of the square-loss UFM, depth 1, balanced (docs/theory.md §5, §6).
 
     Parameters
     ----------
     C : classes (>= 2); N : examples per class (>= 1); lam_w, lam_h : weight decays (>= 0);
-    bias : with an unregularized bias or without one; label_smoothing : a in [0, 1).
+    bias : with a bias or without one; label_smoothing : a in [0, 1); lam_b : decay of the bias
+    (>= 0, 0 = unregularized; ignored without a bias).
 
     With lam_w = lam_h = 0 the minimizer interpolates the targets and its scale is free; ``build``
     then returns the balanced one (||W_c||^2 = N ||mu_c||^2, as with equal decays).
@@ -332,42 +426,43 @@ def ufm_optimum(
     N = check_positive_int("N", N)
     lam_w = check_nonneg("lam_w", lam_w)
     lam_h = check_nonneg("lam_h", lam_h)
+    lam_b = check_nonneg("lam_b", lam_b) if bias else 0.0
     a = check_label_smoothing(label_smoothing)
     delta = float(ufm_delta(C, N, lam_w, lam_h))
     args = (C, N, lam_w, lam_h)
+    q_perp, q_1, beta, saturated = _thresholded_modes(C, N, lam_w, lam_h, bias, a, lam_b)
+    collapsed = q_perp > 0
+    # The loss is the cost of the centred modes plus that of the mean mode: the bias's (lam_b >= 0),
+    # or the features' soft threshold without a bias.
+    value = float(ufm_centred_loss(*args, a, collapsed))
+    if bias:
+        value += float(ufm_mean_loss_bias(*args, lam_b, saturated)) if lam_b > 0 else 0.0
+    else:
+        value += (delta - delta**2 / 2) / C if q_1 > 0 else 1.0 / (2 * C)
     # The scale s = ||W_c||/||mu_c|| is free when both decays vanish: take the balanced one.
     with np.errstate(over="ignore"):  # an s out of range is refused below
         scale = float(ufm_w_scale(N, lam_w, lam_h)) if lam_w > 0 and lam_h > 0 else float(np.sqrt(N))
-    common = dict(
-        label_smoothing=a, eps_label_smoothing=float(ufm_smoothing_eps(C, a)),
-        lam_product_max=float(ufm_collapse_bound(C, N, a)),
-    )  # fmt: skip
     if not (math.isfinite(scale) and math.isfinite(1.0 / scale)):
         # ||W_c||^2 ~ s and ||mu_c||^2 ~ 1/s: one of them is past the floating range (about 1.8e308).
         raise ValueError(
             f"the minimizer's norms are beyond the floating range at lam_w = {lam_w:g}, lam_h = {lam_h:g}: "
             f"||W_c|| / ||mu_c|| = sqrt(lam_h N / lam_w) = {scale:g}; bring lam_h / lam_w closer to 1"
         )
-    if delta < 1 - a:
-        product = float(ufm_norm_product(*args, bias, a))
-        eps = float(ufm_eps(*args, bias, a))
-        geometry = "simplex_etf" if bias else ("orthogonal_frame" if a == 0 else "smoothed_frame")
-        return UFMOptimum(
-            C, N, lam_w, lam_h, bias, delta, eps=eps, f_correct=1.0 - eps,
-            f_other=float(ufm_f_other(*args, bias, a)), w_row_norm_sq=scale * product,
-            h_norm_sq=product / scale, cos_w=float(ufm_cos_w(*args, bias, a)), cos_h=float(sqi_cosine(C)),
-            w_scale=scale, loss=float(ufm_loss(*args, bias, a)), collapsed=True, geometry=geometry, **common,
-        )  # fmt: skip
-    if not bias and delta < 1:
-        f_out = (1.0 - delta) / C
-        return UFMOptimum(
-            C, N, lam_w, lam_h, bias, delta, eps=1.0 - f_out, f_correct=f_out, f_other=f_out,
-            w_row_norm_sq=scale * f_out, h_norm_sq=f_out / scale, cos_w=1.0, cos_h=None, w_scale=scale,
-            loss=float(ufm_rank_one_loss(*args, a)), collapsed=False, geometry="rank_one", **common,
-        )  # fmt: skip
-    f_out = 1.0 / C if bias else 0.0
+    product = (q_perp * (C - 1) + q_1) / C  # q = ||W_c|| ||mu_c||
+    mean_out = q_1 / C + (beta or 0.0)  # mean output per class
+    f_correct, f_other = q_perp * (C - 1) / C + mean_out, -q_perp / C + mean_out
+    if not bias:
+        f_other = a / C if collapsed else mean_out  # the wrong-class target, or the rank-one output
+    geometry = _geometry(q_perp, q_1, bias, a)
+    kind = "collapse" if collapsed else ("rank_one" if q_1 > 0 else "zero")
     return UFMOptimum(
-        C, N, lam_w, lam_h, bias, delta, eps=1.0 - f_out, f_correct=f_out, f_other=f_out,
-        w_row_norm_sq=0.0, h_norm_sq=0.0, cos_w=None, cos_h=None, w_scale=None,
-        loss=float(ufm_zero_loss(C, bias, a)), collapsed=False, geometry="zero", **common,
+        C, N, lam_w, lam_h, bias, delta, eps=1.0 - f_correct, f_correct=f_correct, f_other=f_other,
+        w_row_norm_sq=scale * product, h_norm_sq=product / scale,
+        cos_w=(q_1 - q_perp) / (C * product) if product > 0 else None,
+        cos_h=float(sqi_cosine(C)) if collapsed else None, w_scale=scale if product > 0 else None,
+        loss=value, collapsed=collapsed, geometry=geometry,
+        lam_product_max=float(ufm_collapse_bound(C, N, a)), label_smoothing=a,
+        eps_label_smoothing=float(ufm_smoothing_eps(C, a)), lam_b=lam_b, q_perp=q_perp, q_1=q_1,
+        beta=beta, regime=kind + ("_bias_saturated" if saturated else ""),
+        rank=(C - 1) * (q_perp > 0) + (q_1 > 0),
     )  # fmt: skip

@@ -132,12 +132,13 @@ def _add_label_smoothing(p: argparse.ArgumentParser) -> None:
 def _solve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "solve",
-        help="closed-form global minimizer of the regularized square-loss UFM",
+        help="closed-form global minimizer of the regularized UFM (square loss or cross-entropy)",
         description="The global minimizer of the regularized UFM in closed form (docs/theory.md §5; "
         "ufm.ufm_optimum, Loss.closed_form): with delta = C sqrt(N lam_w lam_h), a simplex ETF with a bias "
         "or an orthogonal frame without one when delta < 1 - a, else a rank-one or zero solution. Prints "
-        "eps, the outputs, norms, cosines and the minimal loss; --verify compares with L-BFGS from random "
-        "starts. Problems without a closed form (per-class counts, cross-entropy) exit 2 saying why.",
+        "eps, the outputs, norms, cosines and the minimal loss, for a regularized bias (--lam-b), deep linear "
+        "layers (--depth, per-layer --lam-w), per-class counts and cross-entropy (docs/theory.md §6-§9); "
+        "--verify compares with L-BFGS from random starts. Problems without a closed form exit 2 saying why.",
     )
     _add_problem_arguments(p)
     p.add_argument("--verify", action="store_true", help="also minimize numerically (L-BFGS, random starts)")
@@ -147,25 +148,52 @@ def _solve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_solve)
 
 
+# Rows of the ``ufm solve`` table: (label, key of the JSON object); absent keys are skipped.
+_SOLVE_ROWS = (
+    ("regime", "regime"), ("geometry", "geometry"), ("rank of Z = W_L...W_1 H", "rank"),
+    ("collapsed", "collapsed"), ("spectrum of the targets", "spectrum"),
+    ("delta (threshold ratio)", "delta"),
+    ("lam product threshold", "lam_product_max"), ("label smoothing a", "label_smoothing"),
+    # The poster: SQI is "similar to label smoothing"; the two eps side by side.
+    ("eps of SQI (1 - correct output)", "eps"), ("eps of the smoothing a(C-1)/C", "eps_label_smoothing"),
+    ("p_wrong (1 - softmax correct)", "p_wrong"), ("f_correct", "f_correct"), ("f_other", "f_other"),
+    ("b", "b"), ("singular values of Z", "z_singular_values"), ("||W_c||^2", "w_row_norm_sq"),
+    ("||mu_c||^2", "h_norm_sq"), ("||W_k||^2 per layer", "layer_norm_sq"), ("cos(W_c, W_c')", "cos_w"),
+    ("cos(mu_c - mu_G, mu_c' - mu_G)", "cos_h"), ("W_c / mu_c", "w_scale"),
+    ("a root exists, zero wins", "zero_wins_over_root"), ("minimal loss", "loss"),
+)  # fmt: skip
+# Keys that describe a minimizer's point; dropped (null) where the infimum is not attained.
+_POINT_KEYS = (
+    "w_row_norm_sq", "h_norm_sq", "layer_norm_sq", "h_total_norm_sq", "w_scale", "cos_w", "cos_h",
+)  # fmt: skip
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
+
+
 def _run_solve(args: argparse.Namespace) -> int:
-    bias = not args.no_bias
-    a = args.label_smoothing or 0.0
-    # The library says when there is no closed form (e.g. imbalanced counts, depth > 1, lam_b > 0,
-    # cross-entropy): NoClosedForm, exit 2.
+    # The library says when there is no closed form (e.g. ReLU layers): NoClosedForm, exit 2.
     problem = _problem(args)
     opt = problem.loss.closed_form(problem)
     if args.dim < opt.min_dim:
         raise ValueError(
-            f"--dim {args.dim} is below {opt.min_dim} ({'C-1' if bias else 'C'}), the minimizer's rank"
+            f"--dim {args.dim} is below {opt.min_dim}, the rank of the minimizer ({opt.geometry})"
         )
-    out = {"p": args.dim, **opt.as_dict()}
+    out = {"p": args.dim, **opt.as_dict(), "attained": opt.attained}
+    if not opt.attained:
+        out |= dict.fromkeys(_POINT_KEYS)
+        out["note"] = "infimum not attained: a decay is zero on one side, so rescaling lowers the loss"
     if args.verify:
-        from .optimize import check_optimum  # SciPy's optimizers: only --verify needs them
+        from .optimize import verify_optimum  # SciPy's optimizers: only --verify needs them
 
-        chk = check_optimum(
-            args.classes, args.per_class, args.dim, args.lam_w, args.lam_h,
-            bias=bias, n_starts=args.starts, seed=args.seed, label_smoothing=a,
-        )  # fmt: skip
+        chk = verify_optimum(problem, args.dim, n_starts=args.starts, seed=args.seed)
         out["verify"] = {
             "loss_numeric": chk.numeric.loss,
             "loss_built": chk.loss_built,
@@ -173,33 +201,32 @@ def _run_solve(args: argparse.Namespace) -> int:
             "grad_norm": chk.numeric.grad_norm,
             "nfev": chk.numeric.nfev,
             "starts": args.starts,
+            "losses": chk.numeric.losses.tolist(),
         }
     if args.json:
         print_json(out)
         return 0
-    rows = [
-        ("geometry", opt.geometry), ("collapsed", opt.collapsed),
-        ("delta = C sqrt(N lam_w lam_h)", opt.delta), ("lam_w lam_h threshold (1-a)^2/(N C^2)", opt.lam_product_max),
-        ("label smoothing a", opt.label_smoothing),
-        # The poster: SQI is "similar to label smoothing"; the two eps side by side.
-        ("eps of SQI (1 - correct output)", opt.eps), ("eps of the smoothing a(C-1)/C", opt.eps_label_smoothing),
-        ("f_correct", opt.f_correct), ("f_other", opt.f_other),
-        ("||W_c||^2", opt.w_row_norm_sq), ("||mu_c - mu_G||^2", opt.h_norm_sq),
-        ("cos(W_c, W_c')", opt.cos_w), ("cos(mu_c, mu_c')", opt.cos_h),
-        ("W_c / (mu_c - mu_G)", opt.w_scale), ("minimal loss", opt.loss),
-    ]  # fmt: skip
+    # For cross-entropy f_correct is a logit; its eps (1 - f_correct, as ``ufm flow`` measures it)
+    # means nothing beside p_wrong, so the table leaves it out.
+    skip = {"eps"} if "p_wrong" in out else set()
+    rows = [(label, out[key]) for label, key in _SOLVE_ROWS if key in out and key not in skip]
     if args.verify:
         v = out["verify"]
         rows += [
-            ("loss at built (W, H, b)", v["loss_built"]), (f"L-BFGS best of {args.starts}", v["loss_numeric"]),
+            ("loss at built point", v["loss_built"]), (f"L-BFGS best of {args.starts}", v["loss_numeric"]),
             ("relative gap", v["rel_gap"]), ("L-BFGS ||grad||", v["grad_norm"]),
         ]  # fmt: skip
-    b = "unregularized bias" if bias else "no bias"
-    print(f"UFM global minimizer: C={args.classes} N={args.per_class} p={args.dim} "
-          f"lam_w={args.lam_w:g} lam_h={args.lam_h:g}, {b}")  # fmt: skip
+    b = (
+        "no bias"
+        if args.no_bias
+        else ("unregularized bias" if args.lam_b == 0 else f"bias decay {args.lam_b:g}")
+    )
+    print(f"UFM global minimizer ({problem.loss.description}, depth {problem.depth}): C={args.classes} "
+          f"N={_shown(args.per_class)} p={args.dim} lam_w={_shown(args.lam_w)} lam_h={args.lam_h:g}, {b}")  # fmt: skip
+    if not opt.attained:
+        print(f"  infimum not attained: {out['note'].split(': ', 1)[1]}; no minimizer exists")
     for name, value in rows:
-        shown = "-" if value is None else f"{value:.10g}" if isinstance(value, float) else str(value)
-        print(f"  {name:<38} {shown}")
+        print(f"  {name:<38} {_shown(value)}")
     return 0
 
 

@@ -139,24 +139,28 @@ class SquareLoss(Loss):
             return 1.0 - self.label_smoothing
         return 1.0 if self.label_smoothing == 0 else None
 
-    def closed_form(self, problem: Any) -> UFMOptimum:
-        """docs/theory.md §5: depth 1, balanced classes, bias unregularized or absent."""
-        if problem.depth != 1:
-            raise NoClosedForm(f"no closed form is derived for depth {problem.depth} (only depth 1)")
-        if not problem.balanced:
+    def closed_form(self, problem: Any) -> Any:
+        """docs/theory.md §5-§8: depth 1 and balanced classes with any bias decay (UFMOptimum); linear
+        layers or per-class counts with an unregularized bias or none (DeepOptimum)."""
+        if problem.depth > 1 and problem.activation != "linear":
             raise NoClosedForm(
-                f"the closed form exists only for balanced classes; got per-class counts {problem.counts}"
+                f"no closed form is derived for {problem.activation} hidden layers (only linear ones)"
             )
+        if problem.depth == 1 and problem.balanced:
+            lam_b = problem.lam_b if problem.bias else 0.0
+            return ufm_optimum(
+                problem.C, problem.N_balanced, problem.lam_layers[0], problem.lam_h, bias=problem.bias,
+                label_smoothing=self.label_smoothing, lam_b=lam_b,
+            )  # fmt: skip
         if problem.bias and problem.lam_b > 0:
             raise NoClosedForm(
-                f"no closed form is derived for a regularized bias (lam_b = {problem.lam_b:g}); "
-                "the closed form needs lam_b = 0 or no bias"
+                f"no closed form is derived for a regularized bias (lam_b = {problem.lam_b:g}) with "
+                f"{'depth ' + str(problem.depth) if problem.depth > 1 else 'per-class counts'}; "
+                "it needs depth 1 and balanced classes, or lam_b = 0, or no bias"
             )
-        lam_w = problem.lam_layers[0]
-        return ufm_optimum(
-            problem.C, problem.N_balanced, lam_w, problem.lam_h, bias=problem.bias,
-            label_smoothing=self.label_smoothing,
-        )  # fmt: skip
+        from .closed_form_deep import deep_optimum
+
+        return deep_optimum(problem)
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,22 @@ class CrossEntropy(Loss):
     @property
     def bias_curvature(self) -> float:
         return 0.0
+
+    def closed_form(self, problem: Any) -> Any:
+        """docs/theory.md §9: depth 1, balanced classes, with or without a bias (CEOptimum)."""
+        if problem.depth != 1:
+            raise NoClosedForm(f"no closed form is derived for cross-entropy at depth {problem.depth}")
+        if not problem.balanced:
+            raise NoClosedForm(
+                f"no closed form is derived for cross-entropy with per-class counts {problem.counts}; "
+                "the minority-collapse geometry [FHLS21] is not computed"
+            )
+        from .closed_form_ce import ce_optimum
+
+        return ce_optimum(
+            problem.C, problem.N_balanced, problem.lam_layers[0], problem.lam_h, bias=problem.bias,
+            label_smoothing=self.label_smoothing,
+        )  # fmt: skip
 
 
 # Losses by name: the class; ``get_loss`` makes the object with its label smoothing.

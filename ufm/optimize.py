@@ -11,12 +11,12 @@ classified (``ufm.critical.classify_point``) and the result reports the spread o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 
 from ._validation import check_positive_int
-from .closed_form import UFMOptimum
 from .critical import CriticalPoint, classify_point
 from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
 
@@ -136,14 +136,14 @@ class OptimumCheck:
 
     Attributes
     ----------
-    closed_form : the UFMOptimum.
+    closed_form : the closed-form optimum (``Loss.closed_form``).
     loss_built : the model's loss at ``closed_form.build(p)`` (checks the formula for the loss
         against the formulas for the minimizer); None where the infimum is not attained.
     numeric : the best L-BFGS result from random starts.
     rel_gap : (numeric.loss - closed_form.loss) / closed_form.loss; negative would refute the claim.
     """
 
-    closed_form: UFMOptimum
+    closed_form: Any  # UFMOptimum, DeepOptimum or CEOptimum
     loss_built: float | None
     numeric: MinimizeResult
 
@@ -154,14 +154,21 @@ class OptimumCheck:
         return gap / self.closed_form.loss if self.closed_form.loss != 0 else gap
 
 
-def check_optimum(
-    C: int, N: int, p: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0,
-    n_starts: int = 4, seed: int = 0,
-) -> OptimumCheck:  # fmt: skip
-    """Compare the closed form with ``minimize_loss`` on the same square-loss UFM (depth 1, lam_b = 0)."""
-    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias, label_smoothing=label_smoothing)
+def verify_optimum(problem: UFMProblem, p: int, *, n_starts: int = 4, seed: int = 0) -> OptimumCheck:
+    """Compare ``problem.loss.closed_form(problem)`` (any model that has one) with ``minimize_loss``
+    from ``n_starts`` random starts in dimension p. Deep models have spurious local minima, so a
+    single start may end above the closed form; the best start is compared."""
     opt = problem.loss.closed_form(problem)
     if p < opt.min_dim:
         raise ValueError(f"p = {p} is below the minimizer's dimension {opt.min_dim} ({opt.geometry})")
     built = loss(problem, opt.build(p, rng=seed)) if opt.attained else None
     return OptimumCheck(opt, built, minimize_loss(problem, p, n_starts=n_starts, seed=seed))
+
+
+def check_optimum(
+    C: int, N: int, p: int, lam_w: float, lam_h: float, *, bias: bool = True, label_smoothing: float = 0.0,
+    n_starts: int = 4, seed: int = 0, lam_b: float = 0.0,
+) -> OptimumCheck:  # fmt: skip
+    """Compare the closed form with ``minimize_loss`` on the same square-loss UFM (depth 1)."""
+    problem = UFMProblem(C, N, lam_w, lam_h, bias=bias, label_smoothing=label_smoothing, lam_b=lam_b)
+    return verify_optimum(problem, p, n_starts=n_starts, seed=seed)

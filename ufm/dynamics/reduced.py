@@ -21,8 +21,13 @@ sum_c F_c = 0 for the ETF), so W' = a' F etc. and projecting with <., F> gives t
 
 since dL/du = s u - 1 and dL/dbeta = C beta - 1 + lam_b C beta (beta cancels from dL/du).
 Fixed points with u != 0: (1 - s u)^2 = lam_w lam_h N C^2 = delta^2, so u = (1 - delta)/s and
-a^2/m^2 = lam_h N/lam_w, i.e. a^2 = sqrt(lam_h N/lam_w)(1 - delta)/s, beta = 1/(C(1 + lam_b)): the
-closed form of ``ufm.closed_form`` (k/C = 1/s), reached from any start with a m > 0 when delta < 1.
+a^2/m^2 = lam_h N/lam_w, i.e. a^2 = sqrt(lam_h N/lam_w)(1 - delta)/s, beta = 1/(C(1 + lam_b)), reached
+from any start on the manifold with a m > 0 when delta < 1. With lam_b = 0 (or no bias) this is the
+global minimizer of ``ufm.closed_form`` (k/C = 1/s). With lam_b > 0 it is the global minimizer only
+when delta >= lam_b/(1 + lam_b); below that the bias saturates, the minimizer leaves this manifold
+(its classifier rows gain a common mean component, docs/theory.md §6), and this fixed point is a
+saddle of the full loss: for C=4, N=5, lam_w = lam_h = 0.02, lam_b = 1 it has loss 0.18466 against
+the minimum 0.15889 (``ufm_optimum(..., lam_b=1)``).
 
 Label smoothing a_s (docs/theory.md §14): with a bias the targets on the manifold become
 (1 - a_s (C-1)/C, a_s/C), their mean 1/C is still the bias's, and dL/du = s u - (1 - a_s): the margin

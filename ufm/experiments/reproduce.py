@@ -1,6 +1,6 @@
 """The main job, ``ufm reproduce``: theory against measurement, in one run.
 
-Four parts, each writing CSV tables and PNG figures into one directory; the Markdown report is then
+Five parts, each writing CSV tables and PNG figures into one directory; the Markdown report is then
 written from those CSV files alone, so every number in it can be traced to a table beside it.
 
 1. ``proofs``: the SymPy proof suite (``ufm.proofs``).
@@ -10,6 +10,8 @@ written from those CSV files alone, so every number in it can be traced to a tab
    lam < lam* = 1/(C sqrt(N)); closed-form eps against the flow's, and the flow's NC1, across lam/lam*.
 4. ``network``: the poster's experiment (Figs. 1-2) on the embedded digits: a bias-free ReLU network
    trained with the square loss, without weight decay and with two weight decays.
+5. ``minimizer phases``: the regularized bias's regimes, the depth thresholds (L = 1, 2, 3) and
+   minority collapse, closed form against flow end points (``ufm.experiments.minimizer_phases``).
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     flows = read_csv(out / "flows.csv")
     phase = read_csv(out / "phase.csv")
     network = read_csv(out / "network" / "theory_vs_measurement.csv")
+    phases = read_csv(out / "minimizer_phases.csv")
     n_ok = sum(r["status"] == "verified" for r in proofs)
     flow_cols = [
         ("delta", "delta"), ("bias", "bias"), ("geometry", "geometry"),
@@ -248,6 +251,17 @@ predictions from the measured eps and lambda (empty without weight decay).
 {_md_table(network, net_cols)}
 
 ![network](network/nc_weight_decay.png)
+
+## 5. Phase diagrams of the literature's minimizers (`minimizer_phases.csv`, `minimizer_phases.png`)
+
+Closed form (`ufm solve`) against gradient flow from a random start: `lam_b` rows sweep the bias decay
+(docs/theory.md §6; x = lam_b), `depth` rows the decay at depth L = 1, 2, 3 as a multiple of each
+depth's threshold (§7; x = lam/lam_threshold), `minority` rows the decay with counts (6, 3, 1), no
+bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form to 1e-6.
+
+{_md_table(phases, [(k, k) for k in ("diagram", "x", "depth", "regime", "geometry", "loss_theory", "loss_flow", "reached")])}
+
+![minimizer phases](minimizer_phases.png)
 """
     path = out / "report.md"
     path.write_text(text)
@@ -297,7 +311,7 @@ class _PartLog:
 def reproduce(
     out: str | Path = "figures", *, quick: bool = False, seed: int = 0, progress: bool = True
 ) -> ReproduceResult:
-    """Run the four parts of the module docstring and write the report into ``out``.
+    """Run the five parts of the module docstring and write the report into ``out``.
 
     Parameters
     ----------
@@ -310,12 +324,13 @@ def reproduce(
     progress : progress bars on stderr.
     """
     from ..proofs import run_proofs
+    from .minimizer_phases import run_minimizer_phases
     from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
     final, out = Path(out), _staging(Path(out))
     part = _PartLog(progress)
-    with part("1/4 proofs (SymPy)"):
+    with part("1/5 proofs (SymPy)"):
         proofs = run_proofs()
         proofs_csv = write_csv(
             out / "proofs.csv",
@@ -331,21 +346,23 @@ def reproduce(
                 for r in proofs
             ],  # fmt: skip
         )
-    with part("2/4 gradient flows against the closed form"):
+    with part("2/5 gradient flows against the closed form"):
         flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
-    with part("3/4 phase diagram"):
+    with part("3/5 phase diagram"):
         phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
-    with part("4/4 network training (the poster's experiment)"):
+    with part("4/5 network training (the poster's experiment)"):
         exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
+    with part("5/5 the literature's minimizers against flow end points"):
+        phases_csv, phases_png = run_minimizer_phases(out, quick=quick, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)
-    tables = (proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv")
+    tables = (proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv", phases_csv)
     return ReproduceResult(
         out=final,
         report=final / "report.md",
         tables=tuple(final / Path(t).relative_to(out) for t in tables),
-        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure)),
+        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure, phases_png)),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
         flows_agree=agree,

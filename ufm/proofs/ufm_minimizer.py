@@ -185,9 +185,12 @@ def ufm_stationarity_nobias(rng: np.random.Generator, **formulas) -> list[Claim]
 
 @register(
     "ufm_global",
-    "UFM global optimality: AM-GM/nuclear-norm bound attained, centred targets with singular value sqrt(N), "
-    "soft threshold s* = sqrt(N)(1 - delta), value (k/C)(delta - delta^2/2) beats the zero solution k/(2C) "
-    "exactly when delta < 1, collapse iff lam_w lam_h < 1/(N C^2) (symbolic; bias Pythagoras at C = 2..4, N = 1..2)",
+    "UFM global optimality, the scalar steps, symbolic C, N, lam_w, lam_h: the AM-GM identity behind "
+    "penalty >= sqrt(lam_w lam_h) ||W H||_* and its attainment at the built point, the targets' Gram eigenvalues N "
+    "(C-1 times with a bias, C without), the per-singular-value soft threshold s* = sqrt(N)(1 - delta) and its value "
+    "(k/C)(delta - delta^2/2) against the zero solution k/(2C), collapse iff lam_w lam_h < 1/(N C^2). The matrix "
+    "steps (||W H||_* <= ||W|| ||H||, the von Neumann reduction to singular values) are cited, not verified; the "
+    "bias centring (Pythagoras) is checked at (C, N) = " + ", ".join(map(str, BIAS_SIZES)),
     "derived here (docs/theory.md §5.1; ufm.closed_form docstring steps 1-3)",
     "C >= 2 integer (C = k + 1), N positive integer, lam_w, lam_h > 0 (delta < 1 via u > 0 where needed)",
 )
