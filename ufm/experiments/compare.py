@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..dynamics import FlowResult, gradient_flow, record_state
+from ..dynamics.moments import MomentState, moment_record, random_moments, use_moments
 from ..geometry import mean_cosine
 from ..losses import NoClosedForm
 from ..model import UFMParams, UFMProblem, last_features
@@ -86,6 +87,15 @@ def centred_class_means(problem: UFMProblem, params: UFMParams) -> np.ndarray:
     np.add.at(sums, labels, Z.T)  # (C, p): sum of each class's features
     mu = sums / counts[:, None]  # (C, p)
     return mu - Z.mean(axis=1)
+
+
+def _centred_moment_means(state: MomentState, problem: UFMProblem) -> np.ndarray:
+    """The same M (C, p) from a moment state (depth 1: the class means of H; deeper: of z_{L-1})."""
+    means = state.M
+    for Wk in state.Ws[:-1]:
+        means = Wk @ means
+    counts = np.asarray(problem.counts, dtype=float)
+    return (means - (means @ counts / problem.n)[:, None]).T
 
 
 def _finite(value: Any) -> Any:
@@ -163,10 +173,13 @@ def compare_flow(
         Any UFM problem (balanced or not, any loss and depth).
     p : int
         Feature dimension of the start.
-    seed, init_scale : the start ``UFMParams.random(problem, p, scale=init_scale, rng=seed)``.
+    seed, init_scale : the start ``UFMParams.random(problem, p, scale=init_scale, rng=seed)``, or for
+        a moment flow its moments by their exact laws, ``random_moments`` (H is never formed; a
+        different random stream, so not the same draw).
     **flow_options
         Passed to :func:`ufm.dynamics.gradient_flow` (``method``, ``t_max``, ``tol``, ``rtol``,
-        ``atol``, ``max_nfev``, ``max_seconds``, ``metrics``, ``n_records``, ``progress``, ...); unset
+        ``atol``, ``max_nfev``, ``max_seconds``, ``metrics``, ``n_records``, ``progress``,
+        ``moments``, ...); unset
         ones take the library's defaults (``DEFAULT_METHOD`` and its ``default_tolerances``).
 
     Returns
@@ -174,13 +187,20 @@ def compare_flow(
     FlowComparison
         ``.row()`` is the canonical row of the module docstring.
     """
-    start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
+    if use_moments(problem, p, flow_options.get("moments")):
+        start: Any = random_moments(problem, p, scale=init_scale, rng=seed)
+    else:
+        start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
     flow = gradient_flow(problem, start, **flow_options)
     try:
         optimum, note = problem.loss.closed_form(problem), None
     except NoClosedForm as err:
         optimum, note = None, str(err)
-    end = {k: _finite(v) for k, v in record_state(problem, flow.params).items()}
-    end["cos_h"] = _finite(mean_cosine(centred_class_means(problem, flow.params)))
+    if isinstance(flow.params, MomentState):
+        end = {k: _finite(v) for k, v in moment_record(problem, flow.params).items()}
+        end["cos_h"] = _finite(mean_cosine(_centred_moment_means(flow.params, problem)))
+    else:
+        end = {k: _finite(v) for k, v in record_state(problem, flow.params).items()}
+        end["cos_h"] = _finite(mean_cosine(centred_class_means(problem, flow.params)))
     end["w_row_norm_sq"] = end["norm_w_sq"] / problem.C
     return FlowComparison(problem, flow, optimum, note, end)
