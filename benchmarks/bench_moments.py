@@ -57,7 +57,7 @@ def flat() -> None:
         problem = UFMProblem(C, N, lam, lam)
         per_eval[N] = seconds_per_evaluation(problem, p, repeats=200)
         t0 = time.perf_counter()
-        comp = compare_flow(problem, p, seed=0, moments=True, metrics=False)
+        comp = compare_flow(problem, p, seed=0, moments=True, metrics=False, tol=1e-10)
         wall = time.perf_counter() - t0
         r = comp.flow
         print(
@@ -88,7 +88,7 @@ def counts() -> None:
         )
 
 
-def imagenet(rtol: float) -> None:
+def imagenet(rtol: float, max_seconds: float, progress: bool) -> None:
     C, N, p, lam = IMAGENET["C"], IMAGENET["N"], IMAGENET["p"], IMAGENET["lam"]
     problem = UFMProblem(C, N, lam, lam)
     opt = problem.loss.closed_form(problem)
@@ -98,7 +98,8 @@ def imagenet(rtol: float) -> None:
     per_eval = seconds_per_evaluation(problem, p, repeats=3)
     t0 = time.perf_counter()
     r = gradient_flow(problem, start, method="ETD2", rtol=rtol, atol=rtol * 1e-2, t_max=1e9,
-                      target_loss=opt.loss * (1 + REL_TARGET), metrics=False, n_records=2)  # fmt: skip
+                      target_loss=opt.loss * (1 + REL_TARGET), metrics=False, n_records=2, max_seconds=max_seconds,
+                      progress=progress)  # fmt: skip
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux -> GiB
     rel = (r.loss[-1] - opt.loss) / opt.loss
@@ -114,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="flat,counts,imagenet")
     parser.add_argument("--rtol", type=float, default=1e-2, help="ETD2's rtol for the ImageNet part")
+    parser.add_argument("--max-seconds", type=float, default=3600.0, help="budget of the ImageNet flow")
+    parser.add_argument("--progress", action="store_true", help="progress bar of the ImageNet flow")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "flat" in parts:
@@ -121,7 +124,7 @@ def main() -> None:
     if "counts" in parts:
         counts()
     if "imagenet" in parts:
-        imagenet(args.rtol)
+        imagenet(args.rtol, args.max_seconds, args.progress)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ReducedFlowResult",
         "sgd",
     ),
+    "dynamics.moments": ("MomentState", "moments_from_params", "random_moments", "representative_params"),
     "experiments.compare": ("compare_flow", "FlowComparison"),
     "experiments.sweep": ("run_sweep", "RUNNERS", "SweepResult"),
     "experiments.weight_decay": ("weight_decay_experiment", "WeightDecayExperiment"),

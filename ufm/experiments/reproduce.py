@@ -10,6 +10,8 @@ written from those CSV files alone, so every number in it can be traced to a tab
    lam < lam* = 1/(C sqrt(N)); closed-form eps against the flow's, and the flow's NC1, across lam/lam*.
 4. ``network``: the poster's experiment (Figs. 1-2) on the embedded digits: a bias-free ReLU network
    trained with the square loss, without weight decay and with two weight decays.
+5. ``collapse time``: time to collapse against lambda, C, N and p, from random starts of the moment
+   flow, beside the slow mode's prediction (``ufm.experiments.collapse_time``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from ..model import UFMProblem
 from ..tables import read_csv, write_csv
+from .collapse_time import collapse_time_section, run_collapse_time
 from .compare import AGREEMENT_RTOL, compare_flow
 
 # Sizes of the UFM parts: small enough for 2 CPU cores, large enough that C, N and p all matter.
@@ -221,7 +224,8 @@ predictions from the measured eps and lambda (empty without weight decay).
 {_md_table(network, net_cols)}
 
 ![network](network/nc_weight_decay.png)
-"""
+
+{collapse_time_section(out)}"""
     path = out / "report.md"
     path.write_text(text)
     return path
@@ -253,13 +257,24 @@ def reproduce(
     flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
     phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
     exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
+    collapse_csv, exponents_csv, collapse_png = run_collapse_time(
+        out, quick=quick, seed=seed, progress=progress
+    )
     seconds = time.perf_counter() - t0
     report = write_report(out, quick=quick, seconds=seconds)
     return ReproduceResult(
         out=out,
         report=report,
-        tables=(proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv"),
-        figures=(flows_png, phase_png, exp.figure),
+        tables=(
+            proofs_csv,
+            flows_csv,
+            traj_csv,
+            phase_csv,
+            out / "network" / "theory_vs_measurement.csv",
+            collapse_csv,
+            exponents_csv,
+        ),
+        figures=(flows_png, phase_png, exp.figure, collapse_png),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
         flows_agree=agree,
