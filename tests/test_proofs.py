@@ -254,3 +254,17 @@ def test_ij_algebra_matches_explicit_matrices(C):
     R, M = (np.array(X.matrix(C).evalf(), dtype=float) for X in (root, psd))
     np.testing.assert_allclose(R @ R, M, rtol=1e-12, atol=1e-12)
     assert np.linalg.eigvalsh(R).min() > 0  # the PSD root, not another one
+
+
+def test_moment_closure_is_verified_and_its_rewriter_can_fail():
+    """docs/theory.md §11 as matrix identities: the proof holds, and a wrong identity (E^T E = 2 D_N,
+    or a dropped cross term) is reported with its rest rather than passed."""
+    from ufm.proofs import moment_closure as mc
+
+    (result,) = run_proofs(names=["moment_closure"])
+    assert result.success, result.residual
+    assert "symbolic sizes p, C, n" in result.name
+    wrong = mc._vanishes("wrong", mc.M * mc.E.T * mc.E, 2 * mc.M * mc.DN)
+    assert wrong.expr != 0 and "M*D_N" in str(wrong.expr)
+    H = mc.M * mc.E.T + mc.D
+    assert mc._vanishes("no cross term", H * H.T, mc.S).expr != 0

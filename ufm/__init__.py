@@ -42,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "ReducedFlowResult",
         "sgd",
     ),
+    "dynamics.moments": ("MomentState", "moments_from_params", "random_moments", "representative_params"),
     "experiments.compare": ("compare_flow", "FlowComparison"),
     "experiments.minimizer_phases": ("run_minimizer_phases",),
     "experiments.sweep": ("run_sweep", "RUNNERS", "SweepResult"),

@@ -569,6 +569,12 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
         "--max-seconds", type=float, default=None, metavar="S",
         help="budget of wall time in seconds (default: the library's, {max_seconds:g})",
     )  # fmt: skip
+    p.add_argument(
+        "--moments", action=argparse.BooleanOptionalAction, default=None,
+        help="integrate the moment closure (W, b, class means, within-class scatter; docs/theory.md "
+        "§11), exact for the square loss, at a cost independent of N; --no-moments keeps H "
+        "(default: the library's choice, moments where exact and H is large)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="directory for trajectory.csv and flow.png")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
@@ -613,7 +619,7 @@ def _run_flow(args: argparse.Namespace) -> int:
     comparison = compare_flow(
         _problem(args), args.dim, seed=args.seed, method=args.method, t_max=args.t_max, tol=args.tol,
         rtol=args.rtol, atol=args.atol, max_nfev=args.max_nfev, max_seconds=args.max_seconds,
-        progress=args.progress,
+        progress=args.progress, moments=args.moments,
     )  # fmt: skip
     row, r = comparison.row(), comparison.flow
     out = {key: row.get(canonical) for key, canonical in _FLOW_JSON.items()}

@@ -558,16 +558,7 @@ class NCAccumulator:
         )
         fields.update(zip(("nc2_equinorm", "nc2_equiangle", "nc2_maxangle"), _nc2("centred class means", M)))
         if W is not None:
-            fields.update(zip(("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"), _nc2("W", W)))
-            A_w, sv_w, _ = np.linalg.svd(W, full_matrices=False)  # W = A_w diag(sv_w) V_w^T
-            frames = _frame_distances(A_w * sv_w, p, ["simplex_etf", "orthogonal_frame"])
-            fields.update(etf_distance_w=frames[0], orth_distance_w=frames[1])
-            fields["nc3"] = float(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
-            fields.update(
-                sv_w=tuple(map(float, sv_w)),
-                rank_w=_rank(sv_w, W.shape),
-                stable_rank_w=float((sv_w**2).sum() / sv_w[0] ** 2) if sv_w[0] > 0 else 0.0,
-            )
+            fields.update(_classifier_fields(W, M))
         if W is not None or self._outputs_given:
             fields["nc4"] = int(self._disagree) / self.n
             eps = 1.0 - float(self._correct.mean)
@@ -585,6 +576,85 @@ def _row_blocks(X: torch.Tensor, dtype: torch.dtype) -> Iterable[slice]:
     if X.dtype == dtype or X.device.type != "cpu":
         return (slice(None),)
     return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+
+
+def _classifier_fields(W: np.ndarray, M: np.ndarray) -> dict[str, Any]:
+    """NC2 of the rows of W (C, p), its frame distances, NC3 against the centred means M (C, p), and
+    W's singular values and ranks."""
+    p = W.shape[1]
+    fields: dict[str, Any] = dict(zip(("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"), _nc2("W", W)))
+    A_w, sv_w, _ = np.linalg.svd(W, full_matrices=False)  # W = A_w diag(sv_w) V_w^T
+    frames = _frame_distances(A_w * sv_w, p, ["simplex_etf", "orthogonal_frame"])
+    fields.update(etf_distance_w=frames[0], orth_distance_w=frames[1])
+    fields["nc3"] = float(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
+    fields.update(
+        sv_w=tuple(map(float, sv_w)),
+        rank_w=_rank(sv_w, W.shape),
+        stable_rank_w=float((sv_w**2).sum() / sv_w[0] ** 2) if sv_w[0] > 0 else 0.0,
+    )
+    return fields
+
+
+def nc_metrics_from_moments(
+    means: Any,
+    scatter: Any,
+    counts: Sequence[int],
+    W: Any = None,
+    b: Any = None,
+    *,
+    layers: Sequence[Any] | None = None,
+) -> NCMetrics:
+    """The measures of :func:`nc_metrics` that the class means and the within-class scatter determine.
+
+    Parameters
+    ----------
+    means : (p, C) class means mu_c as columns; scatter : (p, p) S = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T;
+    counts : the C class counts N_c; W : (C, p) classifier, optional; b : (C,) bias, optional;
+    layers : weight matrices for rho, optional.
+
+    NC1 = Tr(Sigma_W Sigma_B^+)/C = (1/n) sum_k u_k^T S u_k / s_k^2 with M - mu_G = U diag(s) V^T
+    (docs/theory.md §17.1, the same rank cutoff); NC2, NC3 and the ranks as :func:`nc_metrics`.
+    ``eps`` is 1 - mean correct-class output of W h + b, which the means determine. NC4 and the SQI
+    residuals need individual examples (or each class's own scatter) and are None here
+    (docs/theory.md §11).
+    """
+    mu = _numpy("means", means)
+    S = _numpy("scatter", scatter)
+    p, C = mu.shape
+    check_classes(C)
+    check_shape("scatter", S, (p, p))
+    N = np.asarray(counts, dtype=float)
+    check_shape("counts", N, (C,))
+    if np.any(N < 1):
+        raise ValueError(f"classes with no examples: {np.flatnonzero(N < 1)[:10].tolist()}")
+    n = float(N.sum())
+    mu_G = mu @ N / n  # (p,)
+    M = (mu - mu_G[:, None]).T  # (C, p) centred means, as rows
+    A, s, Vt = np.linalg.svd(M, full_matrices=False)
+    scale = np.abs(mu).max()
+    if s[0] <= _RANK_RTOL_FACTOR * max(M.shape) * np.finfo(float).eps * scale:
+        raise ValueError("all class means are equal (to rounding): the between-class covariance is zero")
+    r = min(C - 1, _rank(s, M.shape))
+    U = Vt[:r].T  # (p, r)
+    nc1 = float(np.sum((U * (S @ U)).sum(axis=0) / s[:r] ** 2) / n)
+    fields: dict[str, Any] = dict(
+        n=int(n), p=p, C=C, nc1=nc1,
+        etf_distance=_frame_distances(A * s, p, ["simplex_etf"])[0],
+        sv_means=tuple(map(float, s)), rank_means=r,
+        stable_rank_means=float((s**2).sum() / s[0] ** 2),
+    )  # fmt: skip
+    fields.update(zip(("nc2_equinorm", "nc2_equiangle", "nc2_maxangle"), _nc2("centred class means", M)))
+    if layers is not None:
+        fields["rho"] = float(
+            np.prod([np.linalg.norm(_numpy(f"layers[{k}]", L)) for k, L in enumerate(layers)])
+        )
+    if W is not None:
+        Wn = _numpy("W", W)
+        check_shape("W", Wn, (C, p))
+        fields.update(_classifier_fields(Wn, M))
+        F = Wn @ mu + (0 if b is None else check_shape("b", _numpy("b", b), (C,))[:, None])  # (C, C)
+        fields["eps"] = 1.0 - float(np.diagonal(F) @ N) / n
+    return NCMetrics(**fields)
 
 
 def _row_chunks(n: int, p: int, elements: int = _CHUNK_ELEMENTS) -> Iterable[slice]:

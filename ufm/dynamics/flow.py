@@ -52,6 +52,15 @@ from ..model import (
     torch_loss,
 )
 from .integrators import METHODS, Evaluator, FlowDiverged, Integrator, default_method
+from .moments import (
+    UNAVAILABLE,
+    MomentState,
+    _split,
+    moment_record,
+    moment_velocity,
+    moments_from_params,
+    use_moments,
+)
 
 # Budgets of a run that names none: far above what any benchmark run needs (ETD2 took at most 2191
 # gradients, DOP853 29464 at (10, 100, 64)), and small enough that a run of a small problem stays in
@@ -81,7 +90,8 @@ class FlowResult:
         ``eps`` and every scalar of ``ufm.metrics.nc_metrics`` (nc1, nc2_*, nc3, nc4, ...), plus
         flow-specific entries (e.g. ``rho_k`` for the normalized flow). NaN marks a measure that is
         undefined at that time (e.g. NC1 when the class means coincide, as at the zero solution).
-    params : final state.
+    params : final state: UFMParams, or the MomentState (W_k, b, M, S) of a moment flow
+        (docs/theory.md §11).
     grad_norm : ||grad L|| at the final state.
     nfev : number of gradient evaluations (of the vector field).
     success : True when the run ended as asked: stationary, at the target loss or at t_max.
@@ -95,12 +105,15 @@ class FlowResult:
         Hessian eigenvalues, "minimum" / "saddle" / "stationary" / "not_stationary";
         docs/theory.md §13.7), computed once at the end; None when the run was asked not to
         (``classify=False``) or failed at a state whose loss overflows.
+        flow's own state: ``MomentState.ravel`` for a moment flow), or None unless requested.
+    unavailable : measure -> why this flow cannot give it (a moment flow has no individual examples,
+        so no NC4); those measures are absent from ``metrics``.
     """
 
     t: np.ndarray
     loss: np.ndarray
     metrics: dict[str, np.ndarray]
-    params: UFMParams
+    params: UFMParams | MomentState
     grad_norm: float
     nfev: int
     success: bool
@@ -109,6 +122,7 @@ class FlowResult:
     method: str
     sol: Callable[[float], np.ndarray] | None = field(default=None, repr=False)
     critical: CriticalPoint | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def t_final(self) -> float:
@@ -125,17 +139,21 @@ class _System:
     ``extra(y)`` adds flow-specific scalars to the record. ``to_flat(y)`` (optional) maps the state to
     ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
     ``stationarity_is_grad_norm`` lets the records reuse the stationarity as ||grad L||.
+    ``record(y)`` (optional) gives the record's measures instead of ``record_state(to_params(y))``;
+    ``unavailable`` names the measures the flow cannot give, and why.
     """
 
     problem: UFMProblem
     y0: np.ndarray
     field: Callable[[np.ndarray], tuple[float, np.ndarray, float]]
-    to_params: Callable[[np.ndarray], UFMParams]
+    to_params: Callable[[np.ndarray], Any]
     linear: np.ndarray
     torch_field: Callable[[Any], tuple[Any, Any, Any]] | None = None
     extra: Callable[[np.ndarray], dict[str, float]] | None = None
     to_flat: Callable[[np.ndarray], np.ndarray] | None = None
     stationarity_is_grad_norm: bool = True
+    record: Callable[[np.ndarray], dict[str, float]] | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
@@ -279,6 +297,124 @@ def _torch_gradient_field(problem: UFMProblem, like: UFMParams) -> Callable[[Any
     return field_torch
 
 
+class _MomentMeanOutput:
+    """The moment state with m = W mu_G + b in the slot of b, mu_G = M N/n the mean feature: the
+    mean-output coordinates of docs/theory.md §13.2 for the moment flow (depth 1, a bias)."""
+
+    def __init__(self, problem: UFMProblem, like: MomentState):
+        self.like = like
+        self.weights = np.asarray(problem.counts, dtype=float) / problem.n  # (C,) = N/n
+        i = like.M.size + like.W.size
+        self.slot = slice(i, i + problem.C)
+
+    def _w(self, y: Any) -> Any:
+        if isinstance(y, np.ndarray):
+            return self.weights
+        return y.new_tensor(self.weights)
+
+    def _shift(self, y: Any) -> Any:
+        M, Ws, _, _ = _split(self.like, y)
+        return Ws[-1] @ (M @ self._w(y))
+
+    def to_state(self, theta: Any) -> Any:
+        y = theta + 0
+        y[self.slot] = theta[self.slot] + self._shift(theta)
+        return y
+
+    def to_flat(self, y: Any) -> Any:
+        theta = y + 0
+        theta[self.slot] = y[self.slot] - self._shift(y)
+        return theta
+
+    def velocity(self, theta: Any, dtheta: Any) -> Any:
+        """dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt."""
+        M, Ws, _, _ = _split(self.like, theta)
+        dM, dWs, _, _ = _split(self.like, dtheta)
+        w = self._w(theta)
+        dy = dtheta + 0
+        dy[self.slot] = dtheta[self.slot] + dWs[-1] @ (M @ w) + Ws[-1] @ (dM @ w)
+        return dy
+
+
+def moment_linear_part(problem: UFMProblem, like: MomentState) -> np.ndarray:
+    """Diagonal Lambda (``MomentState.ravel`` order) of the exact split of the moment flow: lam_h on M,
+    lam_k on W_k, lam_b + 1 on b (the square loss's bias curvature), 2 lam_h on S (docs/theory.md §11)."""
+    parts = [np.full(like.M.size, problem.lam_h)]
+    parts += [np.full(Wk.size, lam) for lam, Wk in zip(problem.lam_layers, like.Ws)]
+    if like.b is not None:
+        parts.append(np.full(like.b.size, problem.lam_b + problem.loss.bias_curvature))
+    parts.append(np.full(like.S.size, 2 * problem.lam_h))
+    return -np.concatenate(parts)
+
+
+def _moment_system(problem: UFMProblem, start: MomentState) -> _System:
+    """The moment flow of docs/theory.md §11 as a flat system, in mean-output coordinates where the
+    full flow uses them."""
+    mean_output = problem.depth == 1 and problem.loss.mean_output_coordinates and start.b is not None
+    coords = _MomentMeanOutput(problem, start) if mean_output else _FlatCoordinates()
+
+    def velocity(theta: Any, cat: Callable[[list[Any]], Any]) -> tuple[Any, Any, Any]:
+        M, Ws, b, S = _split(start, theta)
+        value, (dM, dWs, db, dS), grad_sq = moment_velocity(problem, M, Ws, b, S)
+        parts = (
+            [dM.reshape(-1), *[d.reshape(-1) for d in dWs]] + ([] if db is None else [db]) + [dS.reshape(-1)]
+        )
+        return value, cat(parts), grad_sq
+
+    def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            theta = coords.to_flat(y)
+            value, dtheta, grad_sq = velocity(theta, np.concatenate)
+            return float(value), coords.velocity(theta, dtheta), float(np.sqrt(max(float(grad_sq), 0.0)))
+
+    def field_torch(y: Any) -> tuple[Any, Any, Any]:
+        import torch  # here, not above: only a flow on a torch device needs it
+
+        theta = coords.to_flat(y)
+        value, dtheta, grad_sq = velocity(theta, torch.cat)
+        return value, coords.velocity(theta, dtheta), grad_sq.clamp(min=0.0) ** 0.5
+
+    def to_params(y: np.ndarray) -> MomentState:
+        return MomentState.unravel(start, coords.to_flat(np.array(y, dtype=float)))
+
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            y0 = coords.to_state(start.ravel().copy())
+    except FloatingPointError as err:
+        raise ValueError(f"the start: its mean output overflows ({err}); scale it down") from None
+    return _System(
+        problem=problem, y0=y0, field=field_np, to_params=to_params,
+        linear=moment_linear_part(problem, start), torch_field=field_torch,
+        to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
+        record=lambda y: moment_record(problem, to_params(y)), unavailable=dict(UNAVAILABLE),
+    )  # fmt: skip
+
+
+def _check_moment_state(problem: UFMProblem, state: MomentState) -> None:
+    """Raise a ValueError naming the first array of a moment state that does not fit ``problem``."""
+    from .._validation import check_finite, check_shape
+
+    if len(state.Ws) != problem.depth:
+        raise ValueError(f"the moment state has {len(state.Ws)} layers but problem.depth = {problem.depth}")
+    p = state.M.shape[0] if state.M.ndim == 2 else None
+    check_shape("M (class means)", state.M, (p, problem.C))
+    check_shape("S (within-class scatter)", state.S, (p, p))
+    for k, Wk in enumerate(state.Ws[:-1]):
+        check_shape(f"W_{k + 1} (hidden)", Wk, (p, p))
+    check_shape("W (classifier)", state.W, (problem.C, p))
+    if problem.bias != (state.b is not None):
+        raise ValueError(
+            f"problem.bias = {problem.bias} but the moment state's b is {'absent' if state.b is None else 'set'}"
+        )
+    if state.b is not None:
+        check_shape("b", state.b, (problem.C,))
+    for name, a in zip(["M", *[f"W_{k + 1}" for k in range(problem.depth)], "b"], state.arrays()[:-1]):
+        check_finite(name, a)
+    check_finite("S", state.S)
+    if not np.array_equal(state.S, state.S.T):
+        raise ValueError("S (within-class scatter) must be exactly symmetric; use (S + S.T)/2")
+
+
 def record_state(problem: UFMProblem, params: UFMParams) -> dict[str, float]:
     """Loss, eps, cos_w and the scalar NC measures of ``ufm.metrics.nc_metrics`` at one state.
 
@@ -408,13 +544,15 @@ def gradient_flow(
     max_nfev: int | None = None,
     max_seconds: float | None = None,
     classify: bool = True,
+    moments: bool | None = None,
 ) -> FlowResult:
     """Integrate d theta/dt = -grad L(theta) from ``start`` until ||grad L|| < tol or t = t_max.
 
     Parameters
     ----------
     problem : the model (any depth, bias, loss, class counts).
-    start : initial parameters theta(0) (H (p, n), W_k, b).
+    start : initial parameters theta(0) (H (p, n), W_k, b), or a MomentState (W_k, b, M, S), whose
+        flow is the moment flow.
     method : a name in ``METHODS``; None is ``default_method(rtol)``: ETD2 (docs/theory.md §13.6), or
         DOP853 when rtol < 1e-7 is asked for (ETD2 is second order).
     t_max : final time if the flow is not stationary before.
@@ -430,14 +568,31 @@ def gradient_flow(
     max_nfev, max_seconds : the budget; None takes DEFAULT_MAX_NFEV and DEFAULT_MAX_SECONDS. A run
         that spends it stops with status 3 or 4 and its state so far.
     classify : classify the end point (``FlowResult.critical``; ``end_point`` below).
+    moments : integrate the moment closure (W_k, b, class means M, scatter S) of docs/theory.md §11,
+        the same flow at a cost independent of n: True insists (exact only for the square loss with
+        linear layers; else a ValueError), False keeps H, None chooses
+        (``ufm.dynamics.moments.use_moments``: moments where exact, p < n and H above
+        AUTO_MOMENTS_MIN_ENTRIES entries). A moment flow's ``params`` is the MomentState, its records
+        lack NC4 and the SQI residuals (``FlowResult.unavailable`` says why).
 
     Returns
     -------
     FlowResult
     """
-    check_params(problem, start)
+    if isinstance(start, MomentState):
+        if moments is False:
+            raise ValueError("moments=False, but the start is a MomentState: give a UFMParams start")
+        use_moments(problem, start.p, True)  # raises where the closure is not exact
+        _check_moment_state(problem, start)
+        system = _moment_system(problem, start)
+    else:
+        check_params(problem, start)
+        if use_moments(problem, start.p, moments):
+            system = _moment_system(problem, moments_from_params(problem, start))
+        else:
+            system = _gradient_system(problem, start)
     return integrate(
-        _gradient_system(problem, start), method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
+        system, method=method, t_max=t_max, tol=tol, rtol=rtol, atol=atol,
         t_eval=t_eval, n_records=n_records, metrics=metrics, target_loss=target_loss,
         dense_output=dense_output, progress=progress, device=device, max_nfev=max_nfev,
         max_seconds=max_seconds, classify=classify,
@@ -620,7 +775,10 @@ def _package(system, run, method, nfev, status, msg, metrics, sol) -> FlowResult
     for y in run.ys:
         params = system.to_params(y)
         value, _, stat = system.field(y)
-        rec = record_state(system.problem, params) if metrics else {"loss": value}
+        if not metrics:
+            rec = {"loss": value}
+        else:
+            rec = system.record(y) if system.record is not None else record_state(system.problem, params)
         rec["grad_norm"] = (
             stat
             if system.stationarity_is_grad_norm
@@ -635,5 +793,5 @@ def _package(system, run, method, nfev, status, msg, metrics, sol) -> FlowResult
     return FlowResult(
         t=np.asarray(run.ts, dtype=float), loss=loss_t, metrics=stacked, params=system.to_params(run.ys[-1]),
         grad_norm=float(stacked["grad_norm"][-1]), nfev=int(nfev), success=status in (0, 1, 2),
-        status=status, message=msg, method=method, sol=sol,
+        status=status, message=msg, method=method, sol=sol, unavailable=dict(system.unavailable),
     )  # fmt: skip

@@ -51,6 +51,7 @@ import numpy as np
 
 from .._validation import check_memory
 from ..dynamics import FlowResult, gradient_flow, record_state
+from ..dynamics.moments import MomentState, moment_record, random_moments, use_moments
 from ..geometry import mean_cosine
 from ..losses import NoClosedForm
 from ..model import UFMParams, UFMProblem, last_features
@@ -107,6 +108,15 @@ def _flow_bytes(problem: UFMProblem, p: int) -> float:
     C, n = problem.C, problem.n
     state = p * n + (problem.depth - 1) * p * p + C * p + C
     return 8.0 * (2 * C * n + _STATE_COPIES * state)
+
+
+def _centred_moment_means(state: MomentState, problem: UFMProblem) -> np.ndarray:
+    """The same M (C, p) from a moment state (depth 1: the class means of H; deeper: of z_{L-1})."""
+    means = state.M
+    for Wk in state.Ws[:-1]:
+        means = Wk @ means
+    counts = np.asarray(problem.counts, dtype=float)
+    return (means - (means @ counts / problem.n)[:, None]).T
 
 
 def _finite(value: Any) -> Any:
@@ -186,10 +196,13 @@ def compare_flow(
         Any UFM problem (balanced or not, any loss and depth).
     p : int
         Feature dimension of the start.
-    seed, init_scale : the start ``UFMParams.random(problem, p, scale=init_scale, rng=seed)``.
+    seed, init_scale : the start ``UFMParams.random(problem, p, scale=init_scale, rng=seed)``, or for
+        a moment flow its moments by their exact laws, ``random_moments`` (H is never formed; a
+        different random stream, so not the same draw).
     **flow_options
         Passed to :func:`ufm.dynamics.gradient_flow` (``method``, ``t_max``, ``tol``, ``rtol``,
-        ``atol``, ``max_nfev``, ``max_seconds``, ``metrics``, ``n_records``, ``progress``, ...); unset
+        ``atol``, ``max_nfev``, ``max_seconds``, ``metrics``, ``n_records``, ``progress``,
+        ``moments``, ...); unset
         ones take the library's defaults (``DEFAULT_METHOD`` and its ``default_tolerances``).
 
     Returns
@@ -197,11 +210,14 @@ def compare_flow(
     FlowComparison
         ``.row()`` is the canonical row of the module docstring.
     """
-    check_memory(
-        f"a gradient flow at C = {problem.C}, n = {problem.n}, p = {p}", _flow_bytes(problem, p),
-        "choose a smaller problem (-C, -N, -p)",
-    )  # fmt: skip
-    start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
+    if use_moments(problem, p, flow_options.get("moments")):
+        start: Any = random_moments(problem, p, scale=init_scale, rng=seed)
+    else:
+        check_memory(
+            f"a gradient flow at C = {problem.C}, n = {problem.n}, p = {p}", _flow_bytes(problem, p),
+            "choose a smaller problem (-C, -N, -p), or a moment flow (--moments) for the square loss",
+        )  # fmt: skip
+        start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
     flow = gradient_flow(problem, start, **flow_options)
     try:
         optimum, note = problem.loss.closed_form(problem), None
@@ -216,7 +232,11 @@ def compare_flow(
                 f"which holds for p >= {optimum.min_dim}"
             ),
         )
-    end = {k: _finite(v) for k, v in record_state(problem, flow.params).items()}
-    end["cos_h"] = _finite(mean_cosine(centred_class_means(problem, flow.params)))
+    if isinstance(flow.params, MomentState):
+        end = {k: _finite(v) for k, v in moment_record(problem, flow.params).items()}
+        end["cos_h"] = _finite(mean_cosine(_centred_moment_means(flow.params, problem)))
+    else:
+        end = {k: _finite(v) for k, v in record_state(problem, flow.params).items()}
+        end["cos_h"] = _finite(mean_cosine(centred_class_means(problem, flow.params)))
     end["w_row_norm_sq"] = end["norm_w_sq"] / problem.C
     return FlowComparison(problem, flow, optimum, note, end)

@@ -12,6 +12,8 @@ written from those CSV files alone, so every number in it can be traced to a tab
    trained with the square loss, without weight decay and with two weight decays.
 5. ``minimizer phases``: the regularized bias's regimes, the depth thresholds (L = 1, 2, 3) and
    minority collapse, closed form against flow end points (``ufm.experiments.minimizer_phases``).
+6. ``collapse time``: time to collapse against lambda, C, N and p, from random starts of the moment
+   flow, beside the slow mode's prediction (``ufm.experiments.collapse_time``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from ..model import UFMProblem
 from ..tables import read_csv, write_csv
+from .collapse_time import collapse_time_section, run_collapse_time
 from .compare import AGREEMENT_RTOL, compare_flow
 
 # Sizes of the UFM parts: small enough for 2 CPU cores, large enough that C, N and p all matter.
@@ -262,7 +265,8 @@ bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form 
 {_md_table(phases, [(k, k) for k in ("diagram", "x", "depth", "regime", "geometry", "loss_theory", "loss_flow", "reached")])}
 
 ![minimizer phases](minimizer_phases.png)
-"""
+
+{collapse_time_section(out)}"""
     path = out / "report.md"
     path.write_text(text)
     return path
@@ -330,7 +334,7 @@ def reproduce(
     t0 = time.perf_counter()
     final, out = Path(out), _staging(Path(out))
     part = _PartLog(progress)
-    with part("1/5 proofs (SymPy)"):
+    with part("1/6 proofs (SymPy)"):
         proofs = run_proofs()
         proofs_csv = write_csv(
             out / "proofs.csv",
@@ -346,23 +350,30 @@ def reproduce(
                 for r in proofs
             ],  # fmt: skip
         )
-    with part("2/5 gradient flows against the closed form"):
+    with part("2/6 gradient flows against the closed form"):
         flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
-    with part("3/5 phase diagram"):
+    with part("3/6 phase diagram"):
         phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
-    with part("4/5 network training (the poster's experiment)"):
+    with part("4/6 network training (the poster's experiment)"):
         exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
-    with part("5/5 the literature's minimizers against flow end points"):
+    with part("5/6 the literature's minimizers against flow end points"):
         phases_csv, phases_png = run_minimizer_phases(out, quick=quick, seed=seed, progress=progress)
+    with part("6/6 time to collapse (moment flows)"):
+        collapse_csv, exponents_csv, collapse_png = run_collapse_time(
+            out, quick=quick, seed=seed, progress=progress
+        )
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)
-    tables = (proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv", phases_csv)
+    tables = (
+        proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv",
+        phases_csv, collapse_csv, exponents_csv,
+    )  # fmt: skip
     return ReproduceResult(
         out=final,
         report=final / "report.md",
         tables=tuple(final / Path(t).relative_to(out) for t in tables),
-        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure, phases_png)),
+        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png)),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
         flows_agree=agree,

@@ -8,7 +8,8 @@ Modules, in the order of docs/theory.md: ``etf`` (§1), ``lemma1`` (poster, Lemm
 ``lemma2`` (poster, Lemma 2), ``theorem`` (poster, main theorem, NC1-NC4), ``ufm_minimizer``
 (§5, the global minimizer of the regularized UFM, derived here), ``label_smoothing`` (the
 same minimizer with smoothed targets (1 - a) y + a/C, derived here), ``bias_decay`` (§6, a
-regularized bias), ``deep`` (§7-§8, deep linear layers and class counts), ``cross_entropy`` (§9).
+regularized bias), ``deep`` (§7-§8, deep linear layers and class counts), ``cross_entropy`` (§9),
+``moment_closure`` (§11, the moment flow's equations as matrix identities for symbolic sizes).
 
 The public API is also the plugin API: a user's file builds ``Proof(key, name, source, assumptions,
 check)`` objects from the same ``Claim`` makers (``zero``, ``positive``, ``numeric``), symbols and I/J
@@ -22,6 +23,7 @@ algebra (``IJ``) as the library's proofs, passes each to ``register``, and runs 
 from . import etf, lemma1, lemma2, theorem, ufm_minimizer  # noqa: F401
 from . import label_smoothing  # noqa: F401
 from . import bias_decay, deep, cross_entropy  # noqa: F401
+from . import moment_closure  # noqa: F401
 
 # isort: on
 from ._core import (
