@@ -1,13 +1,15 @@
 """Proof objects, the registry, and the checker that runs them.
 
 A proof is a list of claims, each a SymPy expression that must vanish identically ("zero") or be
-positive under the symbols' assumptions ("positive"), or a number the library computed that must
+positive under the symbols' assumptions ("positive"), a matrix expression in ``MatrixSymbol``s of
+symbolic sizes that must vanish identically ("matrix"), or a number the library computed that must
 vanish within a tolerance ("numeric"). The checker
 
 1. decides every symbolic claim (the expanded numerator over a common denominator, then
    expand/cancel, ``simplify`` only if those leave a rest),
 2. evaluates every symbolic claim at random points that respect the assumptions (a spot check that
-   catches a simplification gone wrong, and reports the size of a failing residual), and
+   catches a simplification gone wrong, and reports the size of a failing residual; a matrix claim
+   at random sizes, with random rational matrices for its matrix symbols), and
 3. compares numeric claims with their tolerance.
 
 A proof is "verified" when every claim holds; the first claim that does not is reported with its
@@ -39,6 +41,9 @@ INT_LOW, INT_HIGH = 2, 9
 REAL_LOW, REAL_HIGH = 0.05, 3.0
 # Reals are drawn as fractions with denominators up to this (dense enough to be generic points).
 RATIONAL_DENOMINATOR = 997
+# Matrix claims are spot-checked at sizes in [INT_LOW, MATRIX_SIZE_HIGH] (explicit SymPy matrices
+# are slow; an identity of matrix polynomials that holds at random sizes >= 2 is generic).
+MATRIX_SIZE_HIGH = 4
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,11 @@ class Claim:
     Attributes
     ----------
     label : what is asserted, with its lemma or source ("Lemma 1: L = ...").
-    expr : a SymPy expression (``kind`` "zero" or "positive") or a float residual ("numeric").
-    kind : "zero" (expr = 0 identically), "positive" (expr > 0 under the assumptions) or "numeric"
-        (|expr| <= tol).
+    expr : a SymPy expression (``kind`` "zero" or "positive"), a SymPy matrix expression ("matrix")
+        or a float residual ("numeric").
+    kind : "zero" (expr = 0 identically), "positive" (expr > 0 under the assumptions), "matrix"
+        (expr is the zero matrix for every size and every value of its matrix symbols) or
+        "numeric" (|expr| <= tol).
     tol : tolerance of a numeric claim.
     """
 
@@ -66,6 +73,11 @@ def zero(label: str, expr: Any) -> Claim:
 
 def positive(label: str, expr: Any) -> Claim:
     return Claim(label, sympy.sympify(expr), "positive")
+
+
+def matrix_zero(label: str, expr: Any) -> Claim:
+    """A matrix identity ``expr = 0`` in ``sympy.MatrixSymbol``s whose sizes may be symbols."""
+    return Claim(label, expr, "matrix")
 
 
 def numeric(label: str, residual: float, tol: float = NUMERIC_ATOL) -> Claim:
@@ -199,13 +211,57 @@ def _spot_check(claim: Claim, rng: np.random.Generator, points: int) -> tuple[bo
     return True, worst
 
 
+def _random_matrices(expr: sympy.MatrixExpr, rng: np.random.Generator) -> dict:
+    """Random sizes for the size symbols of ``expr``, then random rational entries for its matrix
+    symbols and random values for its other symbols: a substitution that makes it explicit."""
+    matrices = sorted(expr.atoms(sympy.MatrixSymbol), key=str)
+    size_symbols = {s for m in matrices for d in m.shape for s in sympy.sympify(d).free_symbols}
+    sizes = {
+        s: sympy.Integer(int(rng.integers(INT_LOW, MATRIX_SIZE_HIGH + 1)))
+        for s in sorted(size_symbols, key=str)
+    }
+    values = dict(sizes)
+    scalars = expr.free_symbols - set(matrices) - size_symbols
+    values.update({s: _random_value(s, rng) for s in sorted(scalars, key=str)})
+    for m in matrices:
+        rows, cols = (int(sympy.sympify(d).xreplace(sizes)) for d in m.shape)
+        entries = rng.integers(-9, 10, size=(rows, cols))
+        values[m.xreplace(sizes)] = sympy.Matrix(entries) / 7
+    return values
+
+
+def _spot_check_matrix(expr: sympy.MatrixExpr, rng: np.random.Generator, points: int) -> tuple[bool, float]:
+    worst = 0.0
+    for _ in range(points):
+        values = _random_matrices(expr, rng)
+        sizes = {s: v for s, v in values.items() if not isinstance(v, sympy.MatrixBase)}
+        explicit = expr.xreplace(sizes).xreplace(values).doit().as_explicit()
+        residual = max((abs(complex(x.evalf(EVAL_DIGITS))) for x in explicit), default=0.0)
+        worst = max(worst, residual)
+        if residual > NUMERIC_ATOL:
+            return False, residual
+    return True, worst
+
+
+def _is_zero_matrix(expr: sympy.MatrixExpr) -> bool:
+    expanded = sympy.expand(expr)
+    return expanded == 0 or bool(getattr(expanded, "is_ZeroMatrix", False))
+
+
 def _check_claim(claim: Claim, rng: np.random.Generator, points: int) -> tuple[bool, str, int]:
     """(holds, residual as text, points evaluated) for one claim."""
     if claim.kind == "numeric":
         ok = bool(np.isfinite(claim.expr)) and abs(claim.expr) <= claim.tol
         return ok, f"{claim.expr:.3g}", 0
+    if claim.kind == "matrix":
+        spot_ok, spot = _spot_check_matrix(claim.expr, rng, points)
+        if not spot_ok:
+            return False, f"{sympy.expand(claim.expr)} (max entry {spot:.3g} at random sizes)", points
+        if not _is_zero_matrix(claim.expr):
+            return False, f"{sympy.expand(claim.expr)} (not decided symbolically)", points
+        return True, "0", points
     if claim.kind not in ("zero", "positive"):
-        raise ValueError(f"claim kind must be 'zero', 'positive' or 'numeric', got {claim.kind!r}")
+        raise ValueError(f"claim kind must be 'zero', 'positive', 'matrix' or 'numeric', got {claim.kind!r}")
     spot_ok, spot = _spot_check(claim, rng, points)
     if not spot_ok:
         return False, f"{sympy.simplify(claim.expr)} (= {spot:.3g} at a random point)", points
