@@ -254,3 +254,27 @@ def test_ij_algebra_matches_explicit_matrices(C):
     R, M = (np.array(X.matrix(C).evalf(), dtype=float) for X in (root, psd))
     np.testing.assert_allclose(R @ R, M, rtol=1e-12, atol=1e-12)
     assert np.linalg.eigvalsh(R).min() > 0  # the PSD root, not another one
+
+
+def test_matrix_claims_are_decided_for_symbolic_sizes():
+    """A true identity in non-commuting matrices of symbolic size verifies; A B = B A fails, with the
+    residual's size at a random explicit size."""
+    import sympy
+
+    from ufm.proofs._core import matrix_zero
+
+    m = sympy.Symbol("m", positive=True, integer=True)
+    A, B = sympy.MatrixSymbol("A", m, m), sympy.MatrixSymbol("B", m, m)
+    true = Proof(
+        "t",
+        "(A + B)^2 expands",
+        "test",
+        "none",
+        lambda rng: [matrix_zero("expand", (A + B) ** 2 - (A * A + A * B + B * A + B * B))],
+    )
+    false = Proof(
+        "f", "A B = B A (false)", "test", "none", lambda rng: [matrix_zero("commute", A * B - B * A)]
+    )
+    assert verify(true).status == "verified"
+    result = verify(false)
+    assert result.status == "failed" and "max entry" in result.residual

@@ -49,7 +49,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "networks": ("ARCHITECTURES", "build_network", "HomogeneousNet"),
     "optimize": ("check_optimum", "minimize_loss", "MinimizeResult", "OptimumCheck"),
     "proofs": ("Proof", "ProofResult", "run_proofs"),
-    "sqi_bounds": ("sqi_bounds", "SQIBounds"),
+    "sqi_deviation": ("sqi_bounds", "SQIBounds"),
     "tables": ("read_table",),
     "training": ("train", "TrainConfig", "TrainResult"),
 }

@@ -244,7 +244,11 @@ def _spot_check_matrix(expr: sympy.MatrixExpr, rng: np.random.Generator, points:
 
 
 def _is_zero_matrix(expr: sympy.MatrixExpr) -> bool:
-    expanded = sympy.expand(expr)
+    """Expand products of matrix sums (integer powers written out first, since SymPy's ``expand``
+    leaves ``(A + B)**2`` alone) and compare with the zero matrix."""
+    is_power = lambda x: isinstance(x, sympy.MatPow) and x.exp.is_Integer and x.exp > 0
+    as_product = lambda x: sympy.MatMul(*([x.base] * int(x.exp)))
+    expanded = sympy.expand(expr.replace(is_power, as_product))
     return expanded == 0 or bool(getattr(expanded, "is_ZeroMatrix", False))
 
 

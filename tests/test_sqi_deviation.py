@@ -1,4 +1,4 @@
-"""ufm.sqi_bounds (docs/theory.md §12): the exact parts of the theorem's errors and their bounds.
+"""ufm.sqi_deviation (docs/theory.md §12): the exact parts of the theorem's errors and their bounds.
 
 References: the gradient by torch autograd, the theorem's predictions typed out, the ridge solution
 W = T^T H (H^T H + n lam I)^{-1} (the exact critical point of the last layer for fixed features).
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ufm.proofs import verify
-from ufm.sqi_bounds import sqi_bounds
+from ufm.sqi_deviation import sqi_bounds
 
 # Identities are exact up to float64 rounding of O(1)-sized sums.
 IDENTITY_RTOL = 1e-10

@@ -23,7 +23,7 @@ measured residuals
 * the NC3 alignment ``|| W^T/||W|| - M/||M|| ||^2`` (§12.2).
 
 Shapes follow ``ufm.metrics``: features ``H`` (n, p) rows, classifier ``W`` (C, p), outputs ``F =
-H W^T`` (n, C), targets ``T`` (n, C). The proofs are ``ufm.proofs.sqi_bounds``.
+H W^T`` (n, C), targets ``T`` (n, C). The proofs are ``ufm.proofs.sqi_deviation``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from ufm import closed_form, sqi_bounds
+from ufm import closed_form, sqi_deviation
 
 from ._core import Claim, matrix_zero, numeric, positive, register, zero
 from .algebra import IJ
@@ -30,7 +30,7 @@ W = sympy.MatrixSymbol("W", C, p_)  # last layer (C, p)
 Mu = sympy.MatrixSymbol("Mu", C, p_)  # class means (C, p)
 D = sympy.MatrixSymbol("d", n_, 1)  # 1 - F 1: each example's output-sum deficit
 
-# ufm.sqi_bounds is checked against a dense independent gradient at these (C, N, p, a).
+# ufm.sqi_deviation is checked at random points of these (C, N, p, a).
 NUMERIC_CASES = ((2, 3, 4, 0.0), (4, 5, 6, 0.0), (5, 2, 8, 0.1))
 
 
@@ -88,13 +88,13 @@ def sqi_identities(rng: np.random.Generator, *, w_scale=closed_form.sqi_w_scale,
 
 
 def _numeric_claims(rng: np.random.Generator) -> list[Claim]:
-    """ufm.sqi_bounds at random points: the exact parts sum to the measured relative errors."""
+    """ufm.sqi_deviation at random points: the exact parts sum to the measured relative errors."""
     worst = 0.0
     for C_, N_, p_size, a in NUMERIC_CASES:
         labels = np.repeat(np.arange(C_), N_)
         H_ = rng.normal(size=(C_ * N_, p_size)) + 2.0
         W_ = rng.normal(size=(C_, p_size)) * 0.3
-        b = sqi_bounds.sqi_bounds(W_, H_, labels, 0.05, label_smoothing=a)
+        b = sqi_deviation.sqi_bounds(W_, H_, labels, 0.05, label_smoothing=a)
         for measured, pred, parts in (
             (b.w_scale, b.w_scale_pred, b.w_scale_part_stationarity + b.w_scale_part_sqi),
             (
@@ -104,7 +104,7 @@ def _numeric_claims(rng: np.random.Generator) -> list[Claim]:
             ),
         ):
             worst = max(worst, abs((measured - pred) / pred - parts))
-    return [numeric("ufm.sqi_bounds: the stationarity and SQI parts sum to the relative errors", worst)]
+    return [numeric("ufm.sqi_deviation: the stationarity and SQI parts sum to the relative errors", worst)]
 
 
 @register(
@@ -136,7 +136,7 @@ def sqi_bound_steps(rng: np.random.Generator) -> list[Claim]:
         positive("§12.4: r/(1 - r) >= 1 - 1/(1 + r) (the lower side is the smaller deviation)", q_dev - (1 - 1 / (1 + r))),
         positive("§12.4: r/(1 - r) > 0 for r in (0, 1)", q_dev),
         zero(
-            "§12.4: the mean cosine moves by at most C r/(1 - r) relative to |-1/(C-1)| (ufm.sqi_bounds' w_cos_bound)",
+            "§12.4: the mean cosine moves by at most C r/(1 - r) relative to |-1/(C-1)| (w_cos_bound of ufm.sqi_deviation)",
             bound / (-x) - C_GE2 * r / (1 - r),
         ),
         matrix_zero(
