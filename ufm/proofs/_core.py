@@ -243,12 +243,20 @@ def _spot_check_matrix(expr: sympy.MatrixExpr, rng: np.random.Generator, points:
     return True, worst
 
 
+def _distributed_power(power: sympy.MatPow) -> sympy.MatrixExpr:
+    """(a_1 + ... + a_m)^k as the sum of the m^k ordered products (SymPy folds X X back into X**2)."""
+    terms = power.base.args if isinstance(power.base, sympy.MatAdd) else (power.base,)
+    products = list(terms)
+    for _ in range(int(power.exp) - 1):
+        products = [sympy.MatMul(p, t) for p in products for t in terms]
+    return sympy.MatAdd(*products)
+
+
 def _is_zero_matrix(expr: sympy.MatrixExpr) -> bool:
-    """Expand products of matrix sums (integer powers written out first, since SymPy's ``expand``
-    leaves ``(A + B)**2`` alone) and compare with the zero matrix."""
-    is_power = lambda x: isinstance(x, sympy.MatPow) and x.exp.is_Integer and x.exp > 0
-    as_product = lambda x: sympy.MatMul(*([x.base] * int(x.exp)))
-    expanded = sympy.expand(expr.replace(is_power, as_product))
+    """Expand products of matrix sums (integer powers distributed first: SymPy's ``expand`` leaves
+    ``(A + B)**2`` alone) and compare with the zero matrix."""
+    is_power = lambda x: isinstance(x, sympy.MatPow) and x.exp.is_Integer and x.exp > 1
+    expanded = sympy.expand(expr.replace(is_power, _distributed_power))
     return expanded == 0 or bool(getattr(expanded, "is_ZeroMatrix", False))
 
 
