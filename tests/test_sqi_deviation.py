@@ -153,3 +153,26 @@ def test_proofs_verify_and_fail_on_a_wrong_formula():
     assert verify("sqi_bound_steps").status == "verified"
     wrong = verify("sqi_identities", w_row_norm_sq=lambda C, eps, lam, a=0: eps / (C * lam))
     assert wrong.status == "failed" and "K_pred" in wrong.message
+
+
+def test_training_records_errors_within_their_bounds_every_epoch():
+    """A short run with weight decay: every recorded epoch has each prediction's error at most its
+    bound, and the predictions are those of the history's *_pred columns."""
+    from ufm.datasets import load_dataset
+    from ufm.training import TrainConfig, train
+
+    data = load_dataset("default", per_class=10, test_per_class=5)
+    config = TrainConfig(
+        per_class=10, test_per_class=5, width=16, depth=3, batch_size=20, epochs=6, device="cpu"
+    )
+    h = train(config, progress=False, dataset=data).history
+    assert len(h["epoch"]) == 7 and np.all(np.isfinite(h["stationarity_residual"]))
+    for name in ("w_scale", "w_row_norm_sq", "w_cos"):
+        assert np.all(h[f"{name}_err"] <= h[f"{name}_bound"] * (1 + 1e-12)), name
+        measured, pred = h[name if name != "w_cos" else "w_cos_mean"], h[f"{name}_pred"]
+        # The *_pred columns take eps from the network's float32 outputs, sqi_bounds from F = H W^T in
+        # float64 (its identities need the exact product): they agree to float32 rounding.
+        np.testing.assert_allclose(h[f"{name}_err"], np.abs(measured - pred) / np.abs(pred), rtol=1e-5)
+    assert np.all(h["nc3"] <= h["nc3_bound"] * (1 + 1e-12))
+    parts = h["w_scale_part_stationarity"] + h["w_scale_part_sqi"]
+    np.testing.assert_allclose(np.abs(parts), h["w_scale_err"], rtol=1e-8)

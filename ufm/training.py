@@ -60,6 +60,7 @@ from .geometry import mean_cosine
 from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
+from .sqi_deviation import SQIBounds, sqi_bounds
 from .tables import write_csv, write_json
 
 __all__ = [
@@ -287,6 +288,25 @@ _NC_KEYS = (
 )
 
 
+# docs/theory.md §12: the residuals, the errors of the theorem's predictions, their stationarity and
+# SQI parts and their bounds, from ufm.sqi_deviation (its other fields are already columns here).
+_SQI_KEYS = tuple(
+    f.name
+    for f in fields(SQIBounds)
+    if f.name not in ("eps", "nc3", "w_scale", "w_row_norm_sq", "w_cos") and not f.name.endswith("_pred")
+)
+
+
+def _sqi_columns(W_L: np.ndarray, H: np.ndarray, labels: np.ndarray, wd: float, loss: Loss) -> dict:
+    """The ``_SQI_KEYS`` of one measurement; NaN where the theorem does not apply (no weight decay,
+    a loss whose residual is not linear, imbalanced classes)."""
+    counts = np.bincount(labels)
+    if not (wd > 0 and loss.linear_residual and np.all(counts == counts[0])):
+        return dict.fromkeys(_SQI_KEYS, np.nan)
+    bounds = sqi_bounds(W_L, H, labels, wd, label_smoothing=loss.label_smoothing)
+    return {key: getattr(bounds, key) for key in _SQI_KEYS}
+
+
 def _none_if_nan(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
@@ -332,6 +352,13 @@ def measure_network(
       (eps - eps_a)/(lambda(C-1)), eps_a = a (C-1)/C with label smoothing a (NaN for a loss whose
       residual is not linear, e.g. cross-entropy); ``w_cos_mean`` (mean pairwise cosine of W_L's rows) and ``w_cos_pred`` =
       -1/(C-1); ``mu_cos_mean`` the same for the centred class means;
+    * away from the theorem's assumptions (docs/theory.md §12, :func:`ufm.sqi_deviation.sqi_bounds`):
+      ``stationarity_residual`` = ||dL/dW_L||/(lambda ||W_L||), ``sqi_residual`` = ||E||/||T - F||,
+      ``output_sum_residual``; for each prediction its relative error and a bound on it
+      (``w_scale_err``/``w_scale_bound``, ``w_row_norm_sq_err``/``w_row_norm_sq_bound``,
+      ``w_cos_err``/``w_cos_bound``, and ``nc3_bound``), and the exact stationarity and SQI parts of the
+      error (``*_part_stationarity``, ``*_part_sqi``; ``gram_part_*`` for the cosines); a vacuous
+      bound is inf;
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
@@ -373,6 +400,7 @@ def measure_network(
     row["w_cos_mean"] = mean_cosine(W_L)
     row["mu_cos_mean"] = mean_cosine(Mt)
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
+    row |= _sqi_columns(W_L, H, y_tr, wd, loss)
 
     for k, W in enumerate(model.weights(), start=1):
         s = _singular_values(W, exact=False)
