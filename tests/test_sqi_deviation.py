@@ -6,6 +6,9 @@ W = T^T H (H^T H + n lam I)^{-1} (the exact critical point of the last layer for
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +179,21 @@ def test_training_records_errors_within_their_bounds_every_epoch():
     assert np.all(h["nc3"] <= h["nc3_bound"] * (1 + 1e-12))
     parts = h["w_scale_part_stationarity"] + h["w_scale_part_sqi"]
     np.testing.assert_allclose(np.abs(parts), h["w_scale_err"], rtol=1e-8)
+
+
+def test_refinement_makes_the_last_layer_stationary(tmp_path, capsys):
+    """--refine-to: the refined row has stationarity_residual < tol and no stationarity part left in
+    the errors, and a lower objective than SGD's end (the ridge solution minimizes it in W_L)."""
+    from ufm.cli import main
+
+    args = ["train", "--per-class", "10", "--width", "16", "--epochs", "3", "--batch-size", "20"]
+    args += ["--device", "cpu", "--refine-to", "1e-4", "--out", str(tmp_path / "run"), "--json"]
+    assert main(args) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["refined"] == 1 and final["stationarity_residual"] < 1e-4
+    assert abs(final["w_scale_part_stationarity"]) < 1e-3 * abs(final["w_scale_part_sqi"])
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert [int(float(r["refined"])) for r in rows[-2:]] == [0, 1]
+    assert float(rows[-1]["objective"]) < float(rows[-2]["objective"])
+    assert main(args[:-3] + ["--wd", "0", "--json"]) == 2
+    assert "refine_to" in capsys.readouterr().err
