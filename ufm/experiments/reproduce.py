@@ -182,6 +182,8 @@ def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
         ("nc1_flow", "NC1 (flow)"), ("cos_w_flow", "cos W (flow)"), ("norm_h_sq_flow", "‖H‖² (flow)"),
     ]  # fmt: skip
     net_cols = [(k, k) for k in network[0]] if network else []
+    errors = read_csv(out / "network" / "prediction_errors.csv")
+    error_cols = [(k, k) for k in errors[0]] if errors else []
     size = FLOW_SIZES["quick" if quick else "full"]
     text = f"""# ufm reproduce: theory against measurement
 
@@ -221,6 +223,19 @@ predictions from the measured eps and lambda (empty without weight decay).
 {_md_table(network, net_cols)}
 
 ![network](network/nc_weight_decay.png)
+
+### Why the predictions miss (`network/prediction_errors.csv`)
+
+At any point the theorem's errors split exactly into a part that vanishes at a critical point of the
+last layer (`*_part_stationarity`) and a part that vanishes under symmetric quasi-interpolation
+(`*_part_sqi`); the two parts of the scale and row-norm errors sum to the signed relative error,
+and `gram_part_*` are the two parts' sizes in the Gram matrix that sets the cosines
+(docs/theory.md §12). `*_bound` bounds each error by `stationarity_residual` and `sqi_residual`
+alone (empty where vacuous). "W_L refined" is the same network with its last layer moved to the
+limit of full-batch gradient descent (`ufm train --refine-to`, §12.6): what remains there is the
+SQI violation alone.
+
+{_md_table(errors, error_cols)}
 """
     path = out / "report.md"
     path.write_text(text)
