@@ -209,6 +209,8 @@ def test_quick_reproduce_writes_only_under_the_ignored_runs_directory(monkeypatc
         assert "/runs/" in (repo / ".gitignore").read_text().split()
     else:
         assert ignored.returncode == 0
+
+
 def test_version():
     import ufm
 
@@ -264,6 +266,8 @@ def test_metrics_says_what_collapse_gives(tmp_path, capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert "at collapse" in lines["measure"]
     assert lines["nc1"].split()[-1] == "0" and lines["rank_means"].split()[-1] == "C-1"
+
+
 # Issue 14, case (a), typed: C = 4, N = 5, lam = 0.02, lam_b = 1, delta = C sqrt(N) lam; the bias
 # saturates (lam_b (1 - delta) > delta) and the minimal loss is delta - delta^2/2 - delta^2/(2 C lam_b)
 # (docs/theory.md §6), attained at rank C, so in p = 4 the end point is neither an ETF nor a frame.
@@ -317,6 +321,30 @@ def test_lam_w_must_be_decays(capsys):
         main(["flow", "-C", "3", "-N", "2", "-p", "3", "--lam-w", "0.1,x", "--lam-h", "0.1"])
     assert info.value.code == 2
     assert "comma-separated decays" in capsys.readouterr().err
+
+
+# ``ufm solve`` flags for every model, on both sides of each threshold (issue 14's done-when grid):
+# bias decay (saturated / carries the mean / zero), depth 2 and 3 (collapse / a root but zero wins),
+# per-class counts with and without a bias (all fit / minority collapse), cross-entropy (ETF / zero).
+SOLVE_GRID_FAST = [
+    "-C 4 -N 5 --lam-w 0.02 --lam-h 0.02 --lam-b 1",
+    "-C 3 -N 4 --lam-w 0.0833 --lam-h 0.0833 --depth 2",
+    "-C 3 -N 8,4,2 --lam-w 0.12 --lam-h 0.12 --no-bias",
+    "-C 4 -N 3 --lam-w 0.01 --lam-h 0.01 --loss ce",
+]
+SOLVE_GRID_SLOW = [
+    "-C 4 -N 5 --lam-w 0.02 --lam-h 0.02 --lam-b 0.1",
+    "-C 3 -N 2 --lam-w 0.5 --lam-h 0.5 --lam-b 1",
+    "-C 3 -N 4 --lam-w 0.06 --lam-h 0.06 --depth 2",
+    "-C 3 -N 4 --lam-w 0.09 --lam-h 0.09 --depth 2",
+    "-C 3 -N 2 --lam-w 0.05,0.08,0.04 --lam-h 0.05 --depth 3",
+    "-C 3 -N 2 --lam-w 0.12 --lam-h 0.12 --depth 3 --no-bias",
+    "-C 3 -N 8,4,2 --lam-w 0.05 --lam-h 0.05 --no-bias",
+    "-C 3 -N 8,4,2 --lam-w 0.03 --lam-h 0.03",
+    "-C 3 -N 8,4,2 --lam-w 0.03 --lam-h 0.03 --depth 2",
+    "-C 4 -N 3 --lam-w 0.01 --lam-h 0.01 --loss ce --no-bias",
+    "-C 3 -N 2 --lam-w 0.3 --lam-h 0.3 --loss ce",
+]
 
 
 def _solve_agrees_with_verify(flags: str, capsys) -> dict:

@@ -268,3 +268,27 @@ def test_moment_closure_is_verified_and_its_rewriter_can_fail():
     assert wrong.expr != 0 and "M*D_N" in str(wrong.expr)
     H = mc.M * mc.E.T + mc.D
     assert mc._vanishes("no cross term", H * H.T, mc.S).expr != 0
+
+
+def test_matrix_claims_are_decided_for_symbolic_sizes():
+    """A true identity in non-commuting matrices of symbolic size verifies; A B = B A fails, with the
+    residual's size at a random explicit size."""
+    import sympy
+
+    from ufm.proofs._core import matrix_zero
+
+    m = sympy.Symbol("m", positive=True, integer=True)
+    A, B = sympy.MatrixSymbol("A", m, m), sympy.MatrixSymbol("B", m, m)
+    true = Proof(
+        "t",
+        "(A + B)^2 expands",
+        "test",
+        "none",
+        lambda rng: [matrix_zero("expand", (A + B) ** 2 - (A * A + A * B + B * A + B * B))],
+    )
+    false = Proof(
+        "f", "A B = B A (false)", "test", "none", lambda rng: [matrix_zero("commute", A * B - B * A)]
+    )
+    assert verify(true).status == "verified"
+    result = verify(false)
+    assert result.status == "failed" and set(result.point) == {"m"}

@@ -98,6 +98,8 @@ def test_each_part_prints_a_line_with_its_time(capsys):
     assert err[0] == "reproduce: 2/4 flows ..." and re.fullmatch(
         r"reproduce: 2/4 flows: done in \d+ s", err[1]
     )
+
+
 def test_minimizer_phase_diagrams_cross_each_threshold(result):
     """Part 5: the flows end at the closed form on both sides of each threshold (docs/theory.md §6-§8)."""
     rows = read_csv(result.out / "minimizer_phases.csv")

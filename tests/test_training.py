@@ -316,6 +316,16 @@ def test_weight_decay_experiment_quick_smoke(tmp_path):
         (" lambda" * (len(blocks) - 1) + " " + text.splitlines()[0]).split()
     )
     assert (tmp_path / "theory_vs_measurement.csv").is_file()
+    # The runs with weight decay end refined: two error rows each, the refined one with no
+    # stationarity part left (docs/theory.md §12.6), and the theory table keeps SGD's end.
+    assert [(row["wd"], row["point"]) for row in exp.errors] == [
+        (wd, point) for wd in (TrainConfig.wd, 2 * TrainConfig.wd) for point in ("SGD end", "W_L refined")
+    ]
+    for sgd, refined in zip(exp.errors[::2], exp.errors[1::2]):
+        assert refined["stationarity_residual"] < 1e-4 < sgd["stationarity_residual"]
+        assert abs(refined["w_scale_part_stationarity"]) < 1e-3 * abs(refined["w_scale_part_sqi"])
+    assert exp.table[1]["w_scale"] == exp.results[1].history["w_scale"][-2]
+    assert (tmp_path / "prediction_errors.csv").is_file()
 
 
 def test_history_records_the_rate_each_epoch_trained_at(data):

@@ -54,6 +54,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "networks": ("ARCHITECTURES", "build_network", "HomogeneousNet"),
     "optimize": ("check_optimum", "minimize_loss", "MinimizeResult", "OptimumCheck", "verify_optimum"),
     "proofs": ("Proof", "ProofResult", "run_proofs"),
+    "sqi_deviation": ("sqi_bounds", "SQIBounds"),
     "tables": ("read_table",),
     "training": ("train", "TrainConfig", "TrainResult"),
 }

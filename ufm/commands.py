@@ -263,7 +263,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 # Flags of ``ufm train`` that map one to one onto TrainConfig fields.
 _TRAIN_FIELDS = (
     "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
-    "weight_norm", "seed", "device", "loss", "label_smoothing", "measure_every", "svd_every",
+    "weight_norm", "seed", "device", "loss", "label_smoothing", "measure_every", "svd_every", "refine_to",
 )  # fmt: skip
 
 
@@ -303,6 +303,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--svd-every", type=int, metavar="K",
         help="singular-value measures (ranks) at epochs divisible by K only; blank (NaN) elsewhere",
     )  # fmt: skip
+    p.add_argument(
+        "--refine-to",
+        type=float,
+        metavar="TOL",
+        help="after SGD, move W_L to the limit of full-batch gradient descent in W_L (the ridge solution at "
+        "the features) and require ||dL/dW_L||/(lambda ||W_L||) < TOL (e.g. 1e-4), else exit 1",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoints, history.csv, config.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument(
@@ -344,9 +351,10 @@ def _train(args: argparse.Namespace) -> int:
         print(format_theory_table([summary | {"wd": config.wd}], width=None if args.wide else TABLE_COLUMNS))
         if result.out is not None:
             print(f"history and checkpoint in {result.out}")
-    if result.status != 0:
+    if result.status != 0 or not result.success:
         print(f"ufm train: {result.message}", file=sys.stderr)
-    return result.status
+    # Only an unmet --refine-to ends a finished run without success.
+    return result.status or int(not result.success)
 
 
 @command

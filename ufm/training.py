@@ -43,8 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -67,6 +65,7 @@ from .geometry import mean_cosine
 from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
+from .sqi_deviation import SQIBounds, sqi_bounds
 from .tables import atomic_write, write_csv, write_json
 
 __all__ = [
@@ -170,6 +169,12 @@ class TrainConfig:
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``. Not part of the run's identity
         (a run may be resumed on another device), but bit-identical resumption is promised on the CPU only.
+    refine_to : float or None
+        After the SGD epochs, move the last layer to the limit of full-batch gradient descent in
+        W_L (:func:`refine`, docs/theory.md §12.6) and require its ``stationarity_residual``
+        ||dL/dW_L||/(lambda ||W_L||) to be below this; the refined state is one more history row
+        (``refined`` = 1). Square loss and wd > 0 only. Not part of the run's identity: a finished
+        run can be resumed with ``refine_to`` to refine it.
     """
 
     dataset: str = "default"
@@ -192,6 +197,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     svd_every: int = 1
     device: str = "auto"
+    refine_to: float | None = None
 
     def __post_init__(self):
         check_choice("arch", self.arch, ("mlp", "cnn"))
@@ -211,6 +217,13 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
         check_nonneg("wd", self.wd)
+        refinable = self.wd > 0 and get_loss(self.loss, self.label_smoothing).linear_residual
+        if self.refine_to is not None and not (check_nonneg("refine_to", self.refine_to) > 0 and refinable):
+            raise ValueError(
+                f"refine_to must be > 0 and needs weight decay wd > 0 and the square loss (the residual "
+                f"divides by lambda; the refinement solves the square loss in W_L); got "
+                f"refine_to={self.refine_to!r}, wd={self.wd!r}, loss={self.loss!r}"
+            )
         if check_nonneg("lr", self.lr) == 0:
             raise ValueError("lr must be > 0")
         if not 0 <= self.momentum < 1:
@@ -311,6 +324,25 @@ _NC_KEYS = (
 )
 
 
+# docs/theory.md §12: the residuals, the errors of the theorem's predictions, their stationarity and
+# SQI parts and their bounds, from ufm.sqi_deviation (its other fields are already columns here).
+_SQI_KEYS = tuple(
+    f.name
+    for f in fields(SQIBounds)
+    if f.name not in ("eps", "nc3", "w_scale", "w_row_norm_sq", "w_cos") and not f.name.endswith("_pred")
+)
+
+
+def _sqi_columns(W_L: np.ndarray, H: np.ndarray, labels: np.ndarray, wd: float, loss: Loss) -> dict:
+    """The ``_SQI_KEYS`` of one measurement; NaN where the theorem does not apply (no weight decay,
+    a loss whose residual is not linear, imbalanced classes)."""
+    counts = np.bincount(labels)
+    if not (wd > 0 and loss.linear_residual and np.all(counts == counts[0])):
+        return dict.fromkeys(_SQI_KEYS, np.nan)
+    bounds = sqi_bounds(W_L, H, labels, wd, label_smoothing=loss.label_smoothing)
+    return {key: getattr(bounds, key) for key in _SQI_KEYS}
+
+
 def _none_if_nan(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
@@ -363,6 +395,13 @@ def measure_network(
       (eps - eps_a)/(lambda(C-1)), eps_a = a (C-1)/C with label smoothing a (NaN for a loss whose
       residual is not linear, e.g. cross-entropy); ``w_cos_mean`` (mean pairwise cosine of W_L's rows) and ``w_cos_pred`` =
       -1/(C-1); ``mu_cos_mean`` the same for the centred class means;
+    * away from the theorem's assumptions (docs/theory.md §12, :func:`ufm.sqi_deviation.sqi_bounds`):
+      ``stationarity_residual`` = ||dL/dW_L||/(lambda ||W_L||), ``sqi_residual`` = ||E||/||T - F||,
+      ``output_sum_residual``; for each prediction its relative error and a bound on it
+      (``w_scale_err``/``w_scale_bound``, ``w_row_norm_sq_err``/``w_row_norm_sq_bound``,
+      ``w_cos_err``/``w_cos_bound``, and ``nc3_bound``), and the exact stationarity and SQI parts of the
+      error (``*_part_stationarity``, ``*_part_sqi``; ``gram_part_*`` for the cosines); a vacuous
+      bound is inf;
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
@@ -403,6 +442,7 @@ def measure_network(
     row["w_cos_mean"] = mean_cosine(W_L)
     row["mu_cos_mean"] = mean_cosine(Mt)
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
+    row |= _sqi_columns(W_L, H, y_tr, wd, loss)
 
     for k, W in enumerate(model.weights(), start=1):
         s = _singular_values(W, exact=False) if singular_values else np.full(1, np.nan)
@@ -546,9 +586,13 @@ class _TrainState:
         return self.optimizer.param_groups[0]["lr"]
 
 
+_NOT_IDENTITY = ("device", "refine_to")
+
+
 def _identity(config: TrainConfig) -> dict:
-    """The fields that must match for a checkpoint to be resumed (all but the device)."""
-    return {k: v for k, v in config.as_dict().items() if k != "device"}
+    """The fields that must match for a checkpoint to be resumed (all but the device and the
+    refinement, which runs after the epochs and is not checkpointed)."""
+    return {k: v for k, v in config.as_dict().items() if k not in _NOT_IDENTITY}
 
 
 def _identity_differences(stored: dict, config: TrainConfig) -> list[str]:
@@ -695,9 +739,17 @@ def _divergence_message(epoch: int, step: int, value: float, config: TrainConfig
     )
 
 
-def _record(state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, lr: float) -> dict:
-    """Measure after ``state.epoch``, which trained at learning rate ``lr``; append to the history."""
-    row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr}
+def _record(
+    state: _TrainState,
+    data: _Tensors,
+    config: TrainConfig,
+    out: Path | None,
+    lr: float,
+    refined: bool = False,
+) -> dict:
+    """Measure after ``state.epoch``, which trained at learning rate ``lr`` (``refined``: then had its
+    last layer refined, :func:`refine`); append to the history."""
+    row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr, "refined": int(refined)}
     svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
     try:
         row |= measure_network(
@@ -785,6 +837,48 @@ def _describe_run(out: Path) -> str:
         )
     except (OSError, ValueError, TypeError):
         return "no readable config.json"
+
+
+def _solve_last_layer(model: HomogeneousNet, x: torch.Tensor, T: torch.Tensor, wd: float) -> None:
+    """Set W_L to the exact minimizer of the objective in W_L at the current features, the ridge
+    solution T^T H (H^T H + n lambda I)^{-1} (docs/theory.md §12.6), computed in float64."""
+    with torch.no_grad():
+        H = model.penultimate(model.features(x)).double()  # (n, p)
+        n, p = H.shape
+        A = H.T @ H + n * wd * torch.eye(p, dtype=H.dtype, device=H.device)
+        W = torch.linalg.solve(A, H.T @ T.double()).T.to(x.dtype)  # (C, p)
+        layer = model.layers[-1]
+        if model.weight_norm:
+            layer.rho.copy_(W.norm())
+            layer.V.copy_(W / W.norm())
+        else:
+            layer.W.copy_(W)
+
+
+def _hidden_residual(model: HomogeneousNet, data: _Tensors, config: TrainConfig) -> float:
+    """||grad of the objective in the hidden layers|| / (lambda ||(W_1..W_L)||), full batch."""
+    hidden = [q for layer in model.layers[:-1] for q in layer.parameters()]
+    data_term = config.data_loss.torch_value(model(data.x_train), data.y_train, data.C)
+    objective = data_term + 0.5 * config.wd * model.weight_norm_sq()
+    grads = torch.autograd.grad(objective, hidden)
+    if model.weight_norm:  # the radial part of dL/dV_k is not a direction the constraint allows
+        grads = [g - (g * q).sum() * q if q.dim() > 0 else g for g, q in zip(grads, hidden)]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    return float(norm / (config.wd * torch.sqrt(model.weight_norm_sq().detach().double())))
+
+
+def refine(model: HomogeneousNet, data: _Tensors, config: TrainConfig) -> float:
+    """Make the last layer stationary after SGD (docs/theory.md §12.6); returns the hidden layers'
+    relative gradient, which it does not reduce.
+
+    The objective is a strongly convex quadratic in W_L at fixed features, so full-batch gradient
+    descent in W_L converges to its exact minimizer, the ridge solution, which is computed directly
+    (in float64, then stored in the network's dtype). The hidden layers are not moved. Square loss only.
+    """
+    model.eval()
+    T = config.data_loss.torch_targets(data.y_train, data.C, data.x_train.dtype)
+    _solve_last_layer(model, data.x_train, T, config.wd)
+    return _hidden_residual(model, data, config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -888,6 +982,17 @@ def train(
         if out is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
             checkpoint.save(state, config)
     bar.close()
+    success = status == 0 and last_epoch == config.epochs
     if status == 0 and last_epoch < config.epochs:
         message = f"stopped after epoch {last_epoch} of {config.epochs}; continue with resume"
-    return _result(config, state, status, message, status == 0 and last_epoch == config.epochs, out, t0)
+    elif success and config.refine_to is not None:
+        hidden_residual = refine(model, data, config)
+        residual = _record(state, data, config, out, lr=0.0, refined=True)["stationarity_residual"]
+        success = residual < config.refine_to
+        message += (
+            f"; last layer refined to stationarity_residual {residual:.1e} (hidden layers' relative "
+            f"gradient {hidden_residual:.1e}, not refined)"
+        )
+        if not success:
+            message += f"; above --refine-to {config.refine_to:g}: the float32 weights limit it"
+    return _result(config, state, status, message, success, out, t0)

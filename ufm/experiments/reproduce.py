@@ -213,6 +213,8 @@ def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     ]  # fmt: skip
     proofs = [r | {"formulas": _formulas_link(r)} for r in proofs]
     net_cols = [(k, k) for k in network[0]] if network else []
+    errors = read_csv(out / "network" / "prediction_errors.csv")
+    error_cols = [(k, k) for k in errors[0]] if errors else []
     size = FLOW_SIZES["quick" if quick else "full"]
     text = f"""# ufm reproduce: theory against measurement
 
@@ -254,6 +256,19 @@ predictions from the measured eps and lambda (empty without weight decay).
 {_md_table(network, net_cols)}
 
 ![network](network/nc_weight_decay.png)
+
+### Why the predictions miss (`network/prediction_errors.csv`)
+
+At any point the theorem's errors split exactly into a part that vanishes at a critical point of the
+last layer (`*_part_stationarity`) and a part that vanishes under symmetric quasi-interpolation
+(`*_part_sqi`); the two parts of the scale and row-norm errors sum to the signed relative error,
+and `gram_part_*` are the two parts' sizes in the Gram matrix that sets the cosines
+(docs/theory.md §12). `*_bound` bounds each error by `stationarity_residual` and `sqi_residual`
+alone (empty where vacuous). "W_L refined" is the same network with its last layer moved to the
+limit of full-batch gradient descent (`ufm train --refine-to`, §12.6): what remains there is the
+SQI violation alone.
+
+{_md_table(errors, error_cols)}
 
 ## 5. Phase diagrams of the literature's minimizers (`minimizer_phases.csv`, `minimizer_phases.png`)
 
@@ -373,7 +388,10 @@ def reproduce(
         out=final,
         report=final / "report.md",
         tables=tuple(final / Path(t).relative_to(out) for t in tables),
-        figures=tuple(final / Path(f).relative_to(out) for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png)),
+        figures=tuple(
+            final / Path(f).relative_to(out)
+            for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png)
+        ),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
         flows_agree=agree,

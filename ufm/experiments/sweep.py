@@ -590,7 +590,9 @@ def run_sweep(
         finished = stack.enter_context(closing(run(client, runner, plan, todo, still_todo)))
         counts = {"ok": 0, "failed": 0}
         for i, outcome in finished:
-            if store.put({"run_id": plan.run_ids[i], "kind": plan.kind, **_setting_cells(plan.runs[i]), **outcome}):
+            if store.put(
+                {"run_id": plan.run_ids[i], "kind": plan.kind, **_setting_cells(plan.runs[i]), **outcome}
+            ):
                 counts[outcome["status"]] += 1
             bar.update()
             bar.set_postfix(failed=counts["failed"])

@@ -20,6 +20,7 @@ from ..training import TrainConfig, TrainResult, train
 __all__ = [
     "EXPERIMENT_WDS",
     "QUICK_OVERRIDES",
+    "REFINE_TOL",
     "WeightDecayExperiment",
     "format_theory_table",
     "weight_decay_experiment",
@@ -57,6 +58,33 @@ _TABLE_COLUMNS = (
 )
 
 
+# Runs with weight decay end with the last layer refined to this stationarity residual (§12.6), so
+# each miss of the theorem splits into what SGD's non-stationarity and the SQI violation cause.
+REFINE_TOL = 1e-4
+
+# Columns of the prediction-error table (docs/theory.md §12), (key, heading): per run, at SGD's end
+# and after the refinement, the residuals, then each prediction's relative error, its two exact
+# parts (signed, summing to the signed error) and its bound.
+_ERROR_COLUMNS = (
+    ("wd", "lambda"),
+    ("point", "point"),
+    ("stationarity_residual", "stat. resid."),
+    ("sqi_residual", "SQI resid."),
+    ("w_scale_err", "scale err"),
+    ("w_scale_part_stationarity", "scale: stat."),
+    ("w_scale_part_sqi", "scale: SQI"),
+    ("w_scale_bound", "scale bound"),
+    ("w_row_norm_sq_err", "|W_c|^2 err"),
+    ("w_row_norm_sq_part_stationarity", "|W_c|^2: stat."),
+    ("w_row_norm_sq_part_sqi", "|W_c|^2: SQI"),
+    ("w_row_norm_sq_bound", "|W_c|^2 bound"),
+    ("w_cos_err", "cos err"),
+    ("gram_part_stationarity", "Gram: stat."),
+    ("gram_part_sqi", "Gram: SQI"),
+    ("w_cos_bound", "cos bound"),
+)
+
+
 @dataclass(frozen=True)
 class WeightDecayExperiment:
     """Outcome of :func:`weight_decay_experiment`.
@@ -66,14 +94,18 @@ class WeightDecayExperiment:
     results : tuple of TrainResult
         One run per weight decay, same seed, data and schedule.
     table : tuple of dict
-        One row per run: the last epoch's measures beside the theorem's predictions (``*_pred``,
+        One row per run: the last SGD epoch's measures beside the theorem's predictions (``*_pred``,
         None without weight decay); keys as in ``_TABLE_COLUMNS``.
+    errors : tuple of dict
+        For each run with weight decay, two rows (``point`` "SGD end" and "W_L refined"): the
+        prediction errors, their stationarity and SQI parts and bounds; keys as in ``_ERROR_COLUMNS``.
     figure : Path or None
         NC1-NC4 and training error against epoch (:func:`ufm.experiments.plots.plot_nc_training`).
     """
 
     results: tuple[TrainResult, ...]
     table: tuple[dict, ...]
+    errors: tuple[dict, ...]
     figure: Path | None
 
     @property
@@ -121,7 +153,12 @@ def weight_decay_experiment(
     if len(wds) == 0:
         raise ValueError("wds is empty: give at least one weight decay")
     settings = (QUICK_OVERRIDES if quick else {}) | overrides
-    configs = [TrainConfig(**(settings | {"wd": check_nonneg("wd", wd)})) for wd in wds]
+    configs = [
+        TrainConfig(
+            **(settings | {"wd": check_nonneg("wd", wd), "refine_to": REFINE_TOL if wd > 0 else None})
+        )
+        for wd in wds
+    ]
     data = load_dataset(
         configs[0].dataset, per_class=configs[0].per_class, test_per_class=configs[0].test_per_class
     )
@@ -131,7 +168,18 @@ def weight_decay_experiment(
         for c in configs
     )
     table = tuple(
-        {key: r.config.wd if key == "wd" else r.final.get(key) for key, _ in _TABLE_COLUMNS} for r in results
+        {
+            key: r.config.wd if key == "wd" else _row(r, refined=False, noise=True).get(key)
+            for key, _ in _TABLE_COLUMNS
+        }
+        for r in results
+    )
+    errors = tuple(
+        {"wd": r.config.wd, "point": point}
+        | {key: _row(r, refined=refined).get(key) for key, _ in _ERROR_COLUMNS[2:]}
+        for r in results
+        if r.config.refine_to is not None
+        for point, refined in (("SGD end", False), ("W_L refined", True))
     )
     figure = None
     if out is not None:
@@ -139,7 +187,18 @@ def weight_decay_experiment(
 
         figure = plot_nc_training(_labelled_histories(results), out / "nc_weight_decay.png")
         write_csv(out / "theory_vs_measurement.csv", list(table))
-    return WeightDecayExperiment(results=results, table=table, figure=figure)
+        if errors:
+            write_csv(out / "prediction_errors.csv", list(errors))
+    return WeightDecayExperiment(results=results, table=table, errors=errors, figure=figure)
+
+
+def _row(result: TrainResult, *, refined: bool, noise: bool = False) -> dict:
+    """The last history row that is (or is not) the refined one, None where undefined; with the
+    last epoch's SGD-noise measures when ``noise``."""
+    h = result.history
+    i = int(np.flatnonzero(h.get("refined", np.zeros_like(h["epoch"])) == float(refined))[-1])
+    row = {k: None if not np.isfinite(v[i]) else float(v[i]) for k, v in h.items()}
+    return row | ({k: v for k, v in result.final.items() if k.startswith("noise_")} if noise else {})
 
 
 def format_theory_table(table: Sequence[dict], width: int | None = 100) -> str:

@@ -9,7 +9,8 @@ Modules, in the order of docs/theory.md: ``etf`` (§1), ``lemma1`` (poster, Lemm
 (§5, the global minimizer of the regularized UFM, derived here), ``label_smoothing`` (the
 same minimizer with smoothed targets (1 - a) y + a/C, derived here), ``bias_decay`` (§6, a
 regularized bias), ``deep`` (§7-§8, deep linear layers and class counts), ``cross_entropy`` (§9),
-``moment_closure`` (§11, the moment flow's equations as matrix identities for symbolic sizes).
+``moment_closure`` (§11, the moment flow's equations as matrix identities for symbolic sizes),
+``sqi_deviation`` (§12, the theorem's errors away from SQI and stationarity, derived here).
 
 The public API is also the plugin API: a user's file builds ``Proof(key, name, source, assumptions,
 check)`` objects from the same ``Claim`` makers (``zero``, ``positive``, ``numeric``), symbols and I/J
@@ -24,6 +25,7 @@ from . import etf, lemma1, lemma2, theorem, ufm_minimizer  # noqa: F401
 from . import label_smoothing  # noqa: F401
 from . import bias_decay, deep, cross_entropy  # noqa: F401
 from . import moment_closure  # noqa: F401
+from . import sqi_deviation  # noqa: F401
 
 # isort: on
 from ._core import (

@@ -1,11 +1,13 @@
 """Proof objects, the registry, and the checker that runs them.
 
 A proof is a list of claims, each a SymPy expression that must vanish identically ("zero") or be
-positive under the symbols' assumptions ("positive"), or a number the library computed that must
+positive under the symbols' assumptions ("positive"), a matrix expression in ``MatrixSymbol``s of
+symbolic sizes that must vanish identically ("matrix"), or a number the library computed that must
 vanish within a tolerance ("numeric"). The checker
 
-1. evaluates every symbolic claim at K random points that respect the assumptions: a point where
-   the claim does not hold is a counterexample, reported with the point and the residual;
+1. evaluates every symbolic claim at K random points that respect the assumptions (a matrix claim
+   at random sizes, with random rational matrices for its matrix symbols): a point where the claim
+   does not hold is a counterexample, reported with the point and the residual;
 2. decides every claim that held at those points symbolically (the expanded numerator over a common
    denominator, then expand/cancel, ``simplify`` only if those leave a rest);
 3. compares numeric claims with their tolerance.
@@ -48,6 +50,9 @@ INT_LOW, INT_HIGH = 2, 9
 REAL_LOW, REAL_HIGH = 0.05, 3.0
 # Reals are drawn as fractions with denominators up to this (dense enough to be generic points).
 RATIONAL_DENOMINATOR = 997
+# Matrix claims are spot-checked at sizes in [INT_LOW, MATRIX_SIZE_HIGH] (explicit SymPy matrices
+# are slow; an identity of matrix polynomials that holds at random sizes >= 2 is generic).
+MATRIX_SIZE_HIGH = 4
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,11 @@ class Claim:
     Attributes
     ----------
     label : what is asserted, with its lemma or source ("Lemma 1: L = ...").
-    expr : a SymPy expression (``kind`` "zero" or "positive") or a float residual ("numeric").
-    kind : "zero" (expr = 0 identically), "positive" (expr > 0 under the assumptions) or "numeric"
-        (|expr| <= tol).
+    expr : a SymPy expression (``kind`` "zero" or "positive"), a SymPy matrix expression ("matrix")
+        or a float residual ("numeric").
+    kind : "zero" (expr = 0 identically), "positive" (expr > 0 under the assumptions), "matrix"
+        (expr is the zero matrix for every size and every value of its matrix symbols) or
+        "numeric" (|expr| <= tol).
     tol : tolerance of a numeric claim.
     statement : the claim as written, for LaTeX: ``sympy.Eq(lhs, rhs)`` when :func:`zero` was given
         both sides, else None (the LaTeX is then ``expr = 0`` or ``expr > 0``).
@@ -77,7 +84,7 @@ class Claim:
             return None
         if self.statement is not None:
             return sympy.latex(self.statement)
-        return sympy.latex(self.expr) + (" = 0" if self.kind == "zero" else " > 0")
+        return sympy.latex(self.expr) + (" > 0" if self.kind == "positive" else " = 0")
 
 
 def zero(label: str, expr: Any, rhs: Any = None) -> Claim:
@@ -91,6 +98,11 @@ def zero(label: str, expr: Any, rhs: Any = None) -> Claim:
 def positive(label: str, expr: Any) -> Claim:
     """Claim ``expr > 0`` for every value the symbols' assumptions allow."""
     return Claim(label, sympy.sympify(expr), "positive")
+
+
+def matrix_zero(label: str, expr: Any) -> Claim:
+    """A matrix identity ``expr = 0`` in ``sympy.MatrixSymbol``s whose sizes may be symbols."""
+    return Claim(label, expr, "matrix")
 
 
 def numeric(label: str, residual: float, tol: float = NUMERIC_ATOL) -> Claim:
@@ -291,20 +303,73 @@ def _spot_check(claim: Claim, rng: np.random.Generator, points: int) -> tuple[di
     return None, worst
 
 
+def _random_matrices(expr: sympy.MatrixExpr, rng: np.random.Generator) -> dict:
+    """Random sizes for the size symbols of ``expr``, then random rational entries for its matrix
+    symbols and random values for its other symbols: a substitution that makes it explicit."""
+    matrices = sorted(expr.atoms(sympy.MatrixSymbol), key=str)
+    size_symbols = {s for m in matrices for d in m.shape for s in sympy.sympify(d).free_symbols}
+    sizes = {
+        s: sympy.Integer(int(rng.integers(INT_LOW, MATRIX_SIZE_HIGH + 1)))
+        for s in sorted(size_symbols, key=str)
+    }
+    values = dict(sizes)
+    scalars = expr.free_symbols - set(matrices) - size_symbols
+    values.update({s: _random_value(s, rng) for s in sorted(scalars, key=str)})
+    for m in matrices:
+        rows, cols = (int(sympy.sympify(d).xreplace(sizes)) for d in m.shape)
+        entries = rng.integers(-9, 10, size=(rows, cols))
+        values[m.xreplace(sizes)] = sympy.Matrix(entries) / 7
+    return values
+
+
+def _spot_check_matrix(claim: Claim, rng: np.random.Generator, points: int) -> tuple[dict | None, float]:
+    """A matrix claim at random sizes and matrices: (the sizes and scalars of the first counterexample
+    or None, its largest |entry| or the worst one)."""
+    expr, worst = claim.expr, 0.0
+    for _ in range(points):
+        values = _random_matrices(expr, rng)
+        sizes = {s: v for s, v in values.items() if not isinstance(v, sympy.MatrixBase)}
+        explicit = expr.xreplace(sizes).xreplace(values).doit().as_explicit()
+        residual = max((abs(complex(x.evalf(EVAL_DIGITS))) for x in explicit), default=0.0)
+        worst = max(worst, residual)
+        if not residual <= NUMERIC_ATOL:
+            return sizes, residual
+    return None, worst
+
+
+def _distributed_power(power: sympy.MatPow) -> sympy.MatrixExpr:
+    """(a_1 + ... + a_m)^k as the sum of the m^k ordered products (SymPy folds X X back into X**2)."""
+    terms = power.base.args if isinstance(power.base, sympy.MatAdd) else (power.base,)
+    products = list(terms)
+    for _ in range(int(power.exp) - 1):
+        products = [sympy.MatMul(p, t) for p in products for t in terms]
+    return sympy.MatAdd(*products)
+
+
+def _is_zero_matrix(expr: sympy.MatrixExpr) -> bool:
+    """Expand products of matrix sums (integer powers distributed first: SymPy's ``expand`` leaves
+    ``(A + B)**2`` alone) and compare with the zero matrix."""
+    is_power = lambda x: isinstance(x, sympy.MatPow) and x.exp.is_Integer and x.exp > 1
+    expanded = sympy.expand(expr.replace(is_power, _distributed_power))
+    return expanded == 0 or bool(getattr(expanded, "is_ZeroMatrix", False))
+
+
 def _check_claim(claim: Claim, rng: np.random.Generator, points: int) -> ClaimResult:
     """Counterexample search at ``points`` random points, then a symbolic decision (module docstring)."""
     if claim.kind == "numeric":
         ok = bool(np.isfinite(claim.expr)) and abs(claim.expr) <= claim.tol
         status = "verified" if ok else "failed"
         return ClaimResult(claim.label, claim.kind, status, f"{claim.expr:.3g}", None, 0, None)
-    if claim.kind not in ("zero", "positive"):
-        raise ValueError(f"claim kind must be 'zero', 'positive' or 'numeric', got {claim.kind!r}")
+    if claim.kind not in ("zero", "positive", "matrix"):
+        raise ValueError(f"claim kind must be 'zero', 'positive', 'matrix' or 'numeric', got {claim.kind!r}")
     latex = claim.latex()
-    point, residual = _spot_check(claim, rng, points)
+    spot_check = _spot_check_matrix if claim.kind == "matrix" else _spot_check
+    point, residual = spot_check(claim, rng, points)
     if point is not None:
         shown = {str(s): str(v) for s, v in point.items()}
         return ClaimResult(claim.label, claim.kind, "failed", f"{residual:.6g}", shown, points, latex)
-    decided = _is_zero(claim.expr) if claim.kind == "zero" else _is_positive(claim.expr)
+    decide = {"zero": _is_zero, "positive": _is_positive, "matrix": _is_zero_matrix}[claim.kind]
+    decided = decide(claim.expr)
     if not decided:
         return ClaimResult(claim.label, claim.kind, "undecided", str(claim.expr), None, points, latex)
     return ClaimResult(claim.label, claim.kind, "verified", "0", None, points, latex)
