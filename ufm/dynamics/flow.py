@@ -386,7 +386,7 @@ def _moment_system(problem: UFMProblem, start: MomentState) -> _System:
         problem=problem, y0=y0, field=field_np, to_params=to_params,
         linear=moment_linear_part(problem, start), torch_field=field_torch,
         to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
-        record=lambda y: moment_record(problem, to_params(y)), unavailable=dict(UNAVAILABLE),
+        record=lambda y: moment_record(problem, to_params(y)), unavailable=UNAVAILABLE | {"critical": _NOT_CLASSIFIED},
     )  # fmt: skip
 
 
@@ -599,6 +599,13 @@ def gradient_flow(
     )  # fmt: skip
 
 
+# A moment flow's end point has no classification (FlowResult.unavailable["critical"]).
+_NOT_CLASSIFIED = (
+    "the end point's classification (ufm.critical) needs the Hessian in H, which a moment flow does not "
+    "hold; run the full flow (moments=False) on a problem small enough to classify"
+)
+
+
 def end_point(
     problem: UFMProblem, params: UFMParams, tol: float, classify: bool, failed: bool
 ) -> CriticalPoint | None:
@@ -606,7 +613,7 @@ def end_point(
     asked, or when a failed run's last state overflows the loss (an SGD run checked only at its
     mini-batches). A run stopped at ||grad L|| < tol counts as stationary at that tol when it is looser
     than ``STATIONARY_TOL``; the Hessian is computed up to ``HESSIAN_MAX_PARAMS`` parameters."""
-    if not classify:
+    if not classify or not isinstance(params, UFMParams):  # a MomentState: _NOT_CLASSIFIED
         return None
     try:
         return classify_point(problem, params, grad_tol=max(tol, STATIONARY_TOL))
