@@ -61,12 +61,17 @@ def test_closed_form_gives_typed_answers(case, route):
         _assert_answer(getattr(opt, name), getattr(case, name), name, case)
 
 
-def test_imbalanced_problem_has_no_closed_form():
-    """The closed form is derived for balanced classes only; per-class counts are refused by name."""
+def test_imbalanced_problem_closed_form_says_its_spectrum_is_numerical():
+    """With a bias the centred targets of per-class counts have no typed-out spectrum: the square-loss
+    closed form computes it numerically and says so; cross-entropy refuses the counts by name."""
     problem = UFMProblem(C=4, N=(8, 4, 2, 1), lam_w=0.01, lam_h=0.01)
     assert problem.counts == (8, 4, 2, 1) and problem.n == 15
+    assert problem.loss.closed_form(problem).spectrum == "numerical"
     with pytest.raises(ValueError, match="balanced classes"):
-        problem.loss.closed_form(problem)
+        _ = problem.N_balanced
+    ce = UFMProblem(C=4, N=(8, 4, 2, 1), lam_w=0.01, lam_h=0.01, loss="ce")
+    with pytest.raises(ValueError, match="per-class counts"):
+        ce.loss.closed_form(ce)
 
 
 # ---------------------------------------------------------------- the built minimizer
