@@ -3,8 +3,8 @@
     python examples/flow_vs_closed_form.py
 
 Three problems: the poster's balanced square-loss UFM, the same with label smoothing a = 0.1 (its
-closed form is docs/theory.md §5), and imbalanced counts (8, 4, 2), which have no closed form yet:
-the comparison then says why, and the flow still runs. Every row has the keys of
+closed form is docs/theory.md §5), and imbalanced counts (8, 4, 2) with a regularized bias, which
+have no closed form: the comparison then says why, and the flow still runs. Every row has the keys of
 ``ufm.experiments.compare.ROW_KEYS``; the integrator and its tolerances are the library's defaults.
 """
 
@@ -14,7 +14,7 @@ from ufm.model import UFMProblem
 PROBLEMS = {
     "balanced": UFMProblem(4, 5, 0.02, 0.02),
     "label smoothing 0.1": UFMProblem(4, 5, 0.02, 0.02, label_smoothing=0.1),
-    "counts (8, 4, 2)": UFMProblem(3, (8, 4, 2), 0.02, 0.02),
+    "counts (8, 4, 2), lam_b = 1": UFMProblem(3, (8, 4, 2), 0.02, 0.02, lam_b=1.0),
 }
 
 for name, problem in PROBLEMS.items():

@@ -4,8 +4,9 @@
 
 Four variants from the same kind of random start: the poster's balanced square-loss UFM (its closed
 form is docs/theory.md §5, drawn dashed), a deep linear UFM (two layers after H), cross-entropy,
-and imbalanced counts (8, 4, 2). The last three have no closed form in ``ufm``: the flow still runs,
-and the figure says so instead of drawing a reference. Everything goes through the public API:
+and imbalanced counts (8, 4, 2). Each has a closed form (docs/theory.md §7, §9, §8), drawn dashed;
+a variant without one (say ``lam_b`` > 0 with imbalanced counts) still runs, and the figure says so
+instead of drawing a reference. Everything goes through the public API:
 ``ufm.UFMProblem`` and ``ufm.compare_flow`` (the library's default integrator and tolerances).
 ``--quick`` (the test suite's mode) stops every flow after a short time.
 """

@@ -67,12 +67,11 @@ def test_building_the_parser_imports_no_heavy_module():
     [
         (["--help"], ("torch", "sympy", "scipy")),
         (["solve", *PROBLEM, "-p", "4", "--json"], ("torch", "sympy", "scipy")),
-        (["solve", *PROBLEM, "-p", "4", "--verify", "--starts", "1", "--json"], ("torch", "sympy")),
     ],
 )
 def test_commands_import_only_what_they_use(argv, unused):
-    """`ufm --help` and `ufm solve` (closed form) run without SciPy, torch or SymPy; --verify (L-BFGS)
-    brings SciPy only. A property of the imports, checked in a fresh interpreter; the start-up time
+    """`ufm --help` and `ufm solve` (closed form) run without SciPy, torch or SymPy. (--verify needs
+    SciPy for L-BFGS and torch for the Hessian that classifies its end point.) A property of the imports, checked in a fresh interpreter; the start-up time
     itself is measured in benchmarks/bench_startup.py."""
     code = (
         "import sys; from ufm.cli import main\n"

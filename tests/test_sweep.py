@@ -395,13 +395,15 @@ def test_flow_grid_takes_the_model_flags(tmp_path):
     assert (res.n_done, res.n_failed) == (4, 0)
     table = read_table(res.table, ("run_id", "kind"))
     assert [r["per_class"] for r in table] == [2, 2, "3,2,1", "3,2,1"] and table[0]["lam_w"] == "0.02,0.03"
+    assert len(str(table[2]["cf_w_row_norm_sq"]).split(",")) == 3  # one per class
     for r in table:
         assert r["critical_point"] in ("minimum", "saddle") and r["geometry"] in (
             "simplex_etf",
             "other",
             "zero",
         )
-        assert r["closed_form_note"]  # depth 2: no closed form
+        # depth 2 has a closed form (docs/theory.md §7) only with an unregularized bias
+        assert bool(r["closed_form_note"]) == (r["lam_b"] > 0)
 
 
 @pytest.mark.parametrize(

@@ -102,12 +102,14 @@ def centred_class_means(problem: UFMProblem, params: UFMParams) -> np.ndarray:
 _STATE_COPIES = 20
 
 
-def _flow_bytes(problem: UFMProblem, p: int) -> float:
+def _flow_bytes(problem: UFMProblem, p: int, *, moments: bool = False) -> float:
     """Estimated float64 bytes of a flow: the targets (C, n) and their one-hot labels, twice, and
-    _STATE_COPIES copies of the state H (p, n), W_1..W_{L-1} (p, p), W_L (C, p) and b (C,)."""
+    _STATE_COPIES copies of the state: H (p, n), or for a moment flow the class means M (p, C) and the
+    scatter S (p, p); W_1..W_{L-1} (p, p), W_L (C, p) and b (C,)."""
     C, n = problem.C, problem.n
-    state = p * n + (problem.depth - 1) * p * p + C * p + C
-    return 8.0 * (2 * C * n + _STATE_COPIES * state)
+    features = p * C + p * p if moments else p * n
+    state = features + (problem.depth - 1) * p * p + C * p + C
+    return 8.0 * ((0 if moments else 2 * C * n) + _STATE_COPIES * state)
 
 
 def _centred_moment_means(state: MomentState, problem: UFMProblem) -> np.ndarray:
@@ -210,13 +212,15 @@ def compare_flow(
     FlowComparison
         ``.row()`` is the canonical row of the module docstring.
     """
-    if use_moments(problem, p, flow_options.get("moments")):
+    moments = use_moments(problem, p, flow_options.get("moments"))
+    check_memory(
+        f"a {'moment' if moments else 'gradient'} flow at C = {problem.C}, n = {problem.n}, p = {p}",
+        _flow_bytes(problem, p, moments=moments),
+        "choose a smaller problem (-C, -N, -p)" + ("" if moments else ", or a moment flow (--moments)"),
+    )  # fmt: skip
+    if moments:
         start: Any = random_moments(problem, p, scale=init_scale, rng=seed)
     else:
-        check_memory(
-            f"a gradient flow at C = {problem.C}, n = {problem.n}, p = {p}", _flow_bytes(problem, p),
-            "choose a smaller problem (-C, -N, -p), or a moment flow (--moments) for the square loss",
-        )  # fmt: skip
         start = UFMParams.random(problem, p, scale=init_scale, rng=seed)
     flow = gradient_flow(problem, start, **flow_options)
     try:

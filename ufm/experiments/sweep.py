@@ -459,6 +459,8 @@ def _scalar(key: str, value: Any) -> Any:
     if isinstance(value, float):
         # A table cell never holds NaN: an undefined measurement is an empty cell (None).
         return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):  # per-class results (imbalanced counts): "0.5,0.25,0.1"
+        return ",".join(str(_scalar(key, v)) for v in value)
     raise TypeError(f"result {key!r} is a {type(value).__name__}, not a scalar")
 
 
