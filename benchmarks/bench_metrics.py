@@ -6,7 +6,7 @@ For each (n, p, C) it times, in one process on the same features:
              the features;
 * library    ``ufm.nc_metrics(features, labels, W, b)`` on the NumPy array and on the torch tensor:
              all of NC1-NC4, NC2 of W, SQI, ranks;
-* peer       the peer library's method for NC1 alone (Wu and Papyan's, /work/shared/PEERS.md; written
+* peer       the peer library's method for NC1 alone (Wu and Papyan's [WP24], docs/theory.md §17.7; written
              out in ``_peer_nc1``): accumulate the class means, then the p x p within-class scatter
              batch by batch, and pseudo-invert the p x p Sigma_B, in torch in the features' dtype.
 
