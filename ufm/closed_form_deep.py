@@ -13,8 +13,10 @@ unregularized bias or none.
 2. A free bias takes the mean of the targets, b = T 1/n, and Z fits the centred targets
    T~ = T (I - 1 1^T/n) (as §5.1 step 3); without a bias Z fits T.
 3. By von Neumann's trace inequality Z keeps the singular vectors of its targets, and each target
-   singular value S (absolute units) becomes the s >= 0 minimizing
+   singular value S (absolute units) becomes the s >= 0 minimizing ::
+
        g(s) = (S - s)^2/(2n) + (m/2) c s^(2/m).
+
    For m = 2 (depth 1) this is the soft threshold s = (S - n c)_+. For m >= 3, g is not convex:
    a nonzero stationary point solves (S - s) s^(1 - 2/m) = n c, which has roots only for
    n c <= deep_root_limit(S, m) (two roots; the larger is a local minimum), where

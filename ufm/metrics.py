@@ -606,17 +606,20 @@ def nc_metrics_from_moments(
 ) -> NCMetrics:
     """The measures of :func:`nc_metrics` that the class means and the within-class scatter determine.
 
-    Parameters
-    ----------
-    means : (p, C) class means mu_c as columns; scatter : (p, p) S = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T;
-    counts : the C class counts N_c; W : (C, p) classifier, optional; b : (C,) bias, optional;
-    layers : weight matrices for rho, optional.
-
     NC1 = Tr(Sigma_W Sigma_B^+)/C = (1/n) sum_k u_k^T S u_k / s_k^2 with M - mu_G = U diag(s) V^T
     (docs/theory.md §17.1, the same rank cutoff); NC2, NC3 and the ranks as :func:`nc_metrics`.
     ``eps`` is 1 - mean correct-class output of W h + b, which the means determine. NC4 and the SQI
     residuals need individual examples (or each class's own scatter) and are None here
     (docs/theory.md §11).
+
+    Parameters
+    ----------
+    means : (p, C) class means mu_c as columns
+    scatter : (p, p) S = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T
+    counts : the C class counts N_c
+    W : (C, p) classifier, optional
+    b : (C,) bias, optional
+    layers : weight matrices for rho, optional
     """
     mu = _numpy("means", means)
     S = _numpy("scatter", scatter)

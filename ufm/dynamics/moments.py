@@ -15,7 +15,7 @@ means (T_c the classes' targets, columns t_c), D_N = diag(N_c) and K = A^T A/n +
     b'   = -(1/n) R D_N 1 - lam_b b
     W_k' = -(W_L..W_{k+1})^T G_A (W_{k-1}..W_1)^T - lam_k W_k,   G_A = (1/n)(R D_N M^T + A S),
 
-and the loss and the full model's ||grad L|| are exact functions of the state:
+and the loss and the full model's ||grad L|| are exact functions of the state::
 
     L = (1/(2n)) [tr(R D_N R^T) + tr(A S A^T)] + sum_k lam_k/2 ||W_k||^2
         + lam_h/2 (tr(M D_N M^T) + tr S) + lam_b/2 ||b||^2,

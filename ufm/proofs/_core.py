@@ -1,8 +1,8 @@
 """Proof objects, the registry, and the checker that runs them.
 
 A proof is a list of claims, each a SymPy expression that must vanish identically ("zero") or be
-positive under the symbols' assumptions ("positive"), a matrix expression in ``MatrixSymbol``s of
-symbolic sizes that must vanish identically ("matrix"), or a number the library computed that must
+positive under the symbols' assumptions ("positive"), a matrix expression in ``sympy.MatrixSymbol`` objects
+of symbolic sizes that must vanish identically ("matrix"), or a number the library computed that must
 vanish within a tolerance ("numeric"). The checker
 
 1. evaluates every symbolic claim at K random points that respect the assumptions (a matrix claim
@@ -101,7 +101,7 @@ def positive(label: str, expr: Any) -> Claim:
 
 
 def matrix_zero(label: str, expr: Any) -> Claim:
-    """A matrix identity ``expr = 0`` in ``sympy.MatrixSymbol``s whose sizes may be symbols."""
+    """A matrix identity ``expr = 0`` in ``sympy.MatrixSymbol`` objects whose sizes may be symbols."""
     return Claim(label, expr, "matrix")
 
 
