@@ -501,7 +501,7 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
         "built from them. A line on stderr marks each part's start and end with its time.",
     )
     p.add_argument(
-        "--quick", action="store_true", help="small sizes (191 s of CPU time, measured; see the README)"
+        "--quick", action="store_true", help="small sizes (56 s measured on 2 idle CPU cores; see the README)"
     )
     p.add_argument(
         "--out", default=None, metavar="DIR",

@@ -23,13 +23,13 @@ scale-aware tolerance, which a strict saddle fails and a minimum with flat symme
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from ._threads import one_torch_thread
 from .geometry import frame_distance
 from .model import UFMParams, UFMProblem, check_params, last_features, loss_and_grad, torch_loss
 
@@ -170,20 +170,6 @@ def hessian_operator(problem: UFMProblem, params: UFMParams) -> Callable[[np.nda
     return hvp
 
 
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Hessian-vector products on one torch thread: the tensors are small, and on the shared 2-core
-    machine a product at (C, N, p) = (4, 5, 4) took 25 ms with two threads and 0.7 ms with one."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _lanczos_extremes(
     hvp: Callable[[np.ndarray], np.ndarray], n: int, count: list[int]
 ) -> tuple[float, float]:
@@ -262,7 +248,7 @@ def classify_point(
         )
     else:
         try:
-            with _one_torch_thread():
+            with one_torch_thread():
                 lam_min, rho = _lanczos_extremes(hessian_operator(problem, params), n, count)
         except ArpackNoConvergence:
             note = f"Lanczos did not converge within {HESSIAN_MAX_HVP} Hessian-vector products"

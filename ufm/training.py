@@ -40,7 +40,6 @@ The poster's experiment built on :func:`train` (the same run with and without we
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from . import closed_form
+from ._threads import one_torch_thread
 from ._validation import (
     EqualClassMeans,
     check_choice,
@@ -463,18 +463,6 @@ def _centred_means(H: torch.Tensor, y: torch.Tensor, C: int) -> np.ndarray:
     return (sums / counts[:, None] - sums.sum(0) / counts.sum()).cpu().numpy()
 
 
-@contextlib.contextmanager
-def _one_cpu_thread():
-    """Run LAPACK calls on one CPU thread: on a shared, busy CPU a multithreaded SVD of a 256 x 784
-    matrix was measured 40x slower than a single-threaded one (threads spinning on taken cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _singular_values(W: torch.Tensor, *, exact: bool = True) -> np.ndarray:
     """Singular values of a weight as a matrix (out, fan_in), float64, descending.
 
@@ -483,7 +471,7 @@ def _singular_values(W: torch.Tensor, *, exact: bool = True) -> np.ndarray:
     per-epoch ranks. Computed by torch on the weight's device.
     """
     A = W.detach().reshape(W.shape[0], -1).double()
-    with _one_cpu_thread():
+    with one_torch_thread():
         if exact:
             return torch.linalg.svdvals(A).cpu().numpy()
         G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
