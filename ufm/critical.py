@@ -182,7 +182,7 @@ def _lanczos_extremes(
     A Ritz value never exceeds the largest eigenvalue, so an unconverged lambda_min errs upwards:
     ArpackNoConvergence is raised rather than a guess returned.
     """
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
     def matvec(v: np.ndarray) -> np.ndarray:
         count[0] += 1
@@ -195,7 +195,15 @@ def _lanczos_extremes(
     opts = dict(k=1, tol=LANCZOS_TOL, ncv=ncv, maxiter=maxiter, v0=v0, return_eigenvectors=False)
     rho = float(abs(eigsh(H, which="LM", **opts)[0]))
     shifted = LinearOperator((n, n), matvec=lambda v: rho * v - matvec(v), dtype=float)
-    top = float(eigsh(shifted, which="LA", **opts)[0])
+    try:
+        top = float(eigsh(shifted, which="LA", **opts)[0])
+    except ArpackError:
+        # ARPACK stops when rho I - H sends the random start v0 to (numerically) zero. A generic
+        # vector in the kernel means the kernel is everything: H = rho I (e.g. the zero solution of
+        # a deep model, whose Hessian is the weight decay's), so lambda_min = rho.
+        if np.linalg.norm(shifted.matvec(v0)) > 1e-10 * rho * np.linalg.norm(v0):
+            raise
+        top = 0.0
     return rho - top, rho
 
 
