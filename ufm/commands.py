@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import Any
 
 from .losses import LOSSES
 
@@ -45,15 +46,22 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _counts(text: str) -> int | tuple[int, ...]:
-    """``-N``: one count (``5``) or C comma-separated per-class counts (``8,4,2``)."""
-    try:
-        counts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a count or comma-separated per-class counts (8,4,2), got {text!r}"
-        ) from None
-    return counts[0] if len(counts) == 1 else counts
+def _one_or_list(kind: type, expected: str) -> Callable[[str], Any]:
+    """An argparse type: one value, or comma-separated values as a tuple (``8,4,2``)."""
+
+    def parse(text: str):
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return values[0] if len(values) == 1 else values
+
+    return parse
+
+
+# ``-N``: one count or C per-class counts; ``--lam-w``: one decay or one per layer, W_1 first.
+_counts = _one_or_list(int, "a count or comma-separated per-class counts (8,4,2)")
+_decays = _one_or_list(float, "a decay or L comma-separated decays, W_1 first (1e-3,2e-3)")
 
 
 def _seed(text: str) -> int:
@@ -65,17 +73,6 @@ def _seed(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
-
-
-def _decays(text: str) -> float | tuple[float, ...]:
-    """``--lam-w``: one decay for every layer (``1e-3``) or L comma-separated ones, W_1 first."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a decay or L comma-separated decays, W_1 first (1e-3,2e-3), got {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else values
 
 
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
