@@ -649,10 +649,11 @@ def _run_flow(args: argparse.Namespace) -> int:
         shown = "-" if v is None else f"{v:.10g}"
         print(f"  {name:<12} {shown:>16} {'-' if c is None else format(c, '.10g'):>16}")
     rank = f" (rank {out['rank']})" if out["geometry"] == "other" else ""
-    print(f"  {'geometry':<12} {out['geometry'] + rank:>16} {cf.get('geometry') or '-':>16}")
+    print(f"  {'geometry':<12} {(out['geometry'] or '-') + rank:>16} {cf.get('geometry') or '-':>16}")
     eig = out["hessian_min_eig"]
     print(f"  {'hessian_min':<12} {'-' if eig is None else format(eig, '.3g'):>16}")
-    print(f"  end point: {out['critical_point']}")
+    unclassified = r.unavailable.get("critical", "not classified")
+    print(f"  end point: {out['critical_point'] or 'not classified: ' + unclassified}")
     if comparison.optimum is None:
         print(f"  (no closed form: {row['closed_form_note']})")
     for path in out.get("files", []):

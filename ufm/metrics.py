@@ -603,6 +603,7 @@ def nc_metrics_from_moments(
     b: Any = None,
     *,
     layers: Sequence[Any] | None = None,
+    factor: Any = None,
 ) -> NCMetrics:
     """The measures of :func:`nc_metrics` that the class means and the within-class scatter determine.
 
@@ -620,6 +621,8 @@ def nc_metrics_from_moments(
     W : (C, p) classifier, optional
     b : (C,) bias, optional
     layers : weight matrices for rho, optional
+    factor : (p, r) L with L L^T = scatter, optional: NC1 is then sum_k ||L^T u_k||^2 / s_k^2 / n,
+        non-negative in floating point (u_k^T S u_k can round below zero where NC1 ~ 0)
     """
     mu = _numpy("means", means)
     S = _numpy("scatter", scatter)
@@ -639,7 +642,11 @@ def nc_metrics_from_moments(
         raise ValueError("all class means are equal (to rounding): the between-class covariance is zero")
     r = min(C - 1, _rank(s, M.shape))
     U = Vt[:r].T  # (p, r)
-    nc1 = float(np.sum((U * (S @ U)).sum(axis=0) / s[:r] ** 2) / n)
+    if factor is None:
+        nc1 = float(np.sum((U * (S @ U)).sum(axis=0) / s[:r] ** 2) / n)
+    else:
+        LtU = check_shape("factor", _numpy("factor", factor), (p, None)).T @ U  # (r_L, r)
+        nc1 = float(np.sum((LtU**2).sum(axis=0) / s[:r] ** 2) / n)
     fields: dict[str, Any] = dict(
         n=int(n), p=p, C=C, nc1=nc1,
         etf_distance=_frame_distances(A * s, p, ["simplex_etf"])[0],

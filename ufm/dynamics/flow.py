@@ -59,6 +59,7 @@ from .moments import (
     moment_record,
     moment_velocity,
     moments_from_params,
+    scatter_factor,
     use_moments,
 )
 
@@ -140,7 +141,9 @@ class _System:
     ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
     ``stationarity_is_grad_norm`` lets the records reuse the stationarity as ||grad L||.
     ``record(y)`` (optional) gives the record's measures instead of ``record_state(to_params(y))``;
-    ``unavailable`` names the measures the flow cannot give, and why.
+    ``unavailable`` names the measures the flow cannot give, and why. ``tolerance_scale`` (optional):
+    per-entry factors (on atol, on rtol) of the integrator's tolerances, for a state whose entries do
+    not count as the full flow's do (the moment flow).
     """
 
     problem: UFMProblem
@@ -154,6 +157,7 @@ class _System:
     stationarity_is_grad_norm: bool = True
     record: Callable[[np.ndarray], dict[str, float]] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
+    tolerance_scale: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
@@ -337,27 +341,48 @@ class _MomentMeanOutput:
 
 
 def moment_linear_part(problem: UFMProblem, like: MomentState) -> np.ndarray:
-    """Diagonal Lambda (``MomentState.ravel`` order) of the exact split of the moment flow: lam_h on M,
-    lam_k on W_k, lam_b + 1 on b (the square loss's bias curvature), 2 lam_h on S (docs/theory.md §11)."""
+    """Diagonal Lambda (``MomentState.ravel`` order, the factor L in the slot of S) of the exact split of
+    the moment flow: lam_h on M and on L, lam_k on W_k, lam_b + 1 on b (the square loss's bias
+    curvature) (docs/theory.md §11)."""
     parts = [np.full(like.M.size, problem.lam_h)]
     parts += [np.full(Wk.size, lam) for lam, Wk in zip(problem.lam_layers, like.Ws)]
     if like.b is not None:
         parts.append(np.full(like.b.size, problem.lam_b + problem.loss.bias_curvature))
-    parts.append(np.full(like.S.size, 2 * problem.lam_h))
+    parts.append(np.full(like.S.size, problem.lam_h))
     return -np.concatenate(parts)
 
 
+def moment_tolerance_scale(problem: UFMProblem, like: MomentState) -> tuple[np.ndarray, np.ndarray]:
+    """Per-entry factors (on atol, on rtol) that give the moment flow the full flow's error norm.
+
+    The full flow's RMS runs over H's n p entries and the weights; H = M E^T + D, so an error in
+    mu_c counts N_c times and the deviations' error counts as ||E_D||_F, which equals the factor's
+    ||E_L||_F (docs/theory.md §11.1). Weights w (N_c on M's column c, 1 elsewhere) and the full
+    count n_full are folded into the tolerances, f = sqrt(n_full / (n_moment w)), and rtol on L is
+    scaled by sqrt(p/n): an entry of L is sqrt(n/p) times an entry of D in size.
+    """
+    p, C, n = like.p, problem.C, problem.n
+    n_weights = sum(Wk.size for Wk in like.Ws) + (0 if like.b is None else C)
+    n_full, n_moment = n * p + n_weights, like.ravel().size
+    w = np.concatenate([np.repeat(np.asarray(problem.counts, dtype=float), p).reshape(C, p).T.ravel(),
+                        np.ones(n_moment - like.M.size)])  # fmt: skip
+    f = np.sqrt(n_full / (n_moment * w))
+    r = np.ones(n_moment)
+    r[n_moment - like.S.size :] = np.sqrt(p / n)
+    return f, f * r
+
+
 def _moment_system(problem: UFMProblem, start: MomentState) -> _System:
-    """The moment flow of docs/theory.md §11 as a flat system, in mean-output coordinates where the
-    full flow uses them."""
+    """The moment flow of docs/theory.md §11 as a flat system on (M, W_k, b, L), S = L L^T, in
+    mean-output coordinates where the full flow uses them."""
     mean_output = problem.depth == 1 and problem.loss.mean_output_coordinates and start.b is not None
     coords = _MomentMeanOutput(problem, start) if mean_output else _FlatCoordinates()
 
     def velocity(theta: Any, cat: Callable[[list[Any]], Any]) -> tuple[Any, Any, Any]:
-        M, Ws, b, S = _split(start, theta)
-        value, (dM, dWs, db, dS), grad_sq = moment_velocity(problem, M, Ws, b, S)
+        M, Ws, b, L = _split(start, theta)
+        value, (dM, dWs, db, dL), grad_sq = moment_velocity(problem, M, Ws, b, L)
         parts = (
-            [dM.reshape(-1), *[d.reshape(-1) for d in dWs]] + ([] if db is None else [db]) + [dS.reshape(-1)]
+            [dM.reshape(-1), *[d.reshape(-1) for d in dWs]] + ([] if db is None else [db]) + [dL.reshape(-1)]
         )
         return value, cat(parts), grad_sq
 
@@ -374,19 +399,31 @@ def _moment_system(problem: UFMProblem, start: MomentState) -> _System:
         value, dtheta, grad_sq = velocity(theta, torch.cat)
         return value, coords.velocity(theta, dtheta), grad_sq.clamp(min=0.0) ** 0.5
 
-    def to_params(y: np.ndarray) -> MomentState:
-        return MomentState.unravel(start, coords.to_flat(np.array(y, dtype=float)))
+    def factored(y: np.ndarray) -> tuple[MomentState, np.ndarray]:
+        """(the MomentState, its factor L) of a flow state."""
+        M, Ws, b, L = _split(start, coords.to_flat(np.array(y, dtype=float)))
+        S = L @ L.T
+        return MomentState(tuple(Ws), b, M, 0.5 * (S + S.T)), L
 
+    def to_params(y: np.ndarray) -> MomentState:
+        return factored(y)[0]
+
+    def record(y: np.ndarray) -> dict[str, float]:
+        state, L = factored(y)
+        return moment_record(problem, state, factor=L)
+
+    theta0 = MomentState(start.Ws, start.b, start.M, scatter_factor(start.S)).ravel()
     try:
         with np.errstate(over="raise", invalid="raise"):
-            y0 = coords.to_state(start.ravel().copy())
+            y0 = coords.to_state(theta0)
     except FloatingPointError as err:
         raise ValueError(f"the start: its mean output overflows ({err}); scale it down") from None
     return _System(
         problem=problem, y0=y0, field=field_np, to_params=to_params,
         linear=moment_linear_part(problem, start), torch_field=field_torch,
-        to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
-        record=lambda y: moment_record(problem, to_params(y)), unavailable=UNAVAILABLE | {"critical": _NOT_CLASSIFIED},
+        to_flat=lambda y: to_params(y).ravel(), record=record,
+        tolerance_scale=moment_tolerance_scale(problem, start),
+        unavailable=UNAVAILABLE | {"critical": _NOT_CLASSIFIED},
     )  # fmt: skip
 
 
@@ -716,6 +753,8 @@ def integrate(
             check(system.y0)
     except FlowDiverged as err:
         raise ValueError(f"the start: {err.cause}; scale it down") from None
+    if system.tolerance_scale is not None:
+        atol, rtol = atol * system.tolerance_scale[0], rtol * system.tolerance_scale[1]
     solver = cls(fun, system.y0, t_max, rtol=rtol, atol=atol, linear=system.linear, device=device)
     bar = _Progress(progress, f"flow {method}", tol=tol, t_max=t_max, max_nfev=budget_nfev,
                     max_seconds=budget_seconds)  # fmt: skip

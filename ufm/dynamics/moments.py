@@ -22,7 +22,11 @@ and the loss and the full model's ||grad L|| are exact functions of the state::
     ||grad_H L||^2 = tr(M' D_N M'^T) + tr(K S K),
     tr(K S K) = (1/n^2) <A S A^T, A A^T> + (2 lam_h/n) <A S, A> + lam_h^2 tr S.
 
-One evaluation costs 4 C p^2 flops for A S and A^T (A S) (plus p^3 per hidden layer), whatever n is.
+The flow carries S as a factor L (p, p), S = L L^T, which moves exactly as the deviations do,
+L' = -K L (D' = -K D for the deviations D (p, n)): then S' = -(K S + S K) follows, S stays positive
+semidefinite, and the integrators' error estimate in L has the size of the one in D
+(docs/theory.md §11.2), so the moment flow takes the full flow's steps. One evaluation costs
+6 C p^2 flops for A L, (A L) L^T and A^T (A L) (plus p^3 per hidden layer), whatever n is.
 
 Measures. NC1, NC2, NC3, eps and cos_w come from the state (``ufm.metrics.nc_metrics_from_moments``).
 NC4 and the SQI residuals need each example's output, or at least each class's own scatter, which
@@ -46,7 +50,8 @@ from ..params import UFMParams
 
 __all__ = [
     "AUTO_MOMENTS_MIN_ENTRIES", "MomentState", "UNAVAILABLE", "moment_record", "moment_velocity",
-    "moments_exact", "moments_from_params", "random_moments", "representative_params", "use_moments",
+    "moments_exact", "moments_from_params", "random_moments", "representative_params", "scatter_factor",
+    "use_moments",
 ]  # fmt: skip
 
 # Measures a moment flow cannot give, and why (FlowResult.unavailable).
@@ -234,13 +239,35 @@ def _xp(a: Any) -> Any:
     return torch
 
 
-def moment_velocity(
-    problem: UFMProblem, M: Any, Ws: list[Any], b: Any, S: Any
-) -> tuple[Any, tuple[Any, list[Any], Any, Any], Any]:
-    """Loss, the velocities (M', [W_k'], b', S') of gradient flow, and ||grad L||^2 of the full model.
+def scatter_factor(S: np.ndarray) -> np.ndarray:
+    """A factor L (p, p) with L L^T = S: the state in which the moment flow carries the scatter.
 
-    The equations of the module docstring (docs/theory.md §11); NumPy arrays or torch tensors of one
-    device (the same operations serve both). Returns (loss, (dM, dWs, db, dS), grad_sq).
+    Cholesky where S is positive definite, else the symmetric square root V sqrt(Lambda) V^T (a
+    singular Wishart scatter, n - C < p). Raises ValueError where S has an eigenvalue below
+    -p eps ||S||: it is not a scatter matrix.
+    """
+    try:
+        return np.linalg.cholesky(S)
+    except np.linalg.LinAlgError:
+        evals, V = np.linalg.eigh(S)
+        floor = S.shape[0] * np.finfo(float).eps * max(float(np.abs(evals).max()), np.finfo(float).tiny)
+        if evals[0] < -floor:
+            raise ValueError(
+                f"S (within-class scatter) is not positive semidefinite: eigenvalue {evals[0]:.3g}; "
+                "a scatter sum_i d_i d_i^T has none below zero"
+            ) from None
+        return (V * np.sqrt(np.clip(evals, 0.0, None))) @ V.T
+
+
+def moment_velocity(
+    problem: UFMProblem, M: Any, Ws: list[Any], b: Any, L: Any
+) -> tuple[Any, tuple[Any, list[Any], Any, Any], Any]:
+    """Loss, the velocities (M', [W_k'], b', L') of gradient flow, and ||grad L||^2 of the full model.
+
+    The scatter enters through a factor L (p, p), S = L L^T (``scatter_factor``), which moves as the
+    deviations do, L' = -K L (docs/theory.md §11.2); then S' = L' L^T + L L'^T = -(K S + S K), and
+    tr(K S K) = ||L'||_F^2. The equations of the module docstring; NumPy arrays or torch tensors of one
+    device (the same operations serve both). Returns (loss, (dM, dWs, db, dL), grad_sq).
     """
     xp = _xp(M)
     like = dict(dtype=M.dtype) if xp is np else dict(dtype=M.dtype, device=M.device)
@@ -264,12 +291,12 @@ def moment_velocity(
     if b is not None:
         R = R + b[:, None]
     RN = R * N  # R D_N
-    G = A @ S  # (C, p) = A S
-    AS_A = (G * A).sum()  # tr(A S A^T)
-    trS = S.diagonal().sum()
+    AL = A @ L  # (C, p)
+    AS_A = (AL * AL).sum()  # tr(A S A^T)
+    trS = (L * L).sum()
     value = 0.5 * ((RN * R).sum() + AS_A) / n + 0.5 * lam_h * (((M * M) * N).sum() + trS)
     value = value + sum(0.5 * lam * (Wk * Wk).sum() for lam, Wk in zip(problem.lam_layers, Ws))
-    G_A = (RN @ M.T + G) / n  # (C, p) = dL_data/dA
+    G_A = (RN @ M.T + AL @ L.T) / n  # (C, p) = dL_data/dA = (R D_N M^T + A S)/n
     # Backward through A = W_L W_{L-1} ... W_1, as backpropagation through linear layers.
     gWs, dZ = [], G_A
     for k in range(problem.depth - 1, -1, -1):
@@ -278,17 +305,15 @@ def moment_velocity(
         dZ = Ws[k].T @ dZ
     gWs.reverse()
     dM = -(A.T @ R) / n - lam_h * M
-    X = A.T @ G  # (p, p) = A^T A S
-    dS = -(X + X.T) / n - 2 * lam_h * S
-    grad_sq = ((dM * dM) * N).sum() + sum((g * g).sum() for g in gWs)
-    # tr(K S K), K = A^T A/n + lam_h I: the deviations' share of ||grad_H L||^2.
-    grad_sq = grad_sq + ((G @ A.T) * (A @ A.T)).sum() / n**2 + 2 * lam_h * AS_A / n + lam_h**2 * trS
+    dL = -(A.T @ AL) / n - lam_h * L  # -K L
+    # ||grad_H L||^2 = tr(M' D_N M'^T) + tr(K S K), the second the deviations' share.
+    grad_sq = ((dM * dM) * N).sum() + sum((g * g).sum() for g in gWs) + (dL * dL).sum()
     db = None
     if b is not None:
         value = value + 0.5 * problem.lam_b * (b * b).sum()
         db = -(RN.sum(axis=1) if xp is np else RN.sum(dim=1)) / n - problem.lam_b * b
         grad_sq = grad_sq + (db * db).sum()
-    return value, (dM, [-g for g in gWs], db, dS), grad_sq
+    return value, (dM, [-g for g in gWs], db, dL), grad_sq
 
 
 def _outputs_at_means(problem: UFMProblem, state: MomentState) -> np.ndarray:
@@ -300,21 +325,26 @@ def _outputs_at_means(problem: UFMProblem, state: MomentState) -> np.ndarray:
     return F if state.b is None else F + state.b[:, None]
 
 
-def _last_means(state: MomentState) -> tuple[np.ndarray, np.ndarray]:
-    """Class means (p, C) and scatter (p, p) of the classifier's input z_{L-1} = W_{L-1}..W_1 H."""
+def _last_means(state: MomentState, L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class means (p, C), scatter (p, p) and its factor P L of the classifier's input
+    z_{L-1} = P H, P = W_{L-1}..W_1."""
     P = np.eye(state.p)
     for Wk in state.Ws[:-1]:
         P = Wk @ P
-    return P @ state.M, P @ state.S @ P.T
+    return P @ state.M, P @ state.S @ P.T, P @ L
 
 
-def moment_record(problem: UFMProblem, state: MomentState) -> dict[str, float]:
+def moment_record(
+    problem: UFMProblem, state: MomentState, factor: np.ndarray | None = None
+) -> dict[str, float]:
     """``record_state``'s measures from the moments: loss, eps, cos_w, ||W||^2, ||H||^2 and the NC
-    measures of ``nc_metrics_from_moments`` (docs/theory.md §11); those of UNAVAILABLE are left out."""
+    measures of ``nc_metrics_from_moments`` (docs/theory.md §11); those of UNAVAILABLE are left out.
+    ``factor``: L with L L^T = state.S where the caller has one (the flow), else ``scatter_factor``."""
     from ..metrics import nc_metrics_from_moments
 
     counts = np.asarray(problem.counts, dtype=float)
-    value, _, _ = moment_velocity(problem, state.M, list(state.Ws), state.b, state.S)
+    L = scatter_factor(state.S) if factor is None else factor
+    value, _, _ = moment_velocity(problem, state.M, list(state.Ws), state.b, L)
     F = _outputs_at_means(problem, state)  # (C, C)
     rec = {
         "loss": float(value),
@@ -323,10 +353,12 @@ def moment_record(problem: UFMProblem, state: MomentState) -> dict[str, float]:
         "norm_w_sq": float(np.sum(state.W**2)),
         "norm_h_sq": float(((state.M**2).sum(axis=0) @ counts) + np.trace(state.S)),
     }
-    means, scatter = _last_means(state)
+    means, scatter, factor = _last_means(state, L)
     layers = state.Ws if problem.depth > 1 else None
     try:
-        nc = nc_metrics_from_moments(means, scatter, problem.counts, state.W, state.b, layers=layers)
+        nc = nc_metrics_from_moments(
+            means, scatter, problem.counts, state.W, state.b, layers=layers, factor=factor
+        )
         for k, v in nc.as_dict().items():
             if k not in rec and isinstance(v, int | float) and not isinstance(v, bool):
                 rec[k] = float(v)

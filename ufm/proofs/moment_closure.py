@@ -20,7 +20,7 @@ import numpy as np
 import sympy
 from sympy import Identity, MatAdd, MatMul, MatrixSymbol, Transpose, ZeroMatrix
 
-from ._core import Claim, numeric, register, zero
+from ._core import Claim, matrix_zero, numeric, register, zero
 
 p, C, n = sympy.symbols("p C n", positive=True, integer=True)
 lam_h = sympy.Symbol("lam_h", positive=True)
@@ -31,6 +31,8 @@ E = MatrixSymbol("E", n, C)  # class indicators, E = Y^T
 DN = MatrixSymbol("D_N", C, C)  # diag(N_c) = E^T E
 DN_inv = MatrixSymbol("D_N^-1", C, C)
 S = MatrixSymbol("S", p, p)  # D D^T
+L = MatrixSymbol("L", p, p)  # the flow's factor of S = L L^T (docs/theory.md §11.1)
+K_ = MatrixSymbol("K", p, p)  # a general p x p matrix, for the factor's identities
 T_c = MatrixSymbol("T_c", C, C)  # the classes' targets, T = T_c E^T
 b = MatrixSymbol("b", C, 1)
 one_C = MatrixSymbol("1_C", C, 1)
@@ -90,7 +92,7 @@ def _vanishes(label: str, lhs: sympy.Expr, rhs: sympy.Expr) -> Claim:
 
 def _library_check(rng: np.random.Generator) -> list[Claim]:
     """The library's moment_velocity against the full gradient projected by hand, at random states."""
-    from ufm.dynamics.moments import moment_velocity, moments_from_params
+    from ufm.dynamics.moments import moment_velocity, moments_from_params, scatter_factor
     from ufm.model import UFMParams, UFMProblem, loss_and_grad
 
     claims = []
@@ -104,7 +106,9 @@ def _library_check(rng: np.random.Generator) -> list[Claim]:
         dmean = np.stack([-g.H[:, labels == c].mean(axis=1) for c in range(problem.C)], axis=1)
         Dv, dD = x.H - mean[:, labels], -g.H - dmean[:, labels]
         m = moments_from_params(problem, x)
-        loss, (dM, dWs, db, dS), grad_sq = moment_velocity(problem, m.M, list(m.Ws), m.b, m.S)
+        L = scatter_factor(m.S)
+        loss, (dM, dWs, db, dL), grad_sq = moment_velocity(problem, m.M, list(m.Ws), m.b, L)
+        dS = dL @ L.T + L @ dL.T
         err = max(
             abs(loss - value), np.abs(dM - dmean).max(), np.abs(db + g.b).max(),
             np.abs(dS - (dD @ Dv.T + Dv @ dD.T)).max(), abs(np.sqrt(grad_sq) - np.linalg.norm(g.ravel())),
@@ -121,8 +125,9 @@ def _library_check(rng: np.random.Generator) -> list[Claim]:
 @register(
     "moment_closure",
     "Moment closure: for the square loss with linear layers, the loss, dL/dA, b', the class-mean and "
-    "deviation velocities, S' and ||grad_H L||^2 depend on H only through (M, S) (matrix identities, "
-    "symbolic sizes p, C, n via MatrixSymbol; any depth through A = W_L..W_1)",
+    "deviation velocities, S' and ||grad_H L||^2 depend on H only through (M, S), and a factor L' = -K L "
+    "of S = L L^T carries S' (matrix identities, symbolic sizes p, C, n via MatrixSymbol; any depth "
+    "through A = W_L..W_1)",
     "docs/theory.md §11 (derived here)",
     "p, C, n positive integers; D E = 0, E^T E = D_N, E 1_C = 1_n, S = D D^T; lam_h > 0; square loss",
 )
@@ -162,5 +167,16 @@ def moment_closure(rng: np.random.Generator) -> list[Claim]:
             H_dot * H_dot.T,
             M_dot * DN * M_dot.T + K * S * K,
         ),  # fmt: skip
+        # §11.1: the flow carries a factor L of S; free matrix symbols (K_ a general p x p matrix, then
+        # K's symmetry), decided by the checker's "matrix" kind: no relations between symbols needed.
+        matrix_zero(
+            "§11.1: L' = -K L gives (L L^T)' = L' L^T + L L'^T = -(K (L L^T) + (L L^T) K^T)",
+            (-K_ * L) * L.T + L * (-K_ * L).T + (K_ * L * L.T + L * L.T * K_.T),
+        ),
+        matrix_zero("§11.1: K^T = K, so (L L^T)' = -(K S + S K) = S'", K.T - K),
+        matrix_zero(
+            "§11.1: K (L L^T) K^T = (K L)(K L)^T, so tr(K S K) = ||L'||_F^2",
+            K_ * L * L.T * K_.T - (K_ * L) * (K_ * L).T,
+        ),
         *_library_check(rng),
     ]
