@@ -15,7 +15,7 @@ Three measurements, each a ratio within one run (wall times vary with the machin
    exactly, docs/theory.md §13.4); pass ``--rtol`` for another.
 
 Run: ``python benchmarks/bench_moments.py [--parts flat,counts,imagenet] [--rtol 1e-2]`` (the ImageNet
-part takes minutes on 2 cores; its per-evaluation cost is 4 C p^2 + 4 C^2 p flops, about 37 GFlop).
+part takes minutes on 2 cores; its per-evaluation cost is 6 C p^2 + 6 C^2 p flops, about 50 GFlop).
 """
 
 from __future__ import annotations
