@@ -25,7 +25,7 @@ and the loss and the full model's ||grad L|| are exact functions of the state::
 The flow carries S as a factor L (p, p), S = L L^T, which moves exactly as the deviations do,
 L' = -K L (D' = -K D for the deviations D (p, n)): then S' = -(K S + S K) follows, S stays positive
 semidefinite, and the integrators' error estimate in L has the size of the one in D
-(docs/theory.md §11.2), so the moment flow takes the full flow's steps. One evaluation costs
+(docs/theory.md §11.1), so the moment flow takes the full flow's steps. One evaluation costs
 6 C p^2 flops for A L, (A L) L^T and A^T (A L) (plus p^3 per hidden layer), whatever n is.
 
 Measures. NC1, NC2, NC3, eps and cos_w come from the state (``ufm.metrics.nc_metrics_from_moments``).
@@ -265,7 +265,7 @@ def moment_velocity(
     """Loss, the velocities (M', [W_k'], b', L') of gradient flow, and ||grad L||^2 of the full model.
 
     The scatter enters through a factor L (p, p), S = L L^T (``scatter_factor``), which moves as the
-    deviations do, L' = -K L (docs/theory.md §11.2); then S' = L' L^T + L L'^T = -(K S + S K), and
+    deviations do, L' = -K L (docs/theory.md §11.1); then S' = L' L^T + L L'^T = -(K S + S K), and
     tr(K S K) = ||L'||_F^2. The equations of the module docstring; NumPy arrays or torch tensors of one
     device (the same operations serve both). Returns (loss, (dM, dWs, db, dL), grad_sq).
     """
