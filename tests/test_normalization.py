@@ -12,7 +12,7 @@ from ufm.experiments import normalization
 from ufm.experiments.normalization import conv_dense_norm, normalization_section, run_normalization
 from ufm.networks import build_network
 from ufm.tables import read_csv
-from ufm.training import measure_network
+from ufm.training import TrainConfig, measure_network
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,6 +61,7 @@ def test_run_normalization_on_tiny_runs(tmp_path, monkeypatch):
     tiny = dict(width=8, lr=3e-3, per_class=3, epochs=5, batch_size=10)
     monkeypatch.setitem(normalization.SIZES, "quick", {"mlp": tiny, "cnn": tiny | dict(lr=1e-2)})
     result = run_normalization(tmp_path, quick=True, progress=False)
+    assert normalization.NORM_WDS == (0.0, TrainConfig.wd)
     rows = read_csv(result.table)
     layers = [f"rho_{k}" for k in range(1, normalization.DEPTH + 1)]
     assert {(r["arch"], r["wd"]) for r in rows} == {

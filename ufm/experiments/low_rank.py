@@ -273,5 +273,13 @@ epoch of each run (refined = 0) and the refined last layer (refined = 1):
 
 {chr(10).join(findings)}
 
+Why W_L keeps rank C here (docs/theory.md §16.1): the network's last layer has no bias, and a
+network that fits one-hot targets cannot have rank W_L < C. With F = W_L H (C, n) and the targets T
+(C, n), whose singular values are all sqrt(N), Weyl's inequality gives
+s_C(W_L) ||H||_2 >= s_C(F) >= sqrt(N) - ||T - F||_2 > 0 as soon as ||T - F||_2 < sqrt(N). The
+bias-free UFM minimizer is accordingly an orthogonal frame of rank C (§5.2); rank C - 1 belongs to
+the simplex ETF, which needs a bias (or centred outputs) to carry the mean output 1/C. The claim
+is therefore read on the hidden layers, whose effective and stable ranks are compared above.
+
 ![low rank]({LOW_RANK_PNG})
 """
