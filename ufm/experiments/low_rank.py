@@ -20,7 +20,6 @@ per run, epoch and layer, with s_1 >= s_2 >= ... >= s_r (r = min of the layer's 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,17 +110,22 @@ class LowRankResult:
 
 
 def _rows_of_run(wd: float, path: Path, rank_rtol: float) -> list[dict]:
-    """``low_rank.csv`` rows of one run's ``singular_values.csv``."""
-    spectra: dict[tuple[int, int, int], list[tuple[int, float]]] = defaultdict(list)
-    for r in read_csv(path):
-        spectra[(r["epoch"], r["refined"], r["layer"])].append((r["index"], float(r["value"])))
+    """``low_rank.csv`` rows of one run's ``singular_values.csv`` (SGD epochs, then refined ones)."""
+    table = np.loadtxt(
+        path, delimiter=",", skiprows=1, ndmin=2
+    )  # (rows, 5): epoch, refined, layer, index, value
+    if table.size == 0:
+        return []
+    epoch, refined, layer, index, _ = table.T
+    order = np.lexsort((index, layer, epoch, refined))
+    table = table[order]
+    keys = table[:, :3]
+    starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
     rows = []
-    for (epoch, refined, layer), values in sorted(
-        spectra.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])
-    ):
-        s = np.array([v for _, v in sorted(values)])
+    for a, b in zip(starts, np.r_[starts[1:], len(table)]):
+        e, r, k = (int(v) for v in table[a, :3])
         rows.append(
-            {"wd": wd, "epoch": epoch, "refined": refined, "layer": layer, **spectrum_measures(s, rank_rtol)}
+            {"wd": wd, "epoch": e, "refined": r, "layer": k, **spectrum_measures(table[a:b, 4], rank_rtol)}
         )
     return rows
 
