@@ -275,7 +275,8 @@ def normalization_section(out: Path, number: int) -> str:
                 f"- lambda = {wd:g}: rho_CNN / rho_MLP = {c['rho'] / m['rho']:.3g} at the last epoch "
                 f"({c['rho']:.3g} against {m['rho']:.3g}; at epoch 0 {c0['rho'] / m0['rho']:.3g}); training "
                 f"accuracy {c['train_acc']:.3g} (CNN) and {m['train_acc']:.3g} (MLP). The CNN written as dense "
-                f"matrices has rho = {c['rho_dense']:.3g}, {c['rho_dense'] / c['rho']:.3g} times its kernel rho."
+                f"matrices has rho = {c['rho_dense']:.3g}, {c['rho_dense'] / c['rho']:.3g} times its kernel rho and "
+                f"{c['rho_dense'] / m['rho']:.3g} times the MLP's rho."
             )
     for (arch, wd), r in last.items():
         line = f"- {arch}, lambda = {wd:g}: rho moved by a factor {r['rho'] / first[(arch, wd)]['rho']:.3g} from epoch 0"
@@ -308,8 +309,9 @@ its initialization; at a critical point rho = rho_pred, which depends on the fit
 rho there is a smaller eps, §16.2). What locality itself changes is `rho_dense / rho`: the same CNN
 measured as a dense network has a rho larger by about the square root of the product of the output
 positions of its convolutions. The claim is held to that: the kernel rho that the paper's bound uses
-is smaller than the dense-matrix rho by that factor, while the measured rho of trained networks is
-decided here by their widths and initialization.
+is smaller than the dense-matrix rho by that factor, a count of positions; how the kernel rho of the
+trained CNN compares with the MLP's depends on their widths and initialization as long as the runs
+are far from a critical point (rho / rho_pred >> 1).
 
 ![normalization]({NORMALIZATION_PNG})
 """
