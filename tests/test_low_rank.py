@@ -144,3 +144,7 @@ def test_run_low_rank_tables_and_report(tmp_path, data):
         assert f"lambda = {wd:g}: W_L at the last epoch (4) has {rank} of {C} singular values" in text
     with pytest.raises(ValueError, match="recorded no singular values"):
         run_low_rank([(0.0, tmp_path / "nowhere")], tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / SINGULAR_VALUES).write_text("epoch,refined,layer,index,value\n")
+    with pytest.raises(ValueError, match="hold only a header"):
+        run_low_rank([(0.0, tmp_path / "empty")], tmp_path)

@@ -111,11 +111,10 @@ class LowRankResult:
 
 def _rows_of_run(wd: float, path: Path, rank_rtol: float) -> list[dict]:
     """``low_rank.csv`` rows of one run's ``singular_values.csv`` (SGD epochs, then refined ones)."""
-    table = np.loadtxt(
-        path, delimiter=",", skiprows=1, ndmin=2
-    )  # (rows, 5): epoch, refined, layer, index, value
-    if table.size == 0:
+    lines = path.read_text().splitlines()[1:]
+    if not lines:
         return []
+    table = np.loadtxt(lines, delimiter=",", ndmin=2)  # (rows, 5): epoch, refined, layer, index, value
     epoch, refined, layer, index, _ = table.T
     order = np.lexsort((index, layer, epoch, refined))
     table = table[order]
@@ -151,6 +150,10 @@ def run_low_rank(runs: Sequence[tuple[float, Path]], out: Path) -> LowRankResult
         if not path.is_file():
             raise ValueError(f"{path} is missing: the run in {directory} recorded no singular values")
         rows += _rows_of_run(float(wd), path, RANK_RTOL)
+    if not rows:
+        raise ValueError(
+            "no run recorded singular values (their singular_values.csv files hold only a header)"
+        )
     table = write_csv(Path(out) / LOW_RANK_CSV, rows)
     rows = read_csv(table)
     figure = plot_low_rank(rows, Path(out) / LOW_RANK_PNG)
