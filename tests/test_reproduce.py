@@ -116,3 +116,40 @@ def test_minimizer_phase_diagrams_cross_each_threshold(result):
     assert all(r["reached"] for r in rows), [(r["diagram"], r["x"]) for r in rows if not r["reached"]]
     for r in rows:
         assert abs(r["loss_flow"] - r["loss_theory"]) <= 1e-6 * r["loss_theory"]
+
+
+def test_low_rank_part_reads_the_network_runs(result):
+    """Part 7: one row per (run, epoch, layer) of part 4's runs, ranks within their bounds, and the
+    report states W_L's rank out of C from the table."""
+    from ufm.experiments.low_rank import LOW_RANK_CSV
+
+    rows = read_csv(result.out / LOW_RANK_CSV)
+    network = read_csv(result.out / "network" / "theory_vs_measurement.csv")
+    assert {r["wd"] for r in rows} == {r["wd"] for r in network}
+    for r in rows:
+        assert 1 - 1e-12 <= r["stable_rank"] <= r["rank"] + 1e-12 <= r["n_sv"] + 1e-12
+        assert 1 - 1e-12 <= r["effective_rank"] <= r["n_sv"] + 1e-12
+    text = result.report.read_text()
+    last = max(r["epoch"] for r in rows)
+    for r in rows:
+        if r["epoch"] == last and r["refined"] == 0 and r["layer"] == 3:
+            assert f"has {r['rank']} of {r['n_sv']} singular values above RANK_RTOL" in text
+    assert "](low_rank.png)" in text
+
+
+def test_normalization_part_measures_rho_of_both_architectures(result):
+    """Part 8: rho = prod rho_k to 1e-10 on every row, both architectures with and without weight
+    decay, and the report's ratio rho_CNN / rho_MLP computed from the table's last rows."""
+    from math import prod
+
+    from ufm.experiments.normalization import DEPTH, NORM_WDS, NORMALIZATION_CSV
+
+    rows = read_csv(result.out / NORMALIZATION_CSV)
+    assert {(r["arch"], r["wd"]) for r in rows} == {(a, w) for a in ("mlp", "cnn") for w in NORM_WDS}
+    for r in rows:
+        assert r["rho"] == pytest.approx(prod(r[f"rho_{k}"] for k in range(1, DEPTH + 1)), rel=1e-10)
+    text = result.report.read_text()
+    for wd in NORM_WDS:
+        last = {a: [r for r in rows if r["arch"] == a and r["wd"] == wd][-1] for a in ("mlp", "cnn")}
+        assert f"rho_CNN / rho_MLP = {last['cnn']['rho'] / last['mlp']['rho']:.3g}" in text
+    assert "](normalization.png)" in text

@@ -66,7 +66,7 @@ from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .sqi_deviation import SQIBounds, sqi_bounds
-from .tables import atomic_write, write_csv, write_json
+from .tables import atomic_write, cell_text, write_csv, write_json
 
 __all__ = [
     "SCHEDULES",
@@ -96,8 +96,12 @@ CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
 CONFIG = "config.json"
 FINAL = "final.json"
+# Long format (epoch, refined, layer, index, value): every layer's singular values at every epoch
+# with singular-value measures (svd_every), s_1 >= s_2 >= ... (docs/theory.md §16.1).
+SINGULAR_VALUES = "singular_values.csv"
+SINGULAR_VALUE_COLUMNS = ("epoch", "refined", "layer", "index", "value")
 # What a run leaves in its directory: a new run there is refused unless told to overwrite.
-RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, FINAL)
+RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, FINAL, SINGULAR_VALUES)
 CHECKPOINT_KEYS = frozenset(
     ("identity", "epoch", "nsteps", "history", "noise", "model", "optimizer", "scheduler", "shuffle")
 )
@@ -357,6 +361,7 @@ def measure_network(
     *,
     loss: str | Loss = "mse",
     singular_values: bool = True,
+    spectra: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """All per-epoch measurements of one network.
 
@@ -375,6 +380,9 @@ def measure_network(
     singular_values : bool
         Whether to take the singular-value measures (``rank_W{k}``, ``srank_W{k}``, ``wl_sv_ratio``);
         NaN when not.
+    spectra : list of ndarray, optional
+        The singular values of W_1, ..., W_L (descending), when the caller has them already
+        (``train`` keeps them for ``singular_values.csv``); computed here when None.
     loss : str or Loss
         The data term (:func:`ufm.losses.get_loss`), with its label smoothing: ``train_loss`` is
         ``loss.value(f.T, loss.targets(y_train, C))`` = 1/n sum_i l(f_i, t_i), the same for the test set.
@@ -405,7 +413,9 @@ def measure_network(
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
-      ``rho`` also comes from ``nc_metrics``.
+      ``rho`` also comes from ``nc_metrics``;
+    * ``norm_W_sq_pred`` = -<dL_data/dF, F>/lambda: the squared norm ||W_k||^2 that every layer has
+      at a critical point of the objective (docs/theory.md §16.2; NaN at lambda = 0).
     """
     loss = get_loss(loss)
     model.eval()
@@ -424,6 +434,10 @@ def measure_network(
     }
     row["train_err"] = 1.0 - row["train_acc"]
     row["objective"] = row["train_loss"] + 0.5 * wd * sq_norms.sum()
+    # docs/theory.md §16.2: <W_k, dL/dW_k> = <dL_data/dF, F> + lambda ||W_k||^2 for each layer of a
+    # positively homogeneous network, so at a critical point every ||W_k||^2 equals this.
+    grad_f = loss.value_and_grad(f_tr.T, loss.targets(y_tr, C))[1]  # (C, n)
+    row["norm_W_sq_pred"] = -np.sum(grad_f * f_tr.T) / wd if wd > 0 else np.nan
 
     nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr, layers=Ws)
     for key in _NC_KEYS:
@@ -444,8 +458,10 @@ def measure_network(
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
     row |= _sqi_columns(W_L, H, y_tr, wd, loss)
 
-    for k, W in enumerate(model.weights(), start=1):
-        s = _singular_values(W, exact=False) if singular_values else np.full(1, np.nan)
+    if singular_values and spectra is None:
+        spectra = [_singular_values(W, exact=False) for W in model.weights()]
+    for k in range(1, len(Ws) + 1):
+        s = spectra[k - 1] if singular_values else np.full(1, np.nan)
         row[f"norm_W{k}"] = np.sqrt(sq_norms[k - 1])
         row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0])) if singular_values else np.nan
         row[f"srank_W{k}"] = sq_norms[k - 1] / s[0] ** 2
@@ -549,6 +565,8 @@ class _TrainState:
     nsteps: int = 0
     history: list[dict] = field(default_factory=list)
     noise: dict = field(default_factory=dict)
+    # One entry per record with singular values: {"epoch", "refined", "values": [s of W_1, ..., W_L]}.
+    spectra: list[dict] = field(default_factory=list)
 
     @classmethod
     def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
@@ -636,6 +654,7 @@ class _Checkpoint:
             raise ValueError(damaged.format(f"its state does not fit this network ({err})")) from None
         state.epoch, state.nsteps = saved["epoch"], saved["nsteps"]
         state.history, state.noise = saved["history"], saved["noise"]
+        state.spectra = saved.get("spectra", [])  # checkpoints before singular_values.csv have none
         self.saved_epoch = saved["epoch"]
 
     def save(self, state: _TrainState, config: TrainConfig) -> None:
@@ -645,6 +664,7 @@ class _Checkpoint:
             "nsteps": state.nsteps,
             "history": state.history,
             "noise": state.noise,
+            "spectra": state.spectra,
             "model": state.model.state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
@@ -739,10 +759,11 @@ def _record(
     last layer refined, :func:`refine`); append to the history."""
     row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr, "refined": int(refined)}
     svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
+    spectra = [_singular_values(W, exact=False) for W in state.model.weights()] if svd else None
     try:
         row |= measure_network(
             state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd,
-            loss=config.data_loss, singular_values=svd,
+            loss=config.data_loss, singular_values=svd, spectra=spectra,
         )  # fmt: skip
     except EqualClassMeans as err:
         # Every class maps to the same features, as when every ReLU feeding the classifier is
@@ -755,9 +776,38 @@ def _record(
     except ValueError as err:
         raise ValueError(f"cannot measure the network after epoch {state.epoch}: {err}") from None
     state.history.append(row)
+    if spectra is not None:
+        state.spectra.append(
+            {"epoch": state.epoch, "refined": int(refined), "values": [s.tolist() for s in spectra]}
+        )
     if out is not None:
         write_csv(out / HISTORY, state.history)
+        if spectra is not None:
+            _append_spectra(out / SINGULAR_VALUES, state.spectra[-1:])
     return row
+
+
+def _spectra_lines(spectra: list[dict]) -> str:
+    """Rows of singular_values.csv (``SINGULAR_VALUE_COLUMNS``) for these records, as CSV text."""
+    return "".join(
+        f"{rec['epoch']},{rec['refined']},{k},{i},{cell_text(v)}\n"
+        for rec in spectra
+        for k, values in enumerate(rec["values"], start=1)
+        for i, v in enumerate(values, start=1)
+    )
+
+
+def _write_spectra(path: Path, spectra: list[dict]) -> None:
+    """singular_values.csv holding exactly these records, written atomically (a run's start, a resume)."""
+    text = ",".join(SINGULAR_VALUE_COLUMNS) + "\n" + _spectra_lines(spectra)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _append_spectra(path: Path, spectra: list[dict]) -> None:
+    """Append one record's rows in one write: the file grows by whole records, and a resume rewrites
+    it from the checkpoint (:func:`_write_spectra`), so it never holds epochs the history lacks."""
+    with path.open("a") as fh:
+        fh.write(_spectra_lines(spectra))
 
 
 def _jsonable(row: dict) -> dict:
@@ -929,6 +979,7 @@ def train(
         note = " (no checkpoint to resume from: started from scratch)"
     if out is not None:
         write_json(out / CONFIG, config.as_dict())
+        _write_spectra(out / SINGULAR_VALUES, state.spectra)  # a resume drops epochs after the checkpoint
 
     if state.epoch == 0 and not state.history:
         _record(state, data, config, out, lr=state.lr)

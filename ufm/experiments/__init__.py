@@ -5,6 +5,8 @@
 ``sweep``          grids of flow or training runs into one results table (local pool or Dask)
 ``reproduce``      the main job, ``ufm reproduce``: proofs, flows, phase diagram, network, report
 ``weight_decay``   the poster's experiment: a network trained with and without weight decay
+``low_rank``       the journal paper's low-rank bias: every layer's singular values over the epochs
+``normalization``  the journal paper's rho under weight normalization, a dense MLP against a CNN
 ``plots``          the figures; each function states the claim it supports and saves one file
 =================  ===========================================================================
 

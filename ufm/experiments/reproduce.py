@@ -14,6 +14,10 @@ written from those CSV files alone, so every number in it can be traced to a tab
    minority collapse, closed form against flow end points (``ufm.experiments.minimizer_phases``).
 6. ``collapse time``: time to collapse against lambda, C, N and p, from random starts of the moment
    flow, beside the slow mode's prediction (``ufm.experiments.collapse_time``).
+7. ``low rank``: the journal paper's low-rank bias, the singular values of every layer of part 4's
+   runs over the epochs, numerical, stable and effective ranks (``ufm.experiments.low_rank``).
+8. ``normalization``: the journal paper's rho = prod_k rho_k under weight normalization, a dense MLP
+   against a CNN with local kernels, with and without weight decay (``ufm.experiments.normalization``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from ..model import UFMProblem
 from ..tables import read_csv, write_csv
 from .collapse_time import collapse_time_section, run_collapse_time
 from .compare import AGREEMENT_RTOL, compare_flow
+from .low_rank import low_rank_section, run_low_rank
+from .normalization import normalization_section, run_normalization
 
 # Sizes of the UFM parts: small enough for 2 CPU cores, large enough that C, N and p all matter.
 FLOW_SIZES = {"quick": dict(C=4, N=5, extra_dim=2), "full": dict(C=6, N=10, extra_dim=4)}
@@ -281,7 +287,11 @@ bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form 
 
 ![minimizer phases](minimizer_phases.png)
 
-{collapse_time_section(out)}"""
+{collapse_time_section(out)}
+
+{low_rank_section(out, 7)}
+
+{normalization_section(out, 8)}"""
     path = out / "report.md"
     path.write_text(text)
     return path
@@ -377,20 +387,25 @@ def reproduce(
         collapse_csv, exponents_csv, collapse_png = run_collapse_time(
             out, quick=quick, seed=seed, progress=progress
         )
+    with part("7/8 low-rank bias (the singular values of part 4's runs)"):
+        low_rank = run_low_rank([(r.config.wd, r.out) for r in exp.results], out)
+    with part("8/8 normalization (rho of an MLP and a CNN)"):
+        normalization = run_normalization(out, quick=quick, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)
     tables = (
         proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv",
-        phases_csv, collapse_csv, exponents_csv,
+        phases_csv, collapse_csv, exponents_csv, low_rank.table, normalization.table,
     )  # fmt: skip
+    extra_figures = (low_rank.figure, normalization.figure)
     return ReproduceResult(
         out=final,
         report=final / "report.md",
         tables=tuple(final / Path(t).relative_to(out) for t in tables),
         figures=tuple(
             final / Path(f).relative_to(out)
-            for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png)
+            for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png, *extra_figures)
         ),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
