@@ -25,6 +25,7 @@ instead of 25.5 at n = 50,000, p = 2,048, C = 100).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._threads import one_torch_thread
 from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
 
@@ -42,8 +44,8 @@ from .geometry import frame_distance
 # rounding in a product of length max(C, p) grows about that much.
 _RANK_RTOL_FACTOR = 1.0
 
-# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64), so
-# a large array is never copied whole.
+# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64):
+# views of the features, whose per-chunk temporaries stay this small.
 _CHUNK_ELEMENTS = 2**23
 
 # Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
@@ -239,7 +241,8 @@ class _Faults:
                     f"features batch {k} of the second pass has non-finite projections [U | W^T]^T h:"
                     " non-finite entries, or entries so large that the product overflows; rescale the features"
                 )
-            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf)")
+            beyond = " (or its class sums pass the float64 range, 1.8e308)" if what == "features" else ""
+            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf){beyond}")
         self._first.clear()
 
 
@@ -401,11 +404,14 @@ class NCAccumulator:
             X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
         t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
-        y = self._faults.labels(t, self.C, self._batch)
-        if self._pass == 1:
-            self._update_sums(X, y)
-        else:
-            self._update_projected(X, y, outputs)
+        # A NumPy batch's torch work (class sums, the small per-batch statistics) runs on one thread,
+        # so only NumPy's BLAS pool is multithreaded while it is measured (see _project).
+        with one_torch_thread() if self._numpy_batch and X.device.type == "cpu" else contextlib.nullcontext():
+            y = self._faults.labels(t, self.C, self._batch)
+            if self._pass == 1:
+                self._update_sums(X, y)
+            else:
+                self._update_projected(X, y, outputs)
 
     def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
@@ -511,31 +517,34 @@ class NCAccumulator:
         """[U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only O(b p) work of pass 2.
 
         The product runs in the thread pool of the library the features came from: NumPy's BLAS for a
-        NumPy array, torch's for a tensor. A pool that has just worked keeps its threads spinning for a
-        while, and the other library's threads then compete with them for the cores (measured on 2
-        cores: nc_metrics on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109
-        ms after a torch one, with torch doing the product).
+        NumPy array, torch's for a tensor, and a NumPy batch's other torch work runs on one thread
+        (:meth:`update`). A pool that has just worked keeps its threads spinning for a while, and the
+        other library's threads then compete with them for the cores (measured on 2 cores: nc_metrics
+        on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109 ms after a torch
+        one, with torch doing the product; ``benchmarks/bench_metrics.py --pools``).
         """
         if self._numpy_batch and X.device.type == "cpu":
             return torch.from_numpy(self._project_numpy(X.numpy()))
+        # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
+        # shapes (measured at r + C = 19 and 28, float64; float32 blocks at p = 512: 1.5-2x).
         if self._shift is None:
-            # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
-            # shapes (measured at r + C = 19 and 28, float64).
             return (self._basis_t @ X.T).T
-        G = torch.empty(X.shape[0], self._basis_t.shape[0], dtype=X.dtype, device=X.device)
+        G_t = torch.empty(self._basis_t.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
         for rows in _row_blocks(X, self._dtype):
-            torch.matmul(X[rows] - self._shift, self._basis_t.T, out=G[rows])
-        return G
+            torch.mm(self._basis_t, (X[rows] - self._shift).T, out=G_t[:, rows])
+        return G_t.T
 
     def _project_numpy(self, X: np.ndarray) -> np.ndarray:
-        """:meth:`_project` in NumPy (same blocks, same float32 centring)."""
+        """:meth:`_project` in NumPy (same blocks, same float32 centring). An overflow is not warned
+        about: the non-finite result is reported as a fault of the batch (:meth:`_update_projected`)."""
         B = self._basis_t.numpy().T  # (p, r + C), a view
-        if self._shift is None:
-            return X @ B
-        shift = self._shift.numpy()
-        G = np.empty((X.shape[0], B.shape[1]), dtype=X.dtype)
-        for rows in _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS):
-            np.matmul(X[rows] - shift, B, out=G[rows])
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self._shift is None:
+                return X @ B
+            shift = self._shift.numpy()
+            G = np.empty((X.shape[0], B.shape[1]), dtype=X.dtype)
+            for rows in _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS):
+                np.matmul(X[rows] - shift, B, out=G[rows])
         return G
 
     def _add_output_moments(self, out: torch.Tensor, y: torch.Tensor) -> None:
@@ -737,9 +746,9 @@ def nc_metrics(
     * Singular values, numerical rank (cutoff max(rows, cols) eps s_max) and stable rank
       ||A||_F^2 / ||A||_2^2 of M and of W.
 
-    Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix.
-    The features are processed in chunks (:class:`NCAccumulator`), so a float32 input is never copied
-    whole.
+    Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix,
+    in chunks (:class:`NCAccumulator`); the features are never copied (the range of docs/theory.md
+    §17.8 is handled on the class means).
 
     Accuracy (docs/theory.md §17.9). Float64 features: rounding of float64 (about 1e-13 relative).
     Float32 (or half-precision) features are measured with float32 products and float64 sums: the
