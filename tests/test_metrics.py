@@ -612,7 +612,7 @@ def test_nc_metrics_copies_no_numpy_features(dtype):
     """The range check of docs/theory.md §17.8 and both passes read NumPy features in place: the peak
     NumPy allocation of nc_metrics on a (20000, 128) array is under a quarter of the array (before,
     np.abs(X) for the exponent and np.ldexp(X, -e) in each pass copied it whole). The torch thread
-    count it lowers for the NumPy batches is restored."""
+    count it lowers for the per-batch work is restored."""
     import tracemalloc
 
     H, y, W, b = _random_problem(6, 20_000, 128, 4)

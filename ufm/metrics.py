@@ -404,14 +404,18 @@ class NCAccumulator:
             X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
         t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
-        # A NumPy batch's torch work (class sums, the small per-batch statistics) runs on one thread,
-        # so only NumPy's BLAS pool is multithreaded while it is measured (see _project).
-        with one_torch_thread() if self._numpy_batch and X.device.type == "cpu" else contextlib.nullcontext():
+        # Only the big product uses a thread pool, the one of the features' library (see _project). The
+        # rest (class sums, the small per-batch statistics: some 30 torch calls) runs on one CPU thread:
+        # each multithreaded call would wake the pool, which on a busy CPU or beside the other
+        # library's spinning pool costs more than the work (measured in benchmarks/bench_metrics.py
+        # --pools: float64 NumPy features on 2 cores at load 13, 0.40-0.56 s against 2.6-4.0 s).
+        G = self._project(X) if self._pass == 2 else None
+        with one_torch_thread() if X.device.type == "cpu" else contextlib.nullcontext():
             y = self._faults.labels(t, self.C, self._batch)
             if self._pass == 1:
                 self._update_sums(X, y)
             else:
-                self._update_projected(X, y, outputs)
+                self._update_projected(G, y, outputs)
 
     def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
@@ -487,9 +491,10 @@ class NCAccumulator:
         self._pass = 2
         self._batch = 0
 
-    def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+    def _update_projected(self, G: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+        """Add a batch's NC1, NC4 and output moments from its product G = :meth:`_project` (b, r + C)."""
         r, C = self._r, self.C
-        G = self._project(X).to(self._dtype) * self._unscale  # (b, r + C) = [U/2^e | W^T]^T (h - m)
+        G = G.to(self._dtype) * self._unscale  # (b, r + C) = [U/2^e | W^T]^T (h - m)
         self._faults.note("products", ~torch.isfinite(G).all(), self._batch)
         Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G) / 2^e
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
@@ -497,7 +502,7 @@ class NCAccumulator:
         self._nc1_sum += (Z * Z).sum()
         out = None
         if outputs is not None:
-            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], C))
+            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (G.shape[0], C))
             self._faults.note("outputs", ~torch.isfinite(out).all(), self._batch)
         if self._outputs_given is None:
             self._outputs_given = out is not None
@@ -511,7 +516,7 @@ class NCAccumulator:
             # eps and the SQI spread use the network's outputs when given, else W h + b.
             self._add_output_moments(logits if out is None else out, y)
         self._counts2 += torch.bincount(y, minlength=C)
-        self._n_pass2 += X.shape[0]
+        self._n_pass2 += G.shape[0]
 
     def _project(self, X: torch.Tensor) -> torch.Tensor:
         """[U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only O(b p) work of pass 2.
