@@ -408,7 +408,7 @@ class NCAccumulator:
         # rest (class sums, the small per-batch statistics: some 30 torch calls) runs on one CPU thread:
         # each multithreaded call would wake the pool, which on a busy CPU or beside the other
         # library's spinning pool costs more than the work (measured in benchmarks/bench_metrics.py
-        # --pools: float64 NumPy features on 2 cores at load 13, 0.40-0.56 s against 2.6-4.0 s).
+        # --pools: float64 features on 2 cores at load 13, 0.45-0.64 s best of 3, against 2.6-3.6 s).
         G = self._project(X) if self._pass == 2 else None
         with one_torch_thread() if X.device.type == "cpu" else contextlib.nullcontext():
             y = self._faults.labels(t, self.C, self._batch)
