@@ -3,7 +3,11 @@
 For each (n, p, C) it times, in one process on the same features:
 
 * one pass   ``features @ A`` with A (p, C), in NumPy and in torch: the floor for anything that reads
-             the features;
+             the features (the issue's baseline);
+* one wide   ``features @ A2`` with A2 (p, r + C) = (p, 2C - 1), the width of the product the metrics
+  product    make (the basis of span(M) and W), in torch the faster of the layouts X A2 and
+             (A2^T X^T)^T. At p = 2048, C = 100 the product is compute-bound and costs about 2 passes of
+             width C, which the ratio to one pass counts against the library;
 * library    ``ufm.nc_metrics(features, labels, W, b)`` on the NumPy array and on the torch tensor:
              all of NC1-NC4, NC2 of W, SQI, ranks;
 * peer       the peer library's method for NC1 alone (Wu and Papyan's [WP24], docs/theory.md §17.7; written
@@ -17,7 +21,9 @@ within 1e-5 of float64. Each table is printed ``--rounds`` times (spread on a bu
 prints the streaming accumulator's peak memory for two n, which should not grow with n.
 
 Usage: python benchmarks/bench_metrics.py [--device cpu|cuda] [--quick] [--dtype float32|float64]
-                                          [--threads N]
+                                          [--threads N] [--pools]
+``--pools`` times nc_metrics right after a NumPy matmul, a torch matmul or a pause instead (run it
+with the default threads: it measures whether one library's spinning pool slows the other).
 On a shared machine use --threads 1: oversubscribed BLAS and OpenMP threads slow the small SVDs and
 the matmuls by unpredictable factors, which makes the ratios meaningless.
 """
@@ -151,15 +157,24 @@ def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
     Ht, yt, Wt, bt = _problem(n, p, C, dtype, device)
     At = torch.randn(p, C, device=device, dtype=Ht.dtype)
     t = {}
+    # The product the metrics make: width r + C = 2C - 1 (the classes here have full-rank means), in
+    # torch's faster layout for skinny products, (A'^T X^T)^T (the one ufm uses), or X A'.
+    At2 = torch.randn(p, 2 * C - 1, device=device, dtype=Ht.dtype)
+    At2_t = At2.T.contiguous()
     t["pass torch"], _ = _best_time(lambda: Ht @ At, device, repeats)
+    t["wide torch"] = min(
+        _best_time(lambda: Ht @ At2, device, repeats)[0],
+        _best_time(lambda: (At2_t @ Ht.T).T, device, repeats)[0],
+    )
     t["lib torch"], m_torch = _best_time(lambda: nc_metrics(Ht, yt, Wt, bt), device, repeats)
     t["peer"], nc1_peer = _best_time(lambda: _peer_nc1(Ht, yt, C), device, 1)
     if device == "cpu":
-        H, y, W, b, A = (x.numpy() for x in (Ht, yt, Wt, bt, At))  # the NumPy path users call on CPU
+        H, y, W, b, A, A2 = (x.numpy() for x in (Ht, yt, Wt, bt, At, At2))  # the NumPy path users call on CPU
         t["pass numpy"], _ = _best_time(lambda: H @ A, device, repeats)
+        t["wide numpy"], _ = _best_time(lambda: H @ A2, device, repeats)
         t["lib numpy"], _ = _best_time(lambda: nc_metrics(H, y, W, b), device, repeats)
     else:
-        t["pass numpy"] = t["lib numpy"] = float("nan")
+        t["pass numpy"] = t["wide numpy"] = t["lib numpy"] = float("nan")
     diff = ""
     if dtype == "float32":
         ref = nc_metrics(Ht.double(), yt, Wt, bt)
@@ -168,6 +183,7 @@ def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
         f"{n:>7} {p:>5} {C:>4} | {t['pass numpy']:>8.4f} {t['pass torch']:>8.4f} |"
         f" {t['lib numpy'] / t['pass numpy']:>8.2f} {t['lib torch'] / t['pass torch']:>8.2f}"
         f" {t['peer'] / t['pass torch']:>8.2f} {t['peer'] / t['lib torch']:>8.1f} |"
+        f" {t['lib numpy'] / t['wide numpy']:>8.2f} {t['lib torch'] / t['wide torch']:>8.2f} |"
         f" {m_torch.nc1:>10.6g} {nc1_peer:>10.4g}{diff}",
         flush=True,
     )
@@ -178,10 +194,14 @@ def run(device: str, sizes, dtype: str, repeats: int) -> None:
           f" features {dtype}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")  # fmt: skip
     header = (
         f"{'n':>7} {'p':>5} {'C':>4} | {'pass np s':>8} {'pass t s':>8} |"
-        f" {'lib np':>8} {'lib t':>8} {'peer':>8} {'peer/lib':>8} | {'NC1 lib':>10} {'NC1 peer':>10}"
-        + (f" {'max rel':>9}" if dtype == "float32" else "")
+        f" {'lib np':>8} {'lib t':>8} {'peer':>8} {'peer/lib':>8} | {'lib np2':>8} {'lib t2':>8} |"
+        f" {'NC1 lib':>10} {'NC1 peer':>10}" + (f" {'max rel':>9}" if dtype == "float32" else "")
     )
-    print("# lib np, lib t, peer: x one pass of the same library (NumPy, torch; peer: torch)")
+    print(
+        "# lib np, lib t, peer: x one pass X @ A, A (p, C), of the same library (NumPy, torch; peer: torch)"
+    )
+    print("# lib np2, lib t2: x one product of the width the metrics need, X @ A2 with A2 (p, r + C) = (p, 2C - 1)"
+          " (torch: the faster of X A2 and (A2^T X^T)^T)")  # fmt: skip
     if dtype == "float32":
         print("# max rel: largest relative difference of any measure from float64 on the same values")
     print(header)
@@ -197,6 +217,33 @@ def stream_memory(device: str, sizes, dtype: str) -> None:
     print(f"streaming peak memory (p = {p0}, C = {C0}, batches of {STREAM_BATCH}): {text}")
 
 
+def pools(dtype: str, rounds: int) -> None:
+    """nc_metrics at (50k, 512, 10) right after a NumPy matmul, a torch matmul, or a pause: whether one
+    library's thread pool, still spinning, slows the other's work (issue 19: 141 ms against 83 ms)."""
+    n, p, C = FULL_SIZES[0]
+    Ht, yt, Wt, bt = _problem(n, p, C, dtype, "cpu")
+    inputs = {"NumPy": (Ht.numpy(), yt.numpy()), "torch": (Ht, yt)}
+    B = torch.randn(2048, 2048, dtype=torch.float64)
+    Bn = B.numpy()
+    before = {
+        "NumPy matmul": lambda: Bn @ Bn,
+        "torch matmul": lambda: B @ B,
+        "0.5 s pause": lambda: time.sleep(0.5),
+    }
+    times: dict[tuple[str, str], list[float]] = {(k, i): [] for i in inputs for k in before}
+    for _ in range(rounds):  # interleaved, so a change in load hits every case alike
+        for (k, i), seen in times.items():
+            before[k]()
+            t0 = time.perf_counter()
+            nc_metrics(*inputs[i], Wt, bt)
+            seen.append(time.perf_counter() - t0)
+    print(f"# nc_metrics on {dtype} features ({n}, {p}, {C}) right after ..., {torch.get_num_threads()} torch threads,"
+          f" {rounds} rounds, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    for (k, i), seen in times.items():
+        ms = 1e3 * np.array(seen)
+        print(f"{i:>6} features after a {k:<13}: best {ms.min():7.1f} ms, median {np.median(ms):7.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -207,6 +254,9 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also the streaming peak memory")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (naive: one run)")
     parser.add_argument("--threads", type=int, help="BLAS/OpenMP threads (default: the libraries' own)")
+    parser.add_argument(
+        "--pools", action="store_true", help="only the thread-pool interplay (default threads)"
+    )
     parser.add_argument("--_stream-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._stream_child:
@@ -214,6 +264,10 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+    if args.pools:
+        for dtype in [args.dtype] if args.dtype else ["float64", "float32"]:
+            pools(dtype, 3 * args.rounds)
+        return
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     for dtype in [args.dtype] if args.dtype else ["float64", "float32"]:
         for _ in range(args.rounds):

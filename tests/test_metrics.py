@@ -573,3 +573,69 @@ def test_bad_batches_reported_at_the_end_of_the_pass():
     acc.update(H[60:], y[60:], np.full((60, 3), np.inf))
     with pytest.raises(ValueError, match="outputs batch 2 has non-finite"):
         acc.result()
+
+
+def test_stream_is_bit_for_bit_invariant_under_powers_of_two():
+    """The accumulator rescales the class means and W by their binary exponents (docs/theory.md §17.8), so
+    streaming batches of 2^k h with W / 2^k gives the same bits as h and W (before, only the one-shot
+    nc_metrics was rescaled: the stream's nc2_* were NaN at k = 664, whose squares overflow); k = 0
+    agrees with NC1 and NC2 typed out in NumPy."""
+    rng = np.random.default_rng(2)
+    X, y, W = rng.standard_normal((60, 6)), np.repeat(np.arange(4), 15), rng.standard_normal((4, 6))
+
+    def stream(k):
+        Xk = torch.tensor(np.ldexp(X, k))
+        batches = [(Xk[:25], y[:25]), (Xk[25:], y[25:])]
+        return nc_metrics_stream(batches, W=torch.tensor(np.ldexp(W, -k))).as_dict()
+
+    ref = stream(0)
+    for k in (-900, -664, 664, 900):
+        got = stream(k)
+        for key, value in ref.items():
+            if key == "sv_means":
+                assert list(got[key]) == np.ldexp(value, k).tolist(), (k, key)
+            elif key == "sv_w":
+                assert list(got[key]) == np.ldexp(value, -k).tolist(), (k, key)
+            else:
+                assert got[key] == value, (k, key)
+    mu = np.stack([X[y == c].mean(axis=0) for c in range(4)])
+    M = mu - X.mean(axis=0)
+    D = X - mu[y]
+    nc1 = np.trace(D.T @ D / 60 @ np.linalg.pinv(M.T @ M / 4, rcond=REF_RCOND)) / 4
+    norms = np.linalg.norm(M, axis=1)
+    assert ref["nc1"] == pytest.approx(nc1, rel=1e-10)
+    assert ref["nc2_equinorm"] == pytest.approx(norms.std() / norms.mean(), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nc_metrics_copies_no_numpy_features(dtype):
+    """The range check of docs/theory.md §17.8 and both passes read NumPy features in place: the peak
+    NumPy allocation of nc_metrics on a (20000, 128) array is under a quarter of the array (before,
+    np.abs(X) for the exponent and np.ldexp(X, -e) in each pass copied it whole). The torch thread
+    count it lowers for the per-batch work is restored."""
+    import tracemalloc
+
+    H, y, W, b = _random_problem(6, 20_000, 128, 4)
+    H = (H + 3.0).astype(dtype)  # largest entry far from 1: the old code scaled every chunk
+    threads = torch.get_num_threads()
+    nc_metrics(H, y, W, b)  # allocator and BLAS buffers warm
+    tracemalloc.start()
+    try:
+        nc_metrics(H, y, W, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < H.nbytes / 4, (peak, H.nbytes)
+    assert torch.get_num_threads() == threads
+
+
+def test_float32_products_that_overflow_are_reported():
+    """Float32 features whose outputs W h pass the float32 range (64 entries of 3e37 against a row of
+    ones) raise a ValueError naming the batch, not a silent inf or NaN (before: NaN eps)."""
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(2), 20)
+    H = (np.where(y[:, None] == 0, 3e37, -3e37) * (1 + 0.01 * rng.standard_normal((40, 64)))).astype(
+        np.float32
+    )
+    with pytest.raises(ValueError, match="batch 1 of the second pass has non-finite projections"):
+        nc_metrics(H, y, np.ones((2, 64)))

@@ -25,16 +25,18 @@ instead of 25.5 at n = 50,000, p = 2,048, C = 100).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._threads import one_torch_thread
 from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
 
@@ -42,8 +44,8 @@ from .geometry import frame_distance
 # rounding in a product of length max(C, p) grows about that much.
 _RANK_RTOL_FACTOR = 1.0
 
-# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64), so
-# a large array is never copied whole.
+# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64):
+# views of the features, whose per-chunk temporaries stay this small.
 _CHUNK_ELEMENTS = 2**23
 
 # Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
@@ -234,7 +236,13 @@ class _Faults:
                 )
             if what == "non-integer labels":
                 raise ValueError(f"labels must be integers 0..C-1 (batch {k} has non-integer values)")
-            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf)")
+            if what == "products":
+                raise ValueError(
+                    f"features batch {k} of the second pass has non-finite projections [U | W^T]^T h:"
+                    " non-finite entries, or entries so large that the product overflows; rescale the features"
+                )
+            beyond = " (or its class sums pass the float64 range, 1.8e308)" if what == "features" else ""
+            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf){beyond}")
         self._first.clear()
 
 
@@ -396,11 +404,18 @@ class NCAccumulator:
             X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
         t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
-        y = self._faults.labels(t, self.C, self._batch)
-        if self._pass == 1:
-            self._update_sums(X, y)
-        else:
-            self._update_projected(X, y, outputs)
+        # Only the big product uses a thread pool, the one of the features' library (see _project). The
+        # rest (class sums, the small per-batch statistics: some 30 torch calls) runs on one CPU thread:
+        # each multithreaded call would wake the pool, which on a busy CPU or beside the other
+        # library's spinning pool costs more than the work (measured in benchmarks/bench_metrics.py
+        # --pools: float64 features on 2 cores at load 13, 0.45-0.64 s best of 3, against 2.6-3.6 s).
+        G = self._project(X) if self._pass == 2 else None
+        with one_torch_thread() if X.device.type == "cpu" else contextlib.nullcontext():
+            y = self._faults.labels(t, self.C, self._batch)
+            if self._pass == 1:
+                self._update_sums(X, y)
+            else:
+                self._update_projected(G, y, outputs)
 
     def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
@@ -425,13 +440,20 @@ class NCAccumulator:
                 f"classes with no examples: {empty[:10].tolist()}{' ...' if empty.size > 10 else ''}"
             )
         self.n = int(counts.sum())
+        # Scale (docs/theory.md §17.8): everything after the class sums is computed for the features
+        # divided by 2^e, e the binary exponent of the largest |class mean|, and W divided by 2^e_W, its
+        # own; both exact. Squares and products of the class means then stay in range (features of
+        # 1e200 or 1e-200), the results are bit for bit the same for 2^k h, and no pass over the
+        # features is spent on it: the big products see the features as they are.
         sums = self._sums.cpu().double().numpy()
-        self._mu_G = sums.sum(axis=0) / self.n  # (p,) mean over all examples
-        M = sums / counts[:, None] - self._mu_G  # (C, p): the M of docs/theory.md §0.3, as rows
+        self._e = _binary_exponent(sums / counts[:, None])
+        sums = np.ldexp(sums, -self._e)
+        means = sums / counts[:, None]  # (C, p) class means (scaled)
+        self._mu_G = sums.sum(axis=0) / self.n  # (p,) mean over all examples (scaled)
+        M = means - self._mu_G  # (C, p): the M of docs/theory.md §0.3, as rows (scaled)
         A, s, Vt = np.linalg.svd(M, full_matrices=False)  # M = A diag(s) Vt
         # Centring C equal means leaves rounding noise ~eps times their size, not exact zeros.
-        scale = np.abs(sums / counts[:, None]).max()
-        if s[0] <= _RANK_RTOL_FACTOR * max(M.shape) * np.finfo(float).eps * scale:
+        if s[0] <= _RANK_RTOL_FACTOR * max(M.shape) * np.finfo(float).eps * np.abs(means).max():
             raise EqualClassMeans(
                 "all class means are equal (to rounding): the between-class covariance is zero"
             )
@@ -440,16 +462,21 @@ class NCAccumulator:
         self._M, self._sv_means, self._r, self._coords = M, s, r, A * s
         dev = dict(device=self._device, dtype=self._dtype)
         U = Vt[:r].T  # (p, r) orthonormal basis of span(M)
-        basis = U if self._W is None else np.hstack([U, self._W.T])  # (p, r + C)
+        self._e_W = e_W = 0 if self._W is None else _binary_exponent(self._W)
+        basis = U if self._W is None else np.hstack([U, np.ldexp(self._W, -e_W).T])  # (p, r + C)
         # Stored transposed: on CPU, torch's (r + C, p) @ (p, b) runs up to 3x faster than
         # (b, p) @ (p, r + C) for these skinny shapes (measured at r + C = 19 and 28, float64).
         self._basis_t = torch.as_tensor(basis.T.copy(), device=self._device, dtype=self._work)  # (r + C, p)
+        # The product's columns, times these powers of two, are U^T h / 2^e and W h (exact).
+        unscale = np.r_[np.full(r, _pow2(-self._e)), np.full(0 if self._W is None else self.C, _pow2(e_W))]
+        self._unscale = torch.as_tensor(unscale, **dev)
         # Float32 features are centred by m = mu_G rounded to float32 before the float32 product, so
         # its rounding is relative to h - m, not to h (docs/theory.md §17.9); float64 needs no shift.
-        shift = np.zeros_like(self._mu_G) if self._work == self._dtype else self._mu_G.astype(np.float32)
+        mu_G = np.ldexp(self._mu_G, self._e)  # (p,) in the features' units
+        shift = np.zeros_like(mu_G) if self._work == self._dtype else mu_G.astype(np.float32)
         self._shift = None if self._work == self._dtype else torch.as_tensor(shift, device=self._device)
         self._s = torch.as_tensor(s[:r], **dev)
-        self._u_G = torch.as_tensor((self._mu_G - shift) @ U, **dev)  # (r,) projected mu_G - m
+        self._u_G = torch.as_tensor(np.ldexp(mu_G - shift, -self._e) @ U, **dev)  # (r,) projected mu_G - m
         self._Q = torch.as_tensor(A[:, :r] * s[:r], **dev)  # (C, r) = M U, projected centred means
         self._half_q2 = 0.5 * (self._Q**2).sum(dim=1)  # (C,)
         # W h + b = W (h - m) + (W m + b): the product sees the centred features.
@@ -464,16 +491,18 @@ class NCAccumulator:
         self._pass = 2
         self._batch = 0
 
-    def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+    def _update_projected(self, G: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+        """Add a batch's NC1, NC4 and output moments from its product G = :meth:`_project` (b, r + C)."""
         r, C = self._r, self.C
-        G = self._project(X).to(self._dtype)  # (b, r + C) = [U | W^T]^T (h - m)
-        Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G)
+        G = G.to(self._dtype) * self._unscale  # (b, r + C) = [U/2^e | W^T]^T (h - m)
+        self._faults.note("products", ~torch.isfinite(G).all(), self._batch)
+        Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G) / 2^e
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
         Z = (Pc - self._Q[y]) / self._s
         self._nc1_sum += (Z * Z).sum()
         out = None
         if outputs is not None:
-            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], C))
+            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (G.shape[0], C))
             self._faults.note("outputs", ~torch.isfinite(out).all(), self._batch)
         if self._outputs_given is None:
             self._outputs_given = out is not None
@@ -487,37 +516,40 @@ class NCAccumulator:
             # eps and the SQI spread use the network's outputs when given, else W h + b.
             self._add_output_moments(logits if out is None else out, y)
         self._counts2 += torch.bincount(y, minlength=C)
-        self._n_pass2 += X.shape[0]
+        self._n_pass2 += G.shape[0]
 
     def _project(self, X: torch.Tensor) -> torch.Tensor:
         """[U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only O(b p) work of pass 2.
 
         The product runs in the thread pool of the library the features came from: NumPy's BLAS for a
-        NumPy array, torch's for a tensor. A pool that has just worked keeps its threads spinning for a
-        while, and the other library's threads then compete with them for the cores (measured on 2
-        cores: nc_metrics on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109
-        ms after a torch one, with torch doing the product).
+        NumPy array, torch's for a tensor, and a NumPy batch's other torch work runs on one thread
+        (:meth:`update`). A pool that has just worked keeps its threads spinning for a while, and the
+        other library's threads then compete with them for the cores (measured on 2 cores: nc_metrics
+        on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109 ms after a torch
+        one, with torch doing the product; ``benchmarks/bench_metrics.py --pools``).
         """
         if self._numpy_batch and X.device.type == "cpu":
             return torch.from_numpy(self._project_numpy(X.numpy()))
+        # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
+        # shapes (measured at r + C = 19 and 28, float64; float32 blocks at p = 512: 1.5-2x).
         if self._shift is None:
-            # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
-            # shapes (measured at r + C = 19 and 28, float64).
             return (self._basis_t @ X.T).T
-        G = torch.empty(X.shape[0], self._basis_t.shape[0], dtype=X.dtype, device=X.device)
+        G_t = torch.empty(self._basis_t.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
         for rows in _row_blocks(X, self._dtype):
-            torch.matmul(X[rows] - self._shift, self._basis_t.T, out=G[rows])
-        return G
+            torch.mm(self._basis_t, (X[rows] - self._shift).T, out=G_t[:, rows])
+        return G_t.T
 
     def _project_numpy(self, X: np.ndarray) -> np.ndarray:
-        """:meth:`_project` in NumPy (same blocks, same float32 centring)."""
+        """:meth:`_project` in NumPy (same blocks, same float32 centring). An overflow is not warned
+        about: the non-finite result is reported as a fault of the batch (:meth:`_update_projected`)."""
         B = self._basis_t.numpy().T  # (p, r + C), a view
-        if self._shift is None:
-            return X @ B
-        shift = self._shift.numpy()
-        G = np.empty((X.shape[0], B.shape[1]), dtype=X.dtype)
-        for rows in _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS):
-            np.matmul(X[rows] - shift, B, out=G[rows])
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self._shift is None:
+                return X @ B
+            shift = self._shift.numpy()
+            G = np.empty((X.shape[0], B.shape[1]), dtype=X.dtype)
+            for rows in _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS):
+                np.matmul(X[rows] - shift, B, out=G[rows])
         return G
 
     def _add_output_moments(self, out: torch.Tensor, y: torch.Tensor) -> None:
@@ -543,7 +575,8 @@ class NCAccumulator:
                 f"the second pass saw different data than the first ({self._n_pass2} vs {self.n} examples,"
                 " or different class counts): feed the same batches twice"
             )
-        C, p, M, W = self.C, self.p, self._M, self._W
+        C, p, M = self.C, self.p, self._M
+        W = None if self._W is None else np.ldexp(self._W, -self._e_W)  # scaled like M (end_first_pass)
         sv_m = self._sv_means
         fields: dict[str, Any] = dict(
             n=self.n,
@@ -551,7 +584,7 @@ class NCAccumulator:
             C=C,
             nc1=float(self._nc1_sum) / self.n,
             etf_distance=_frame_distances(self._coords, p, ["simplex_etf"])[0],
-            sv_means=tuple(map(float, sv_m)),
+            sv_means=tuple(map(float, np.ldexp(sv_m, self._e))),
             rank_means=self._r,
             stable_rank_means=float((sv_m**2).sum() / sv_m[0] ** 2),
             rho=self._rho,
@@ -559,6 +592,7 @@ class NCAccumulator:
         fields.update(zip(("nc2_equinorm", "nc2_equiangle", "nc2_maxangle"), _nc2("centred class means", M)))
         if W is not None:
             fields.update(_classifier_fields(W, M))
+            fields["sv_w"] = tuple(map(float, np.ldexp(fields["sv_w"], self._e_W)))
         if W is not None or self._outputs_given:
             fields["nc4"] = int(self._disagree) / self.n
             eps = 1.0 - float(self._correct.mean)
@@ -724,9 +758,9 @@ def nc_metrics(
     * Singular values, numerical rank (cutoff max(rows, cols) eps s_max) and stable rank
       ||A||_F^2 / ||A||_2^2 of M and of W.
 
-    Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix.
-    The features are processed in chunks (:class:`NCAccumulator`), so a float32 input is never copied
-    whole.
+    Cost O(n p C): one pass of class sums and one matmul of the features with a (p, r + C) matrix,
+    in chunks (:class:`NCAccumulator`); the features are never copied (the range of docs/theory.md
+    §17.8 is handled on the class means).
 
     Accuracy (docs/theory.md §17.9). Float64 features: rounding of float64 (about 1e-13 relative).
     Float32 (or half-precision) features are measured with float32 products and float64 sums: the
@@ -753,50 +787,26 @@ def nc_metrics(
     y, C = check_labels(y, n, C)
     if outputs is not None:
         check_shape("outputs", outputs if isinstance(outputs, torch.Tensor) else np.asarray(outputs), (n, C))
-    # Scale invariance (docs/theory.md §17.8): the features are divided by 2^e, their largest |entry|
-    # rounded up to a power of two, and W multiplied by it, which is exact, leaves W h + b unchanged and
-    # keeps squares and products of features from overflowing (1e200) or underflowing (1e-200).
-    e = _binary_exponent(X)
-    W_in = None if W is None else np.ldexp(W, e)
-    acc = NCAccumulator(C, W=W_in, b=b, layers=layers)
+    # Scale invariance (docs/theory.md §17.8) is the accumulator's: it rescales the class means, not
+    # the features, so no pass or copy of the features is spent on it.
+    acc = NCAccumulator(C, W=W, b=b, layers=layers)
     if W is not None and acc.p != p:
         raise ValueError(f"W must be (C, p) = ({C}, {p}) to match the features, got {tuple(W.shape)}")
-    result = _two_passes(
-        acc,
-        lambda: (
-            (_ldexp(X[r], -e), y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p)
-        ),
-    )
-    # Undo the scaling where a measure carries units: the singular values of M and of W.
-    return replace(
-        result,
-        sv_means=tuple(map(float, np.ldexp(result.sv_means, e))),
-        sv_w=None if result.sv_w is None else tuple(map(float, np.ldexp(result.sv_w, -e))),
+    return _two_passes(
+        acc, lambda: ((X[r], y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p))
     )
 
 
-def _binary_exponent(X: np.ndarray | torch.Tensor) -> int:
-    """e with max |X| in [2^(e-1), 2^e) (``np.frexp``); 0 for an empty, zero or non-finite X."""
-    if X.size == 0 if isinstance(X, np.ndarray) else X.numel() == 0:
-        return 0
-    top = float(np.max(np.abs(X))) if isinstance(X, np.ndarray) else float(X.detach().abs().max())
-    return int(np.frexp(top)[1]) if math.isfinite(top) and top > 0 else 0
+def _binary_exponent(a: np.ndarray) -> int:
+    """e with max |a| in [2^(e-1), 2^e) (``np.frexp``), clamped to [-1022, 1023] so that 2^e and 2^-e
+    are finite; 0 for an empty, zero or non-finite a."""
+    top = float(np.max(np.abs(a))) if a.size else 0.0
+    return min(max(int(np.frexp(top)[1]), -1022), 1023) if math.isfinite(top) and top > 0 else 0
 
 
-def _ldexp(x: np.ndarray | torch.Tensor, e: int) -> np.ndarray | torch.Tensor:
-    """x * 2^e, exact unless an entry under- or overflows; x itself when e = 0."""
-    if e == 0:
-        return x
-    if isinstance(x, np.ndarray):
-        return np.ldexp(x, e)
-    if not x.is_floating_point():
-        x = x.double()
-    # The factor must be a normal number of x's dtype (float32 ends at 2^127), so a tensor is scaled
-    # at most that far; only features whose largest entry is itself out of that range are left partly
-    # unscaled.
-    info = torch.finfo(x.dtype)
-    lo, hi = int(math.log2(info.tiny)) + 1, int(math.log2(info.max)) - 1
-    return x * torch.tensor(math.ldexp(1.0, min(max(e, lo), hi)), dtype=x.dtype, device=x.device)
+def _pow2(e: int) -> float:
+    """2^e as a float (exact for -1074 <= e <= 1023)."""
+    return math.ldexp(1.0, e)
 
 
 def _two_passes(acc: NCAccumulator, batches: Callable[[], Iterable[tuple]] | Iterable[tuple]) -> NCMetrics:
