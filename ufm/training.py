@@ -66,7 +66,7 @@ from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .sqi_deviation import SQIBounds, sqi_bounds
-from .tables import atomic_write, write_csv, write_json
+from .tables import GrowingCsv, atomic_write, write_json
 
 __all__ = [
     "SCHEDULES",
@@ -299,11 +299,17 @@ def _matrix(W: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def _forward_with_features(model: HomogeneousNet, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+def _forward_with_features(
+    model: HomogeneousNet, x: torch.Tensor, *, features: bool = True
+) -> tuple[np.ndarray, torch.Tensor | None]:
     """Outputs f (n, C) as float64 NumPy, and penultimate features h (n, p) as the network's tensor on
-    its device (hooked at FEATURE_LAYER's output): only the small outputs travel to the host."""
+    its device (hooked at FEATURE_LAYER's output; None without ``features``): only the small outputs
+    travel to the host."""
+    chunks = range(0, x.shape[0], MEASURE_CHUNK)
+    if not features:
+        return torch.cat([model(x[i : i + MEASURE_CHUNK]) for i in chunks]).double().cpu().numpy(), None
     with capture_activations(model, FEATURE_LAYER, capture="output") as captured:
-        outputs = [model(x[i : i + MEASURE_CHUNK]) for i in range(0, x.shape[0], MEASURE_CHUNK)]
+        outputs = [model(x[i : i + MEASURE_CHUNK]) for i in chunks]
     return torch.cat(outputs).double().cpu().numpy(), torch.cat(captured)
 
 
@@ -333,9 +339,10 @@ _SQI_KEYS = tuple(
 )
 
 
-def _sqi_columns(W_L: np.ndarray, H: np.ndarray, labels: np.ndarray, wd: float, loss: Loss) -> dict:
-    """The ``_SQI_KEYS`` of one measurement; NaN where the theorem does not apply (no weight decay,
-    a loss whose residual is not linear, imbalanced classes)."""
+def _sqi_columns(W_L: np.ndarray, H: torch.Tensor, labels: np.ndarray, wd: float, loss: Loss) -> dict:
+    """The ``_SQI_KEYS`` of one measurement, from the features H (n, p) on their device (float64
+    there); NaN where the theorem does not apply (no weight decay, a loss whose residual is not
+    linear, imbalanced classes)."""
     counts = np.bincount(labels)
     if not (wd > 0 and loss.linear_residual and np.all(counts == counts[0])):
         return dict.fromkeys(_SQI_KEYS, np.nan)
@@ -405,17 +412,17 @@ def measure_network(
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
-      ``rho`` also comes from ``nc_metrics``.
     """
     loss = get_loss(loss)
     model.eval()
     y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
     f_tr, H = _forward_with_features(model, x_train)  # (n, C) host, (n, p) device
-    f_te, _ = _forward_with_features(model, x_test)
+    f_te, _ = _forward_with_features(model, x_test, features=False)
     C = f_tr.shape[1]
-    Ws = [_matrix(W) for W in model.weights()]
-    W_L = Ws[-1]  # (C, p)
-    sq_norms = np.array([np.sum(W**2) for W in Ws])
+    W_L = _matrix(model.classifier_weight())  # (C, p)
+    # Sums of squares in float64 on the device (only L numbers travel); W_L is the one weight needed
+    # on the host, for the C x p measures.
+    sq_norms = np.array(torch.stack([(W.detach().double() ** 2).sum() for W in model.weights()]).tolist())
     row = {
         "train_loss": loss.value(f_tr.T, loss.targets(y_tr, C)),  # outputs and targets (C, n)
         "test_loss": loss.value(f_te.T, loss.targets(y_te, C)),
@@ -425,7 +432,7 @@ def measure_network(
     row["train_err"] = 1.0 - row["train_acc"]
     row["objective"] = row["train_loss"] + 0.5 * wd * sq_norms.sum()
 
-    nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr, layers=Ws)
+    nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr)
     for key in _NC_KEYS:
         row[key] = float(getattr(nc, key))
     eps = nc.eps
@@ -449,7 +456,7 @@ def measure_network(
         row[f"norm_W{k}"] = np.sqrt(sq_norms[k - 1])
         row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0])) if singular_values else np.nan
         row[f"srank_W{k}"] = sq_norms[k - 1] / s[0] ** 2
-    row["rho"] = nc.rho
+    row["rho"] = math.prod(row[f"norm_W{k}"] for k in range(1, len(sq_norms) + 1))
     # s: the singular values of W_L, the last layer
     row["wl_sv_ratio"] = np.nan if not singular_values else s[C - 1] / s[0] if len(s) >= C else 0.0
     return {k: float(v) for k, v in row.items()}
@@ -549,6 +556,7 @@ class _TrainState:
     nsteps: int = 0
     history: list[dict] = field(default_factory=list)
     noise: dict = field(default_factory=dict)
+    history_csv: GrowingCsv = field(default_factory=GrowingCsv)  # writes out/history.csv
 
     @classmethod
     def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
@@ -756,7 +764,7 @@ def _record(
         raise ValueError(f"cannot measure the network after epoch {state.epoch}: {err}") from None
     state.history.append(row)
     if out is not None:
-        write_csv(out / HISTORY, state.history)
+        state.history_csv.write(out / HISTORY, state.history)
     return row
 
 
