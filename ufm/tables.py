@@ -80,10 +80,15 @@ class GrowingCsv:
         self._text: list[str] = []  # the header, then one line per row
 
     def write(self, path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
-        columns = columns_of(rows)
-        key = (Path(path), tuple(columns))
         kept = len(self._rows)
-        if key != self._key or kept > len(rows) or any(a is not b for a, b in zip(self._rows, rows)):
+        same = self._key is not None and self._key[0] == Path(path) and kept <= len(rows)
+        if same and all(a is b for a, b in zip(self._rows, rows)):
+            # The kept rows' keys are the kept columns, in first-seen order: only new rows add any.
+            columns = columns_of(rows[kept:], first=self._key[1])
+        else:
+            kept, columns = 0, columns_of(rows)
+        key = (Path(path), tuple(columns))
+        if key != self._key or kept == 0:
             self._key, self._rows, self._text, kept = key, [], [_csv_text([], columns, header=True)], 0
         new = list(rows[kept:])
         self._rows += new

@@ -368,7 +368,10 @@ def measure_network(
     """All per-epoch measurements of one network.
 
     The features stay on the network's device in its dtype: ``nc_metrics`` measures them there (float32
-    products, float64 sums; docs/theory.md §17.9); the outputs, weights and class means are float64.
+    products, float64 sums; docs/theory.md §17.9) and :func:`ufm.sqi_deviation.sqi_bounds` in float64
+    there; the outputs, weights and class means are float64. One forward over the training set gives
+    the outputs and the features; the test set's forward gives outputs only. Cost and what each
+    quantity takes: docs/theory.md §18.
 
     Parameters
     ----------
