@@ -142,6 +142,51 @@ def test_output_sum_deficit_at_a_critical_point():
     )
 
 
+def test_float32_tensor_features_are_measured_in_float64():
+    """Training passes a network's float32 features as a torch tensor (computed on its device): every
+    field equals the NumPy float64 computation typed out here on the same values (products exact in
+    float64), with the spectral norms by SVD, not the Gram eigenvalues sqi_bounds uses."""
+    rng = np.random.default_rng(5)
+    C, N, p, lam, a = 5, 8, 12, 0.02, 0.1
+    labels = np.repeat(np.arange(C), N)
+    H32 = torch.from_numpy(np.abs(rng.normal(size=(C * N, p)) + 1.0).astype(np.float32))  # ReLU-like
+    T = _targets(labels, C, a)
+    ridge = _ridge(H32.double().numpy(), T, lam)  # near a critical point, so the predictions apply
+    W32 = torch.from_numpy((ridge + 0.01 * rng.normal(size=(C, p))).astype(np.float32))
+    b = sqi_bounds(W32, H32, torch.from_numpy(labels), lam, label_smoothing=a)
+
+    H, W = H32.double().numpy(), W32.double().numpy()
+    n = C * N
+    F = H @ W.T
+    eps = 1 - np.mean(F[np.arange(n), labels])
+    e = eps - a * (C - 1) / C
+    P = np.where(np.eye(C)[labels] > 0, 1.0, -1.0 / (C - 1))
+    E, G = T - F - e * P, _autograd_gradient(W, H, T, lam)
+    Mt = np.stack([H[labels == c].mean(0) for c in range(C)]) - H.mean(0)
+    s = e / (lam * (C - 1))
+    delta = (np.linalg.norm(G) + np.linalg.norm(E) * np.linalg.norm(H, 2) / n) / lam
+    dK_sqi = (E.T @ T - e * (E.T @ P + P.T @ E) - E.T @ E) / n
+    k = lam * e * (1 - C * eps / (C - 1)) / (C * lam)  # lam times the equinorm prediction
+    expected = {
+        "eps": eps,
+        "stationarity_residual": np.linalg.norm(G) / (lam * np.linalg.norm(W)),
+        "sqi_residual": np.linalg.norm(E) / np.linalg.norm(T - F),
+        "output_sum_residual": np.sqrt(np.mean((1 - F.sum(1)) ** 2)),
+        "w_scale": np.sum(W * Mt) / np.sum(Mt**2),
+        "w_scale_bound": delta / (abs(s) * np.linalg.norm(Mt)),
+        "w_scale_part_sqi": np.sum(E.T @ H / (n * lam) * Mt) / (np.sum(Mt**2) * s),
+        "nc3": np.sum((W / np.linalg.norm(W) - Mt / np.linalg.norm(Mt)) ** 2),
+        "nc3_bound": (2 * delta / np.linalg.norm(W)) ** 2,
+        "gram_part_stationarity": np.linalg.norm(G @ W.T, 2) / k,
+        "gram_part_sqi": np.linalg.norm(dK_sqi, 2) / k,
+    }
+    for key, value in expected.items():
+        assert getattr(b, key) == pytest.approx(value, rel=1e-11), key
+    numpy64 = sqi_bounds(W, H, labels, lam, label_smoothing=a)  # the same values as float64 NumPy
+    for key, value in numpy64.as_dict().items():
+        assert getattr(b, key) == pytest.approx(value, rel=1e-12), key
+
+
 def test_undefined_without_weight_decay_and_refuses_imbalance():
     rng = np.random.default_rng(1)
     labels, H = _problem(rng, 3, 4, 5)

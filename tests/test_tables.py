@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ufm.tables import read_csv, read_table, write_csv, write_json
+from ufm.tables import GrowingCsv, read_csv, read_table, write_csv, write_json
 
 scalars = st.one_of(
     st.none(),
@@ -40,3 +40,25 @@ def test_read_table_reads_csv_and_refuses_other_formats(tmp_path):
     assert read_table(write_csv(tmp_path / "t.csv", rows)) == rows
     with pytest.raises(ValueError, match=r"unknown table format '\.xlsx'"):
         read_table(tmp_path / "t.xlsx")
+
+
+def test_growing_csv_writes_what_write_csv_writes(tmp_path):
+    """A history written row by row (the training's GrowingCsv) is byte for byte the table write_csv
+    makes of all its rows, also after rows with a new column, an edited row or another path, all of
+    which re-encode the table; and it reads back as the rows."""
+    log, rows = GrowingCsv(), []
+    path = tmp_path / "history.csv"
+    for epoch in range(4):
+        rows.append({"epoch": epoch, "loss": 1 / (epoch + 1), "nc1": float("nan") if epoch == 2 else 0.1})
+        log.write(path, rows)
+        assert path.read_bytes() == write_csv(tmp_path / "ref.csv", rows).read_bytes(), epoch
+    rows.append({"epoch": 4, "loss": 0.2, "refined": 1})  # a new column: every row gets the cell
+    rows[0] = dict(rows[0], loss=9.0)  # a changed (replaced) row is re-encoded too
+    log.write(path, rows)
+    assert path.read_bytes() == write_csv(tmp_path / "ref.csv", rows).read_bytes()
+    assert read_csv(path)[0]["loss"] == 9.0 and read_csv(path)[-1]["refined"] == 1
+    other = log.write(tmp_path / "other.csv", rows[:2])
+    assert read_csv(other) == [
+        {"epoch": 0, "loss": 9.0, "nc1": 0.1},
+        {"epoch": 1, "loss": 0.5, "nc1": 0.1},
+    ]

@@ -121,6 +121,34 @@ def test_measurements_from_hooks_equal_the_library(data):
     assert np.isnan(measure_network(net, x, y, xt, yt, 0.0)["w_scale_pred"])
 
 
+def test_sqi_columns_equal_a_float64_computation_on_the_host(data):
+    """measure_network takes the SQI columns from the float32 features on their device (float64
+    there): they equal sqi_bounds on a float64 NumPy copy of the same features, and the norms and rho
+    equal NumPy's of float64 copies of the weights."""
+    from ufm.sqi_deviation import sqi_bounds
+
+    net = build_network("mlp", data.input_shape, 10, depth=3, width=16, seed=4)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    with torch.no_grad():  # W_L near the ridge solution, where every prediction is defined
+        H = net.features(x).double().numpy()
+        n, lam = len(H), 0.01
+        ridge = np.linalg.solve(H.T @ H + n * lam * np.eye(16), H.T @ np.eye(10)[data.y_train]).T
+        net.layers[-1].W.copy_(torch.from_numpy(ridge * 1.1))
+    row = measure_network(net, x, y, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test), lam)
+    Ws = [W.detach().double().numpy() for W in net.weights()]
+    ref = sqi_bounds(Ws[-1], H, data.y_train, lam).as_dict()
+    # The row's eps, nc3, w_scale, ... and *_pred come from nc_metrics' float32 outputs instead.
+    taken = ("eps", "nc3", "w_scale", "w_row_norm_sq", "w_cos")
+    compared = [k for k in ref if k in row and k not in taken and not k.endswith("_pred")]
+    assert len(compared) == 16 and not np.isnan([ref[k] for k in compared]).any()
+    for key in compared:
+        assert row[key] == pytest.approx(ref[key], rel=1e-12), key
+    norms = [np.linalg.norm(W) for W in Ws]
+    for k, norm in enumerate(norms, start=1):
+        assert row[f"norm_W{k}"] == pytest.approx(norm, rel=1e-14)
+    assert row["rho"] == pytest.approx(np.prod(norms), rel=1e-14)
+
+
 @pytest.mark.parametrize(("loss", "a"), [("mse", 0.1), ("ce", 0.0), ("ce", 0.2)])
 def test_measured_losses_follow_the_configured_loss(data, loss, a):
     """train_loss/test_loss are 1/n sum_i l(f_i, t_i) of the run's loss: the square loss

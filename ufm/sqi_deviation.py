@@ -109,10 +109,28 @@ def last_layer_gradient(W: np.ndarray, H: np.ndarray, T: np.ndarray, lam: float)
     return (H @ W.T - T).T @ H / H.shape[0] + lam * W
 
 
-def _spectral_norm(A: np.ndarray) -> float:
-    """||A||_2 from the smaller Gram matrix (A is (C, p) or (n, C) with C small)."""
-    gram = A.T @ A if A.shape[1] <= A.shape[0] else A @ A.T
-    return float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
+def _spectral_norms(*As):
+    """||A||_2 of each (m, k) tensor from its smaller Gram matrix, one batched eigvalsh per Gram size
+    (the small ones are C x C); a tensor of the norms, read back once with the other results."""
+    import torch
+
+    grams = [A.T @ A if A.shape[1] <= A.shape[0] else A @ A.T for A in As]
+    top = {}
+    for size in {g.shape[0] for g in grams}:
+        group = [i for i, g in enumerate(grams) if g.shape[0] == size]
+        top |= zip(group, torch.linalg.eigvalsh(torch.stack([grams[i] for i in group]))[:, -1])
+    return torch.stack([top[i] for i in range(len(grams))]).clamp(min=0).sqrt()
+
+
+def _float64_tensor(name: str, A, device=None):
+    """A as a float64 torch tensor on ``device`` (default: its own; NumPy: the CPU, without a copy)."""
+    import torch
+
+    if not isinstance(A, torch.Tensor):
+        A = torch.from_numpy(np.ascontiguousarray(A, dtype=np.float64))
+    if not A.is_floating_point():
+        raise ValueError(f"sqi_bounds: {name} must be a real matrix, got dtype {A.dtype}")
+    return A.detach().to(device=device, dtype=torch.float64)
 
 
 def _relative(measured: float, pred: float) -> float:
@@ -134,20 +152,32 @@ def sqi_bounds(
     W : (C, p) bias-free last layer; H : (n, p) its input features over the training set;
     labels : (n,) int, balanced classes (the theorem's setting; other counts raise ValueError);
     lam : the last layer's weight decay; label_smoothing : a of the targets (1 - a) y + a/C.
+    W, H and labels may be NumPy arrays or torch tensors.
 
     Returns
     -------
     SQIBounds. The outputs are F = H W^T, so the identities hold to rounding (the tests check them
     to 1e-10 relative against an independently computed gradient).
+
+    Notes
+    -----
+    Computed by torch in float64 on H's device (NumPy input: the CPU, without a copy), so a network's
+    float32 features on a GPU are measured where they are, exactly as their float64 values would be:
+    only the (n,) labels come to the host, and the scalars (read back three times) leave the device.
+    Cost: products of H with (n, C) and (C, p) matrices, O(n p C), and the Gram H^T H (O(n p^2), for
+    ||H||_2); the other spectral norms are of C x C Gram matrices, in one batched ``eigvalsh``.
     """
-    W, H = np.asarray(W, np.float64), np.asarray(H, np.float64)
-    labels = np.asarray(labels)
+    import torch
+
+    H = _float64_tensor("H", H)
+    W = _float64_tensor("W", W, H.device)
+    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     a = check_label_smoothing(label_smoothing)
     C, p = W.shape
     n = H.shape[0]
     if H.ndim != 2 or H.shape[1] != p or labels.shape != (n,):
         raise ValueError(
-            f"sqi_bounds: W (C, p), H (n, p), labels (n,); got {W.shape}, {H.shape}, {labels.shape}"
+            f"sqi_bounds: W (C, p), H (n, p), labels (n,); got {tuple(W.shape)}, {tuple(H.shape)}, {labels.shape}"
         )
     counts = np.bincount(labels, minlength=C)
     if C < 2 or len(counts) != C or np.any(counts != counts[0]) or counts[0] == 0:
@@ -155,28 +185,38 @@ def sqi_bounds(
             f"sqi_bounds needs C >= 2 balanced classes labelled 0..C-1 (the theorem's setting, docs/theory.md §4.1); "
             f"got class counts {counts.tolist()}"
         )
+    # Everything below is float64 on H's device; only scalars (read back twice) leave it.
+    y = torch.as_tensor(labels, device=H.device)[:, None]  # (n, 1)
     F = H @ W.T  # (n, C) bias-free outputs
-    Y = np.eye(C)[labels]  # (n, C)
+    Y = torch.zeros_like(F).scatter_(1, y, 1.0)  # (n, C) one-hot
     T = (1.0 - a) * Y + a / C
-    P = sqi_direction(labels, C)
-    eps = 1.0 - float(np.mean(F[np.arange(n), labels]))
+    P = torch.full_like(F, -1.0 / (C - 1)).scatter_(1, y, 1.0)  # sqi_direction(labels, C)
+    eps = 1.0 - float(F.gather(1, y).mean())
     e = eps - float(closed_form.ufm_smoothing_eps(C, a))
     R = T - F  # (n, C)
     E = R - e * P
     G = last_layer_gradient(W, H, T, lam)
-    mu = Y.T @ H / counts[0]  # (C, p) class means
-    Mt = mu - H.mean(axis=0)  # (C, p) centred means, rows sum to zero
+    mu = torch.zeros_like(W).index_add_(0, y[:, 0], H) / int(counts[0])  # (C, p) class means
+    Mt = mu - H.mean(dim=0)  # (C, p) centred means, rows sum to zero
 
-    norm_W, norm_E, norm_G, norm_M = (float(np.linalg.norm(X)) for X in (W, E, G, Mt))
+    norms = torch.stack([torch.linalg.norm(X) for X in (W, E, G, Mt, R)])
+    on_device = [
+        torch.sqrt(torch.mean((1.0 - F.sum(dim=1)) ** 2)),  # output_sum_residual
+        torch.sum(W * Mt) / norms[3] ** 2,  # w_scale
+        torch.sum((W / norms[0] - Mt / norms[3]) ** 2),  # nc3, §17.4 with M^T = Mt
+    ]
+    norm_W, norm_E, norm_G, norm_M, norm_R, out_sum, w_scale, nc3 = torch.cat(
+        [norms, torch.stack(on_device)]
+    ).tolist()
     measured = {
         "eps": eps,
         "stationarity_residual": norm_G / (lam * norm_W) if lam > 0 and norm_W > 0 else float("nan"),
-        "sqi_residual": norm_E / float(np.linalg.norm(R)),
-        "output_sum_residual": float(np.sqrt(np.mean((1.0 - F.sum(axis=1)) ** 2))),
-        "w_scale": float(np.sum(W * Mt) / norm_M**2),
+        "sqi_residual": norm_E / norm_R,
+        "output_sum_residual": out_sum,
+        "w_scale": w_scale,
         "w_row_norm_sq": norm_W**2 / C,
-        "w_cos": mean_cosine(W),
-        "nc3": float(np.sum((W / norm_W - Mt / norm_M) ** 2)),  # §17.4, with M^T = Mt
+        "w_cos": mean_cosine(W.cpu().numpy()),
+        "nc3": nc3,
     }
     if not (lam > 0 and e > 0 and norm_W > 0 and norm_M > 0):
         return SQIBounds(**{**dict.fromkeys((f.name for f in fields(SQIBounds)), float("nan")), **measured})
@@ -184,23 +224,30 @@ def sqi_bounds(
     # §12.2: W - s M = (E^T H/n + G)/lam; the scale sees <., M>/||M||^2 of each part.
     s = float(closed_form.sqi_w_scale(C, eps, lam, a))
     delta_sqi = E.T @ H / (n * lam)  # (C, p)
-    scale_part_stat = float(np.sum(G * Mt)) / (lam * norm_M**2 * s)
-    scale_part_sqi = float(np.sum(delta_sqi * Mt)) / (norm_M**2 * s)
-    delta_bound = (norm_G + norm_E * _spectral_norm(H) / n) / lam  # >= ||W - s M||_F
-    scale_bound = delta_bound / (abs(s) * norm_M)
-
     # §12.3: lam W W^T = K_pred + dK_sqi + dK_stat, K_pred = k C/(C-1) (I - J/C) with k = lam pred.
-    k = lam * float(closed_form.sqi_w_row_norm_sq(C, eps, lam, a))
     dK_sqi = (E.T @ T - e * (E.T @ P + P.T @ E) - E.T @ E) / n  # (C, C)
     dK_stat = G @ W.T
-    row_part_stat = float(np.trace(dK_stat)) / (C * k)
-    row_part_sqi = float(np.trace(dK_sqi)) / (C * k)
-    norm_T, norm_P = float(np.linalg.norm(T)), float(np.linalg.norm(P))
+    small = torch.cat(
+        [
+            torch.stack(
+                [torch.sum(G * Mt), torch.sum(delta_sqi * Mt), torch.trace(dK_stat), torch.trace(dK_sqi)]
+            ),
+            torch.stack([torch.linalg.norm(T), torch.linalg.norm(P)]),
+            _spectral_norms(H, T, P, W, dK_stat, dK_sqi),
+        ]
+    ).tolist()
+    G_M, sqi_M, tr_stat, tr_sqi, norm_T, norm_P, sn_H, sn_T, sn_P, sn_W, sn_stat, sn_sqi = small
+    scale_part_stat = G_M / (lam * norm_M**2 * s)
+    scale_part_sqi = sqi_M / (norm_M**2 * s)
+    delta_bound = (norm_G + norm_E * sn_H / n) / lam  # >= ||W - s M||_F
+    scale_bound = delta_bound / (abs(s) * norm_M)
+
+    k = lam * float(closed_form.sqi_w_row_norm_sq(C, eps, lam, a))
+    row_part_stat = tr_stat / (C * k)
+    row_part_sqi = tr_sqi / (C * k)
     trace_bound = (norm_E * (norm_T + 2 * e * norm_P) + norm_E**2) / n + norm_G * norm_W
     # §12.4: every entry of dK is at most ||dK||_2 <= beta; cosines move by r (1 + 1/(C-1))/(1 - r).
-    beta = (
-        norm_E * (_spectral_norm(T) + 2 * e * _spectral_norm(P)) + norm_E**2
-    ) / n + norm_G * _spectral_norm(W)
+    beta = (norm_E * (sn_T + 2 * e * sn_P) + norm_E**2) / n + norm_G * sn_W
     r = beta / k if k > 0 else float("inf")
     cos_pred = float(closed_form.sqi_cosine(C))
     return SQIBounds(
@@ -218,7 +265,7 @@ def sqi_bounds(
         w_cos_pred=cos_pred,
         w_cos_err=_relative(measured["w_cos"], cos_pred),
         w_cos_bound=C * r / (1 - r) if r < 1 else float("inf"),
-        gram_part_stationarity=_spectral_norm(dK_stat) / k if k > 0 else float("nan"),
-        gram_part_sqi=_spectral_norm(dK_sqi) / k if k > 0 else float("nan"),
+        gram_part_stationarity=sn_stat / k if k > 0 else float("nan"),
+        gram_part_sqi=sn_sqi / k if k > 0 else float("nan"),
         nc3_bound=(2 * delta_bound / norm_W) ** 2 if s > 0 else float("inf"),
     )

@@ -66,7 +66,7 @@ from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .sqi_deviation import SQIBounds, sqi_bounds
-from .tables import atomic_write, cell_text, write_csv, write_json
+from .tables import GrowingCsv, atomic_write, cell_text, write_json
 
 __all__ = [
     "SCHEDULES",
@@ -303,11 +303,17 @@ def _matrix(W: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def _forward_with_features(model: HomogeneousNet, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+def _forward_with_features(
+    model: HomogeneousNet, x: torch.Tensor, *, features: bool = True
+) -> tuple[np.ndarray, torch.Tensor | None]:
     """Outputs f (n, C) as float64 NumPy, and penultimate features h (n, p) as the network's tensor on
-    its device (hooked at FEATURE_LAYER's output): only the small outputs travel to the host."""
+    its device (hooked at FEATURE_LAYER's output; None without ``features``): only the small outputs
+    travel to the host."""
+    chunks = range(0, x.shape[0], MEASURE_CHUNK)
+    if not features:
+        return torch.cat([model(x[i : i + MEASURE_CHUNK]) for i in chunks]).double().cpu().numpy(), None
     with capture_activations(model, FEATURE_LAYER, capture="output") as captured:
-        outputs = [model(x[i : i + MEASURE_CHUNK]) for i in range(0, x.shape[0], MEASURE_CHUNK)]
+        outputs = [model(x[i : i + MEASURE_CHUNK]) for i in chunks]
     return torch.cat(outputs).double().cpu().numpy(), torch.cat(captured)
 
 
@@ -337,9 +343,10 @@ _SQI_KEYS = tuple(
 )
 
 
-def _sqi_columns(W_L: np.ndarray, H: np.ndarray, labels: np.ndarray, wd: float, loss: Loss) -> dict:
-    """The ``_SQI_KEYS`` of one measurement; NaN where the theorem does not apply (no weight decay,
-    a loss whose residual is not linear, imbalanced classes)."""
+def _sqi_columns(W_L: np.ndarray, H: torch.Tensor, labels: np.ndarray, wd: float, loss: Loss) -> dict:
+    """The ``_SQI_KEYS`` of one measurement, from the features H (n, p) on their device (float64
+    there); NaN where the theorem does not apply (no weight decay, a loss whose residual is not
+    linear, imbalanced classes)."""
     counts = np.bincount(labels)
     if not (wd > 0 and loss.linear_residual and np.all(counts == counts[0])):
         return dict.fromkeys(_SQI_KEYS, np.nan)
@@ -366,7 +373,10 @@ def measure_network(
     """All per-epoch measurements of one network.
 
     The features stay on the network's device in its dtype: ``nc_metrics`` measures them there (float32
-    products, float64 sums; docs/theory.md §17.9); the outputs, weights and class means are float64.
+    products, float64 sums; docs/theory.md §17.9) and :func:`ufm.sqi_deviation.sqi_bounds` in float64
+    there; the outputs, weights and class means are float64. One forward over the training set gives
+    the outputs and the features; the test set's forward gives outputs only. Cost and what each
+    quantity takes: docs/theory.md §18.
 
     Parameters
     ----------
@@ -413,7 +423,6 @@ def measure_network(
     * ``norm_W{k}`` (Frobenius, k = 1..L), ``rho`` (their product), ``rank_W{k}`` (singular values
       above RANK_RTOL times the largest), ``srank_W{k}`` (stable rank ||W||_F^2/||W||_2^2) and
       ``wl_sv_ratio`` = s_C/s_1 of W_L (zero when W_L has the NC rank C-1).
-      ``rho`` also comes from ``nc_metrics``;
     * ``norm_W_sq_pred`` = -<dL_data/dF, F>/lambda: the squared norm ||W_k||^2 that every layer has
       at a critical point of the objective (docs/theory.md §16.2; NaN at lambda = 0).
     """
@@ -421,11 +430,12 @@ def measure_network(
     model.eval()
     y_tr, y_te = y_train.cpu().numpy(), y_test.cpu().numpy()
     f_tr, H = _forward_with_features(model, x_train)  # (n, C) host, (n, p) device
-    f_te, _ = _forward_with_features(model, x_test)
+    f_te, _ = _forward_with_features(model, x_test, features=False)
     C = f_tr.shape[1]
-    Ws = [_matrix(W) for W in model.weights()]
-    W_L = Ws[-1]  # (C, p)
-    sq_norms = np.array([np.sum(W**2) for W in Ws])
+    W_L = _matrix(model.classifier_weight())  # (C, p)
+    # Sums of squares in float64 on the device (only L numbers travel); W_L is the one weight needed
+    # on the host, for the C x p measures.
+    sq_norms = np.array(torch.stack([(W.detach().double() ** 2).sum() for W in model.weights()]).tolist())
     row = {
         "train_loss": loss.value(f_tr.T, loss.targets(y_tr, C)),  # outputs and targets (C, n)
         "test_loss": loss.value(f_te.T, loss.targets(y_te, C)),
@@ -439,7 +449,7 @@ def measure_network(
     grad_f = loss.value_and_grad(f_tr.T, loss.targets(y_tr, C))[1]  # (C, n)
     row["norm_W_sq_pred"] = -np.sum(grad_f * f_tr.T) / wd if wd > 0 else np.nan
 
-    nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr, layers=Ws)
+    nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr)
     for key in _NC_KEYS:
         row[key] = float(getattr(nc, key))
     eps = nc.eps
@@ -460,12 +470,12 @@ def measure_network(
 
     if singular_values and spectra is None:
         spectra = [_singular_values(W, exact=False) for W in model.weights()]
-    for k in range(1, len(Ws) + 1):
+    for k in range(1, len(sq_norms) + 1):
         s = spectra[k - 1] if singular_values else np.full(1, np.nan)
         row[f"norm_W{k}"] = np.sqrt(sq_norms[k - 1])
         row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0])) if singular_values else np.nan
         row[f"srank_W{k}"] = sq_norms[k - 1] / s[0] ** 2
-    row["rho"] = nc.rho
+    row["rho"] = math.prod(row[f"norm_W{k}"] for k in range(1, len(sq_norms) + 1))
     # s: the singular values of W_L, the last layer
     row["wl_sv_ratio"] = np.nan if not singular_values else s[C - 1] / s[0] if len(s) >= C else 0.0
     return {k: float(v) for k, v in row.items()}
@@ -567,6 +577,7 @@ class _TrainState:
     noise: dict = field(default_factory=dict)
     # One entry per record with singular values: {"epoch", "refined", "values": [s of W_1, ..., W_L]}.
     spectra: list[dict] = field(default_factory=list)
+    history_csv: GrowingCsv = field(default_factory=GrowingCsv)  # writes out/history.csv
 
     @classmethod
     def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
@@ -781,7 +792,7 @@ def _record(
             {"epoch": state.epoch, "refined": int(refined), "values": [s.tolist() for s in spectra]}
         )
     if out is not None:
-        write_csv(out / HISTORY, state.history)
+        state.history_csv.write(out / HISTORY, state.history)
         if spectra is not None:
             _append_spectra(out / SINGULAR_VALUES, state.spectra[-1:])
     return row
