@@ -62,9 +62,10 @@ class Loss(ABC):
     def value_and_grad(self, f: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
         """(1/n sum_i l(f_i, T_i), d/df of it (C, n)) for outputs f and targets T, both (C, n)."""
 
-    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int) -> float:
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
         """sum_i l(f_i, T_i) / n over the B columns of f, T (C, B) (a block of the n examples), with f
-        overwritten by the gradient of that sum (C, B); the caller owns f as scratch.
+        overwritten by the gradient of that sum (C, B), or by its negative (exactly) with ``negate``;
+        the caller owns f as scratch.
 
         ``ufm.model.loss_and_grad`` calls this on blocks of columns. The default goes through
         ``value_and_grad`` (the mean over the block) and rescales by B/n; a loss overrides it to work
@@ -72,7 +73,7 @@ class Loss(ABC):
         """
         value, g = self.value_and_grad(f, T)
         share = f.shape[1] / n
-        np.multiply(g, share, out=f)
+        np.multiply(g, -share if negate else share, out=f)
         return value * share
 
     def value(self, f: np.ndarray, T: np.ndarray) -> float:
@@ -133,8 +134,8 @@ class SquareLoss(Loss):
         g = np.array(f, dtype=float)
         return self.value_and_grad_into(g, T, f.shape[1]), g
 
-    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int) -> float:
-        r = np.subtract(f, T, out=f)  # the residual, in place
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
+        r = np.subtract(T, f, out=f) if negate else np.subtract(f, T, out=f)  # the residual, in place
         value = 0.5 * float(np.vdot(r, r)) / n
         np.divide(f, n, out=f)
         return value
@@ -196,7 +197,7 @@ class CrossEntropy(Loss):
         g = np.array(f, dtype=float)
         return self.value_and_grad_into(g, T, f.shape[1]), g
 
-    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int) -> float:
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
         # sum_c T_c = 1 for every example, so -<T_i, log softmax(f_i)> = lse_i - <T_i, s_i>, with
         # s = f - max_c f (log-sum-exp without overflow) and lse = log sum_c e^s; d/df = softmax - T.
         s = np.subtract(f, f.max(axis=0, keepdims=True), out=f)
@@ -205,7 +206,10 @@ class CrossEntropy(Loss):
         total = e.sum(axis=0, keepdims=True)  # (1, B)
         value = (float(np.log(total).sum()) - cross) / n
         e /= total  # softmax
-        e -= T
+        if negate:
+            np.subtract(T, e, out=e)
+        else:
+            e -= T
         e /= n
         return value
 

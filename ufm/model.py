@@ -258,7 +258,12 @@ def _into(total: np.ndarray, part: np.ndarray, first: bool) -> None:
 
 
 def loss_and_grad(
-    problem: UFMProblem, params: UFMParams, *, out: np.ndarray | None = None, work: GradientWork | None = None
+    problem: UFMProblem,
+    params: UFMParams,
+    *,
+    out: np.ndarray | None = None,
+    work: GradientWork | None = None,
+    negate: bool = False,
 ) -> tuple[float, UFMParams]:
     """Loss and its exact gradient by backpropagation, in float64.
 
@@ -268,6 +273,8 @@ def loss_and_grad(
     out : optional flat float64 array of ``params.ravel()``'s size; the gradient is written into it
         (``ravel`` order) and the returned gradient's arrays are views of it.
     work : optional ``GradientWork(problem, params)`` to reuse between calls at these shapes.
+    negate : return -grad L (the gradient flow's velocity) instead; exactly the negative, as the sign
+        enters through dL/df and the decays (the flow's field saves a pass over the state).
 
     Returns
     -------
@@ -283,7 +290,7 @@ def loss_and_grad(
     value = _penalty(problem, params)
     for i, cols in enumerate(work.blocks):
         zs, f = _forward(problem, params, cols, work)
-        value += problem.loss.value_and_grad_into(f, problem.T[:, cols], n)  # f is now g = dL/df
+        value += problem.loss.value_and_grad_into(f, problem.T[:, cols], n, negate)  # f is now dL/df
         if grad.b is not None:
             _into(grad.b, f.sum(axis=1), i == 0)
         dz = f
@@ -295,12 +302,13 @@ def loss_and_grad(
             _into(grad.Ws[k], dz @ zs[k].T, i == 0)
             below = grad.H[:, cols] if k == 0 else work.hidden(k, f.shape[1])
             dz = np.matmul(params.Ws[k].T, dz, out=below)
+    sign = -1.0 if negate else 1.0
     for lam, dW, Wk in zip(problem.lam_layers, grad.Ws, params.Ws):
-        dW += lam * Wk
+        dW += (sign * lam) * Wk
     if grad.b is not None:
         db = grad.b
-        db += problem.lam_b * params.b
-    add_scaled(grad.H.reshape(-1), problem.lam_h, params.H.reshape(-1))
+        db += (sign * problem.lam_b) * params.b
+    add_scaled(grad.H.reshape(-1), sign * problem.lam_h, params.H.reshape(-1))
     return value, grad
 
 

@@ -258,9 +258,9 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         nonlocal work
         work = GradientWork(problem, start) if work is None else work
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            value, _ = loss_and_grad(problem, coords.params(start, y), out=out, work=work)
-            norm = float(np.linalg.norm(out))
-            return value, coords.velocity(y, np.negative(out, out=out)), norm
+            value, _ = loss_and_grad(problem, coords.params(start, y), out=out, work=work, negate=True)
+            norm = float(np.linalg.norm(out))  # ||grad L||
+            return value, coords.velocity(y, out), norm
 
     def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
         return field_into(y, np.empty_like(y))
@@ -742,6 +742,7 @@ def integrate(
         bar.close()
     run.finish(t_end, solver.host(y_end))
     nfev = fun.nfev + (0 if on_host else check.nfev)
+    del solver, fun, check, y_end  # the integrator's arrays are not kept through the records below
     sol = run.solution() if dense_output else None
     if sol is not None and system.to_flat is not None:
         sol = _then(sol, system.to_flat)

@@ -20,6 +20,7 @@ dense output over the whole run, the stationarity and target stopping rules, bud
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,11 +260,12 @@ class ETD2Step:
     y_new: Any
     correction: Any
     rho: float
+    err: float | None = None  # the scaled RMS of the correction, when etd2_step was given ``error``
 
 
 def etd2_step(
     fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray, *, u: Any = None,
-    block: int | None = BLOCK,
+    block: int | None = BLOCK, error: Callable[[Any, Any, Any], float] | None = None,
 ) -> ETD2Step:  # fmt: skip
     """ETD2RK (Cox and Matthews 2002, eq. 22) for y' = Lambda y + R(y), Lambda diagonal by ``runs``.
 
@@ -280,7 +282,9 @@ def etd2_step(
     ``u`` when given (a state-sized array the caller is done with), else into a new array; y_new is
     then written over u, and the correction over f(u), which the step owns once ``fun`` has released
     it. y and f are only read. The elementwise work runs over blocks of ``block`` entries of each run
-    (the whole run if None, as on a device), so its temporaries stay in cache.
+    (the whole run if None, as on a device), so its temporaries stay in cache. With ``error(c, y,
+    y_new)``, the sum of squares of a block's scaled error (``StepController.scaled_sq``), the error
+    norm is taken in the same pass, while the block is in cache (``ETD2Step.err``).
     """
     phi1, phi2 = _phi12(h * levels)
     u = f + 0 if u is None else u
@@ -294,7 +298,7 @@ def etd2_step(
             step += y[part]
     _, fu, _ = fun(u)
     fun.release()  # fu is ours: it becomes f(u) - f(y) - lam (u - y) = R(u) - R(y), then the correction
-    sq_rest = 0.0
+    sq_rest = sq_err = 0.0
     for run, c1, c2, lam in zip(runs, h * phi1, h * phi2, levels):
         for part in block_slices(run.start, run.stop, block):
             rest = fu[part]
@@ -302,8 +306,12 @@ def etd2_step(
             rest -= f[part] * (c1 * lam)  # R(u) - R(y)
             sq_rest += float(rest @ rest)
             rest *= c2  # the correction h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 lam f(y)
-            u[part] += rest  # y_new, over u
-    return ETD2Step(u, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5)
+            new = u[part]
+            new += rest  # y_new, over u
+            if error is not None:
+                sq_err += error(rest, y[part], new)
+    err = None if error is None else (sq_err / y.shape[0]) ** 0.5
+    return ETD2Step(u, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5, err)
 
 
 @dataclass
@@ -339,20 +347,20 @@ class StepController:
         return self._scaled_rms(correction, y, y_new, xp)
 
     def _scaled_rms(self, a: Any, y: Any, y_new: Any, xp: Any) -> float:
-        """RMS of a / (atol + rtol max(|y|, |y_new|)), block by block in one block of scratch."""
-        total, scratch = 0.0, None
-        for block in block_slices(0, a.shape[0]):
-            scratch = a[block] + 0 if scratch is None else scratch  # a block of a's kind and device
-            q = scratch[: block.stop - block.start]
-            xp.abs(y[block], out=q)
-            xp.maximum(q, y_new[block], out=q)
-            xp.negative(q, out=q)
-            xp.minimum(q, y_new[block], out=q)  # -max(|y|, |y_new|)
-            q *= -self.rtol
-            q += self.atol
-            xp.divide(a[block], q, out=q)
-            total += float(q @ q)
+        """RMS of a / (atol + rtol max(|y|, |y_new|)), block by block."""
+        total = sum(self.scaled_sq(a[b], y[b], y_new[b], xp) for b in block_slices(0, a.shape[0]))
         return (total / a.shape[0]) ** 0.5
+
+    def scaled_sq(self, a: Any, y: Any, y_new: Any, xp: Any = np) -> float:
+        """Sum of (a / (atol + rtol max(|y|, |y_new|)))^2 over a block, in one temporary of its size."""
+        q = xp.abs(y)
+        xp.maximum(q, y_new, out=q)
+        xp.negative(q, out=q)
+        xp.minimum(q, y_new, out=q)  # -max(|y|, |y_new|)
+        q *= -self.rtol
+        q += self.atol
+        xp.divide(a, q, out=q)
+        return float(q @ q)
 
     def rejected(self, h: float, err: float) -> float:
         """The next trial step after a rejection (a non-finite trial shrinks by the most)."""
@@ -414,10 +422,13 @@ class ETD2(Integrator):
             self.xp = torch
             self._y = torch.as_tensor(y0, dtype=torch.float64, device=torch.device(device)).clone()
         self.control = StepController(rtol, atol, max_step=max_step)
+        self._error_sq = functools.partial(self.control.scaled_sq, xp=self.xp)
         self.h = first_step
         self.t, self.t_old = 0.0, None
-        self._old: tuple[Any, Any, bool] | None = None  # (y, f, y is ours) at t_old, for dense output
-        self._owned = False  # whether self._y is an array the steps made (then reused later), not y0
+        self._old: tuple[Any, Any, bool] | None = None  # (y, f, whether to reuse them) at t_old
+        # Whether self._y (and F there) may be reused once stale: not y0 (the caller's), and not an
+        # array lent to an interpolant (dense).
+        self._owned = False
         self._scratch: Any = None  # a state-sized array to write the next trial stage into
         self._block = BLOCK if device == "cpu" else None  # on a device, whole runs: fewer kernels
 
@@ -431,9 +442,9 @@ class ETD2(Integrator):
     def step(self) -> str | None:
         y, t = self._y, self.t
         if self._old is not None:  # the last step's interpolant is not needed any more: reuse its arrays
-            owned = self._old[2]
-            self._scratch = self._old[0] if owned else None  # the next trial stage (never the caller's y0)
-            self.fun.recycle(self._old[1])
+            if self._old[2]:
+                self._scratch = self._old[0]  # the next trial stage
+                self.fun.recycle(self._old[1])
             self._old = None
         f = self.fun(y)[1]  # the driver's check of this point: a cache hit
         h = self.control.initial(y, f, self.xp) if self.h is None else self.h
@@ -442,9 +453,10 @@ class ETD2(Integrator):
             trial = None
             try:
                 trial = etd2_step(
-                    self.fun, y, f, h, self.runs, self.levels, u=self._scratch, block=self._block
-                )
-                err = self.control.error(trial.correction, y, trial.y_new, self.xp)
+                    self.fun, y, f, h, self.runs, self.levels, u=self._scratch, block=self._block,
+                    error=self._error_sq,
+                )  # fmt: skip
+                err = trial.err
             except FlowDiverged:  # a non-finite trial stage is a failed step: shrink and retry
                 err = float("inf")
             if np.isfinite(err) and err <= 1.0:
@@ -464,10 +476,11 @@ class ETD2(Integrator):
         return None
 
     def dense(self) -> DenseOutput:
-        """Copies of the step's ends: the arrays themselves are reused by the next steps."""
+        """The interpolant holds the step's four arrays, which are then never reused by later steps."""
         y_old, f_old, _ = self._old
         f = self.fun(self._y)[1]
-        ends = [np.array(self.host(a), dtype=float) for a in (y_old, f_old, self._y, f)]
+        self._old, self._owned = (y_old, f_old, False), False
+        ends = [self.host(a) for a in (y_old, f_old, self._y, f)]
         return _HermiteOutput(self.t_old, ends[0], ends[1], self.t, ends[2], ends[3])
 
     @classmethod
