@@ -282,9 +282,9 @@ def etd2_step(
     ``u`` when given (a state-sized array the caller is done with), else into a new array; y_new is
     then written over u, and the correction over f(u), which the step owns once ``fun`` has released
     it. y and f are only read. The elementwise work runs over blocks of ``block`` entries of each run
-    (the whole run if None, as on a device), so its temporaries stay in cache. With ``error(c, y,
-    y_new)``, the sum of squares of a block's scaled error (``StepController.scaled_sq``), the error
-    norm is taken in the same pass, while the block is in cache (``ETD2Step.err``).
+    (the whole run if None, as on a device), so its temporaries stay in cache. Given ``error``, a
+    function of (correction, y, y_new) on a block that sums its squared scaled error
+    (``StepController.scaled_sq``), the error norm is taken in the same pass (``ETD2Step.err``).
     """
     phi1, phi2 = _phi12(h * levels)
     u = f + 0 if u is None else u
