@@ -4,15 +4,25 @@ For each (C, N, p) (n = C N = 16,000 examples, p = 64, square loss with a bias, 
 in one process on the same state:
 
 * gradient   a hand-written gradient of the UFM: three matrix products (W H, R H^T, W^T R) and the
-             weight-decay terms, in NumPy (``_gradient`` below): the floor of any first-order method;
-* field      the library's vector field (``ufm.dynamics.flow``'s, as ETD2 calls it);
+             weight-decay terms, in NumPy (``_gradient`` below), with fresh arrays as such code makes
+             them: the floor of any first-order method as users write it (the issue's baseline);
+* buffered   the same gradient written into preallocated arrays (``_gradient_into``): the floor
+             without allocation, shown for where the time goes;
+* field      the library's vector field (``ufm.dynamics.flow``'s, as ETD2 calls it: into a buffer);
 * ETD2       ``gradient_flow(method="ETD2")`` for a fixed budget of evaluations: wall / evaluations;
 * GD         ``gradient_descent`` for the same number of steps: wall / evaluations.
 
 and prints each per evaluation over ``gradient`` (target, issue 19: ETD2 under 1.2x), with the memory
-ETD2's stepping holds at its peak, in copies of the state (tracemalloc, NumPy's allocations; target:
-under 6), beside the peak of one evaluation of the field alone (its residuals are C x n, more than a
-state when C > p).
+at the peak, in copies of the state (tracemalloc, NumPy's allocations; target: under 6):
+
+* ETD2 mem   ETD2 stepping as the driver does (the Evaluator with the field's ``field_into``), from a
+             fresh copy of the start, including the field's scratch (made at the first evaluation);
+* field mem  one evaluation of the field of a fresh system, with its input copy and its scratch;
+* flow mem   a whole ``gradient_flow`` call of 40 evaluations, from the start parameters: besides the
+             stepping, the system's own start state and its diagonal Lambda (one state each).
+
+The targets T (C, n) are the problem's (cached on it before any of these), as for the hand-written
+gradient.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_etd2.py [--evals 300] [--repeats 2]
 Each table is printed --repeats times, so the spread on a busy machine can be read off.
@@ -42,6 +52,21 @@ def _gradient(H, W, b, T, lam):
     return W.T @ R + lam * H, R @ H.T + lam * W, R.sum(axis=1)
 
 
+def _gradient_into(H, W, b, T, lam, R, dH, dW, db):
+    """``_gradient`` into preallocated R (C, n), dH (p, n), dW (C, p), db (C,)."""
+    n = H.shape[1]
+    np.matmul(W, H, out=R)
+    R += b[:, None]
+    R -= T
+    R /= n
+    np.matmul(W.T, R, out=dH)
+    dH += lam * H
+    np.matmul(R, H.T, out=dW)
+    dW += lam * W
+    np.sum(R, axis=1, out=db)
+    return dH, dW, db
+
+
 def _best(fn, repeats: int = 5) -> float:
     best = np.inf
     for _ in range(repeats):
@@ -60,19 +85,25 @@ def _peak_states(fn, nbytes: int) -> float:
     return peak / nbytes
 
 
-def _states_held(system, steps: int) -> tuple[float, float]:
-    """(ETD2 stepping as the driver does, one field evaluation): peak memory in states, everything
-    traced from a fresh copy of the start on."""
+def _states_held(problem: UFMProblem, start: UFMParams, steps: int) -> tuple[float, float, float]:
+    """(ETD2 stepping as the driver does, one field evaluation, a whole flow): peak memory in states,
+    each on a fresh system (so the field's scratch, made at its first evaluation, is traced)."""
 
-    def stepping():
-        fun = Evaluator(system.field)
+    def stepping(system):
+        fun = Evaluator(system.field, into=system.field_into)
         solver = ETD2(fun, system.y0.copy(), 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
         for _ in range(steps):
             fun(solver.y)  # the driver's check of the accepted state
             solver.step()
 
-    nbytes = system.y0.nbytes
-    return _peak_states(stepping, nbytes), _peak_states(lambda: system.field(system.y0.copy()), nbytes)
+    nbytes = _gradient_system(problem, start).y0.nbytes
+    system = _gradient_system(problem, start)
+    held = _peak_states(lambda: stepping(system), nbytes)
+    system = _gradient_system(problem, start)
+    field = _peak_states(lambda: system.field(system.y0.copy()), nbytes)
+    run = dict(method="ETD2", tol=0.0, max_nfev=40, metrics=False, n_records=2, classify=False)
+    flow = _peak_states(lambda: gradient_flow(problem, start, **run), nbytes)
+    return held, field, flow
 
 
 def _row(C: int, N: int, p: int, evals: int) -> str:
@@ -80,20 +111,25 @@ def _row(C: int, N: int, p: int, evals: int) -> str:
     start = UFMParams.random(problem, p, rng=0)
     T = problem.T  # (C, n) targets
     t_grad = _best(lambda: _gradient(start.H, start.W, start.b, T, LAM))
+    bufs = (np.empty_like(T), np.empty_like(start.H), np.empty_like(start.W), np.empty_like(start.b))
+    t_buf = _best(lambda: _gradient_into(start.H, start.W, start.b, T, LAM, *bufs))
     system = _gradient_system(problem, start)
-    y0 = system.y0
-    t_field = _best(lambda: system.field(y0))
-    run = dict(method="ETD2", tol=0.0, t_max=1e6, max_nfev=evals, metrics=False, n_records=2)
+    y0, out = system.y0, np.empty_like(system.y0)
+    t_field = _best(lambda: system.field_into(y0, out))
+    run = dict(method="ETD2", tol=0.0, t_max=1e6, max_nfev=evals, metrics=False, n_records=2, classify=False)
     t0 = time.perf_counter()
     r = gradient_flow(problem, start, **run)
     t_etd2 = (time.perf_counter() - t0) / r.nfev
     t0 = time.perf_counter()
-    gd = gradient_descent(problem, start, lr=0.5, n_steps=evals, metrics=False, record_every=10**9)
+    gd = gradient_descent(
+        problem, start, lr=0.5, n_steps=evals, metrics=False, record_every=10**9, classify=False
+    )
     t_gd = (time.perf_counter() - t0) / gd.nfev
-    copies, field_copies = _states_held(system, steps=15)
+    held, field, flow = _states_held(problem, start, steps=15)
     return (
-        f"{C:>4} {N:>5} {p:>4} | {t_grad * 1e3:>8.3f} | {t_field / t_grad:>6.2f} {t_etd2 / t_grad:>6.2f}"
-        f" {t_gd / t_grad:>6.2f} {t_etd2 / t_gd:>8.2f} | {copies:>8.1f} {field_copies:>9.1f}"
+        f"{C:>4} {N:>5} {p:>4} | {t_grad * 1e3:>8.3f} | {t_buf / t_grad:>8.2f} {t_field / t_grad:>6.2f}"
+        f" {t_etd2 / t_grad:>6.2f} {t_gd / t_grad:>6.2f} {t_etd2 / t_gd:>8.2f} | {held:>8.1f} {field:>9.1f}"
+        f" {flow:>8.1f}"
     )
 
 
@@ -103,8 +139,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="print the table this many times (default 2)")
     args = ap.parse_args()
     head = (
-        f"{'C':>4} {'N':>5} {'p':>4} | {'grad ms':>8} | {'field':>6} {'ETD2':>6} {'GD':>6} {'ETD2/GD':>8}"
-        f" | {'ETD2 mem':>8} {'field mem':>9}"
+        f"{'C':>4} {'N':>5} {'p':>4} | {'grad ms':>8} | {'buffered':>8} {'field':>6} {'ETD2':>6} {'GD':>6}"
+        f" {'ETD2/GD':>8} | {'ETD2 mem':>8} {'field mem':>9} {'flow mem':>8}"
     )
     for k in range(args.repeats):
         print(f"# table {k + 1}: time per evaluation over the hand-written gradient; peak memory in states")

@@ -71,9 +71,9 @@ def test_sgd_evaluates_the_full_gradient_once_an_epoch(monkeypatch):
     full_calls = []
     counted = discrete.loss_and_grad
 
-    def counting(prob, params):
+    def counting(prob, params, **buffers):
         full_calls.append(prob is problem)
-        return counted(prob, params)
+        return counted(prob, params, **buffers)
 
     monkeypatch.setattr(discrete, "loss_and_grad", counting)
     r = sgd(

@@ -201,3 +201,26 @@ def test_etd2_holds_two_states_beyond_the_field():
 
     field = peak(lambda: system.field(system.y0.copy()))  # its input and its own temporaries
     assert peak(stepping) - field <= 2.3
+
+
+def test_etd2_through_the_driver_holds_under_five_states_when_c_n_exceeds_the_state():
+    """Lean ETD2 with the field writing into arrays it hands back (Evaluator ``into``/``recycle``, as
+    the driver runs it), at C = 80 > p = 16, where the outputs C x n alone are 4.96 states: the gradient
+    runs over column blocks, so stepping peaks at the four arrays y, F(y), u, F(u) plus scratch
+    (tracemalloc, measured 4.62 states; docs/theory.md §13.3)."""
+    import tracemalloc
+
+    from ufm.dynamics.integrators import ETD2
+
+    problem = UFMProblem(80, 125, 5e-4, 5e-4)
+    system = _gradient_system(problem, UFMParams.random(problem, 16, rng=0))
+    assert problem.T.size > 4.9 * system.y0.size
+    tracemalloc.start()
+    fun = Evaluator(system.field, into=system.field_into)
+    solver = ETD2(fun, system.y0.copy(), 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
+    for _ in range(10):
+        fun(solver.y)
+        assert solver.step() is None
+    peak = tracemalloc.get_traced_memory()[1] / system.y0.nbytes
+    tracemalloc.stop()
+    assert peak < 5

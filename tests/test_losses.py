@@ -213,3 +213,25 @@ def test_a_new_loss_is_one_class(monkeypatch):
     with pytest.raises(NoClosedForm, match="pseudo_huber"):
         problem.loss.closed_form(problem)
     assert TrainConfig(loss="pseudo_huber", label_smoothing=0.1).data_loss == PseudoHuber(0.1)
+
+
+def test_a_new_loss_over_column_blocks_matches_autograd(monkeypatch):
+    """A loss that defines only value_and_grad gets the blocked gradient through the default
+    Loss.value_and_grad_into (its mean over a block rescaled by B/n): several blocks of columns give
+    the gradient of the mean over all n examples (torch autograd as the reference)."""
+    import ufm.model as model
+
+    monkeypatch.setattr(model, "SCRATCH_MIN", 3 * 4)  # 4 columns a block: blocks of 4, 4, 4, 3
+    monkeypatch.setattr(model, "SCRATCH_SHARE", 0.0)
+    monkeypatch.setitem(LOSSES, "pseudo_huber", PseudoHuber)
+    problem = UFMProblem(3, (5, 6, 4), 0.02, 0.02, loss="pseudo_huber", label_smoothing=0.1)
+    params = UFMParams.random(problem, 4, rng=5)
+    assert len(model.GradientWork(problem, params).blocks) == 4
+    value, grad = loss_and_grad(problem, params)
+    tensors = [torch.tensor(a, requires_grad=True) for a in params.arrays()]
+    t_loss = torch_loss(problem, tensors[0], tensors[1:2], tensors[2])
+    t_loss.backward()
+    assert value == pytest.approx(t_loss.item(), rel=1e-13)
+    np.testing.assert_allclose(
+        grad.ravel(), np.concatenate([t.grad.numpy().ravel() for t in tensors]), rtol=1e-10
+    )

@@ -122,3 +122,37 @@ def test_bad_params():
         check_params(problem, UFMParams(np.full_like(good.H, np.inf), good.Ws, good.b))
     with pytest.raises(ValueError, match="bias"):
         check_params(problem, UFMParams(good.H, good.Ws, None))
+
+
+@pytest.mark.parametrize(
+    "kw", VARIANTS + [dict(loss="ce", label_smoothing=0.2), dict(loss="mse", counts=(3, 1, 2, 6))]
+)
+def test_gradient_over_column_blocks_into_a_buffer_matches_autograd(kw, monkeypatch):
+    """loss_and_grad over several column blocks (the last one partial), written into a reused buffer
+    with reused scratch, and with ``negate``, equals torch autograd: the blocks' sums of dW and db and
+    the loss averaged over all n examples are those of the whole batch (docs/theory.md §13.3)."""
+    import ufm.model as model
+
+    kw = dict(kw)
+    counts = kw.pop("counts", 3)
+    depth = kw.get("depth", 1)
+    rows = 4 + (depth * 5 if depth > 1 else 0)  # C + L p scratch rows a column
+    monkeypatch.setattr(model, "SCRATCH_MIN", 5 * rows)  # blocks of 5, 5 and 2 of the n = 12 columns
+    monkeypatch.setattr(model, "SCRATCH_SHARE", 0.0)
+    problem = UFMProblem(4, counts, tuple(0.01 * (k + 1) for k in range(depth)), 0.03, lam_b=0.05, **kw)
+    params = UFMParams.random(problem, 5, rng=3)
+    work = model.GradientWork(problem, params)
+    assert [c.stop - c.start for c in work.blocks] == [5, 5, 2]
+    out = np.empty(params.ravel().size)
+    loss_and_grad(problem, UFMParams.random(problem, 5, rng=4), out=out, work=work)  # stale scratch
+    value, grad = loss_and_grad(problem, params, out=out, work=work)
+    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in params.arrays()]
+    b = tensors[1 + depth] if problem.bias else None
+    t_loss = torch_loss(problem, tensors[0], tensors[1 : 1 + depth], b)
+    t_loss.backward()
+    assert t_loss.item() == pytest.approx(value, rel=1e-13)
+    reference = np.concatenate([t.grad.numpy().ravel() for t in tensors])
+    assert np.shares_memory(grad.H, out)
+    np.testing.assert_allclose(out, reference, rtol=1e-11, atol=1e-14)
+    loss_and_grad(problem, params, out=out, work=work, negate=True)
+    np.testing.assert_allclose(out, -reference, rtol=1e-11, atol=1e-14)

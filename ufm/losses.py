@@ -46,9 +46,10 @@ class Loss(ABC):
         object.__setattr__(self, "label_smoothing", check_label_smoothing(self.label_smoothing))
 
     def targets(self, labels: np.ndarray, C: int) -> np.ndarray:
-        """Targets T = (1 - a) Y + a/C, (C, n), for integer ``labels`` (n,)."""
+        """Targets T = (1 - a) Y + a/C, (C, n), for integer ``labels`` (n,); C-ordered, as the outputs
+        are (mixed layouts make every elementwise pass with the outputs stride through memory)."""
         a = self.label_smoothing
-        return (1.0 - a) * np.eye(C)[:, labels] + a / C
+        return np.ascontiguousarray((1.0 - a) * np.eye(C)[:, labels] + a / C)
 
     def torch_targets(self, labels: Any, C: int, dtype: Any) -> Any:
         """The same targets on torch, (n, C) rows (the network's layout)."""
@@ -60,6 +61,20 @@ class Loss(ABC):
     @abstractmethod
     def value_and_grad(self, f: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
         """(1/n sum_i l(f_i, T_i), d/df of it (C, n)) for outputs f and targets T, both (C, n)."""
+
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
+        """sum_i l(f_i, T_i) / n over the B columns of f, T (C, B) (a block of the n examples), with f
+        overwritten by the gradient of that sum (C, B), or by its negative (exactly) with ``negate``;
+        the caller owns f as scratch.
+
+        ``ufm.model.loss_and_grad`` calls this on blocks of columns. The default goes through
+        ``value_and_grad`` (the mean over the block) and rescales by B/n; a loss overrides it to work
+        in place, without (C, B) temporaries.
+        """
+        value, g = self.value_and_grad(f, T)
+        share = f.shape[1] / n
+        np.multiply(g, -share if negate else share, out=f)
+        return value * share
 
     def value(self, f: np.ndarray, T: np.ndarray) -> float:
         """1/n sum_i l(f_i, T_i) for f, T of shape (C, n)."""
@@ -116,9 +131,14 @@ class SquareLoss(Loss):
     name: ClassVar[str] = "mse"
 
     def value_and_grad(self, f: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
-        n = f.shape[1]
-        r = f - T
-        return 0.5 * float(np.sum(r * r)) / n, r / n
+        g = np.array(f, dtype=float)
+        return self.value_and_grad_into(g, T, f.shape[1]), g
+
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
+        r = np.subtract(T, f, out=f) if negate else np.subtract(f, T, out=f)  # the residual, in place
+        value = 0.5 * float(np.vdot(r, r)) / n
+        np.divide(f, n, out=f)
+        return value
 
     def torch_value(self, f: Any, labels: Any, C: int) -> Any:
         T = self.torch_targets(labels, C, f.dtype)
@@ -174,11 +194,24 @@ class CrossEntropy(Loss):
     name: ClassVar[str] = "ce"
 
     def value_and_grad(self, f: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
-        n = f.shape[1]
-        shifted = f - f.max(axis=0, keepdims=True)  # log-sum-exp without overflow
-        log_p = shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
-        # sum_c T_c = 1 for every example, so d/df = softmax - T.
-        return -float(np.sum(T * log_p)) / n, (np.exp(log_p) - T) / n
+        g = np.array(f, dtype=float)
+        return self.value_and_grad_into(g, T, f.shape[1]), g
+
+    def value_and_grad_into(self, f: np.ndarray, T: np.ndarray, n: int, negate: bool = False) -> float:
+        # sum_c T_c = 1 for every example, so -<T_i, log softmax(f_i)> = lse_i - <T_i, s_i>, with
+        # s = f - max_c f (log-sum-exp without overflow) and lse = log sum_c e^s; d/df = softmax - T.
+        s = np.subtract(f, f.max(axis=0, keepdims=True), out=f)
+        cross = float(np.vdot(T, s))
+        e = np.exp(s, out=f)
+        total = e.sum(axis=0, keepdims=True)  # (1, B)
+        value = (float(np.log(total).sum()) - cross) / n
+        e /= total  # softmax
+        if negate:
+            np.subtract(T, e, out=e)
+        else:
+            e -= T
+        e /= n
+        return value
 
     def torch_value(self, f: Any, labels: Any, C: int) -> Any:
         import torch

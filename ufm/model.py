@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._blocks import add_scaled
 from ._validation import (
     check_choice,
     check_classes,
@@ -37,7 +38,7 @@ from .losses import LOSSES, Loss, get_loss
 from .params import UFMParams
 
 __all__ = [
-    "ACTIVATIONS", "LOSSES", "UFMParams", "UFMProblem", "check_params", "last_features", "loss",
+    "ACTIVATIONS", "GradientWork", "LOSSES", "UFMParams", "UFMProblem", "check_params", "last_features", "loss",
     "loss_and_grad", "outputs", "torch_loss",
 ]  # fmt: skip
 
@@ -167,15 +168,20 @@ def check_params(problem: UFMProblem, params: UFMParams) -> None:
         check_finite(name, a)
 
 
-def _forward(problem: UFMProblem, params: UFMParams) -> tuple[list[np.ndarray], np.ndarray]:
-    """Layer inputs z_0..z_{L-1} (each (p, n)) and the outputs f (C, n)."""
-    zs = [params.H]
-    for Wk in params.Ws[:-1]:
-        a = Wk @ zs[-1]
-        zs.append(np.maximum(a, 0.0) if problem.activation == "relu" else a)
-    f = params.W @ zs[-1]
+def _forward(
+    problem: UFMProblem, params: UFMParams, cols: slice = slice(None), work: GradientWork | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Layer inputs z_0..z_{L-1} (each (p, B)) and the outputs f (C, B) of the columns ``cols`` (B of
+    them; all n by default), written into ``work``'s scratch when given, else fresh arrays."""
+    zs = [params.H[:, cols]]
+    for k, Wk in enumerate(params.Ws[:-1]):
+        a = Wk @ zs[-1] if work is None else np.matmul(Wk, zs[-1], out=work.hidden(k, zs[-1].shape[1]))
+        if problem.activation == "relu":
+            a = np.maximum(a, 0.0, out=a if work is not None else None)
+        zs.append(a)
+    f = params.W @ zs[-1] if work is None else np.matmul(params.W, zs[-1], out=work.outputs(zs[-1].shape[1]))
     if params.b is not None:
-        f = f + params.b[:, None]
+        f += params.b[:, None]
     return zs, f
 
 
@@ -189,12 +195,17 @@ def outputs(problem: UFMProblem, params: UFMParams) -> np.ndarray:
     return _forward(problem, params)[1]
 
 
+def _sq(a: np.ndarray) -> float:
+    """||a||_F^2 by one dot product (no temporary the size of a)."""
+    return float(np.vdot(a, a))
+
+
 def _penalty(problem: UFMProblem, params: UFMParams) -> float:
     """Weight decay: sum_k lam_k/2 ||W_k||^2 + lam_h/2 ||H||^2 + lam_b/2 ||b||^2."""
-    total = 0.5 * problem.lam_h * float(np.sum(params.H**2))
-    total += sum(0.5 * lam * float(np.sum(Wk**2)) for lam, Wk in zip(problem.lam_layers, params.Ws))
+    total = 0.5 * problem.lam_h * _sq(params.H)
+    total += sum(0.5 * lam * _sq(Wk) for lam, Wk in zip(problem.lam_layers, params.Ws))
     if params.b is not None:
-        total += 0.5 * problem.lam_b * float(np.sum(params.b**2))
+        total += 0.5 * problem.lam_b * _sq(params.b)
     return total
 
 
@@ -204,28 +215,101 @@ def loss(problem: UFMProblem, params: UFMParams) -> float:
     return problem.loss.value(f, problem.T) + _penalty(problem, params)
 
 
-def loss_and_grad(problem: UFMProblem, params: UFMParams) -> tuple[float, UFMParams]:
+# loss_and_grad runs over blocks of columns (examples) so that its scratch, the outputs and hidden
+# layers of a block ((C + L p) x B entries at depth L > 1, C x B at depth 1), stays below a quarter of
+# H's size (and at least 2^16 entries): one block unless C or the depth is large (C > p / 4 at depth 1).
+SCRATCH_SHARE = 0.25
+SCRATCH_MIN = 2**16
+
+
+class GradientWork:
+    """Scratch of ``loss_and_grad`` for one problem and parameter shape, reused between calls.
+
+    A flow evaluates the gradient thousands of times at the same shapes; fresh (C, n) and (p, n)
+    temporaries would be allocated (and page-faulted) on each call. Holds the outputs f (C, B), which
+    the loss overwrites with dL/df, and at depth L > 1 L hidden buffers (p, B): the layer outputs,
+    which the backward pass reuses for dL/dz (docs/theory.md §13.3). B is ``cols``' block width.
+    """
+
+    def __init__(self, problem: UFMProblem, like: UFMParams):
+        p, n = like.H.shape
+        L = problem.depth
+        rows = problem.C + (L * p if L > 1 else 0)
+        width = max(1, min(n, int(max(SCRATCH_SHARE * like.H.size, SCRATCH_MIN)) // rows))
+        self.blocks = [slice(i, min(i + width, n)) for i in range(0, n, width)]
+        self._f = np.empty((problem.C, width))
+        self._z = [np.empty((p, width)) for _ in range(L if L > 1 else 0)]
+
+    def outputs(self, width: int) -> np.ndarray:
+        """(C, width) buffer for the outputs of a block."""
+        return self._f[:, :width]
+
+    def hidden(self, k: int, width: int) -> np.ndarray:
+        """(p, width) buffer k: the output of hidden layer k + 1 (k < L - 1), or the spare (k = L - 1)."""
+        return self._z[k][:, :width]
+
+
+def _into(total: np.ndarray, part: np.ndarray, first: bool) -> None:
+    """total = part on the first block, total += part after."""
+    if first:
+        total[...] = part
+    else:
+        total += part
+
+
+def loss_and_grad(
+    problem: UFMProblem,
+    params: UFMParams,
+    *,
+    out: np.ndarray | None = None,
+    work: GradientWork | None = None,
+    negate: bool = False,
+) -> tuple[float, UFMParams]:
     """Loss and its exact gradient by backpropagation, in float64.
+
+    Parameters
+    ----------
+    problem, params : the model and the point.
+    out : optional flat float64 array of ``params.ravel()``'s size; the gradient is written into it
+        (``ravel`` order) and the returned gradient's arrays are views of it.
+    work : optional ``GradientWork(problem, params)`` to reuse between calls at these shapes.
+    negate : return -grad L (the gradient flow's velocity) instead; exactly the negative, as the sign
+        enters through dL/df and the decays (the flow's field saves a pass over the state).
 
     Returns
     -------
     (value, grad) with ``grad`` a UFMParams of the same shapes as ``params``.
+
+    The examples are processed in blocks of columns (``GradientWork.blocks``; the loss is a sum over
+    examples), so no temporary grows with C n beyond the block; dW and db sum over the blocks.
     """
-    zs, f = _forward(problem, params)
-    data, g = problem.loss.value_and_grad(f, problem.T)  # g = dL/df, (C, n)
-    value = data + _penalty(problem, params)
-    grads_w: list[np.ndarray] = []
-    db = None if params.b is None else g.sum(axis=1) + problem.lam_b * params.b
-    dz = g
-    # Backward through W_L, then the hidden layers: z_k = s(W_k z_{k-1}).
-    for k in range(problem.depth - 1, -1, -1):
-        Wk, z_in = params.Ws[k], zs[k]
-        if k < problem.depth - 1 and problem.activation == "relu":
-            dz = dz * (zs[k + 1] > 0)  # ReLU'(W_k z_{k-1}) = 1 where the output is positive
-        grads_w.append(dz @ z_in.T + problem.lam_layers[k] * Wk)
-        dz = Wk.T @ dz
-    dH = dz + problem.lam_h * params.H
-    return value, UFMParams(dH, tuple(reversed(grads_w)), db)
+    work = GradientWork(problem, params) if work is None else work
+    size = sum(a.size for a in params.arrays())
+    grad = UFMParams.unravel(params, np.empty(size) if out is None else out)
+    depth, relu, n = problem.depth, problem.activation == "relu", problem.n
+    value = _penalty(problem, params)
+    for i, cols in enumerate(work.blocks):
+        zs, f = _forward(problem, params, cols, work)
+        value += problem.loss.value_and_grad_into(f, problem.T[:, cols], n, negate)  # f is now dL/df
+        if grad.b is not None:
+            _into(grad.b, f.sum(axis=1), i == 0)
+        dz = f
+        # Backward through W_L, then the hidden layers: z_k = s(W_k z_{k-1}). dL/dz_k goes into the
+        # buffer of z_{k+1}, free once its ReLU mask is read (the spare buffer for k = L - 1).
+        for k in range(depth - 1, -1, -1):
+            if k < depth - 1 and relu:
+                np.multiply(dz, zs[k + 1] > 0, out=dz)  # ReLU'(W_k z_{k-1}) = 1 where the output is positive
+            _into(grad.Ws[k], dz @ zs[k].T, i == 0)
+            below = grad.H[:, cols] if k == 0 else work.hidden(k, f.shape[1])
+            dz = np.matmul(params.Ws[k].T, dz, out=below)
+    sign = -1.0 if negate else 1.0
+    for lam, dW, Wk in zip(problem.lam_layers, grad.Ws, params.Ws):
+        dW += (sign * lam) * Wk
+    if grad.b is not None:
+        db = grad.b
+        db += (sign * problem.lam_b) * params.b
+    add_scaled(grad.H.reshape(-1), sign * problem.lam_h, params.H.reshape(-1))
+    return value, grad
 
 
 def torch_loss(problem: UFMProblem, H: Any, Ws: Any, b: Any = None) -> Any:

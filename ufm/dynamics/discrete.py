@@ -39,7 +39,7 @@ import numpy as np
 
 from .._progress import progress_bar
 from .._validation import check_nonneg, check_positive_int
-from ..model import UFMParams, UFMProblem, check_params, loss_and_grad
+from ..model import GradientWork, UFMParams, UFMProblem, check_params, loss_and_grad
 from .flow import FlowResult, _stack_records, _System, end_point, integrate, linear_part, record_state
 
 
@@ -90,6 +90,9 @@ def _descend(
     if momentum >= 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     theta = start.ravel().copy()
+    # The full gradient is written into one buffer with reused scratch, and the steps alternate between
+    # two state buffers: fresh state-sized arrays on every step would cost their page faults.
+    work, full_flat, spare = GradientWork(problem, start), np.empty_like(theta), np.empty_like(theta)
     vel = np.zeros_like(theta)
     steps, records = [], []
     status, msg, nfev, k = 0, "", 0, 0
@@ -105,8 +108,8 @@ def _descend(
             try:
                 with np.errstate(over="raise", invalid="raise", divide="raise"):
                     if checked:
-                        value, full = loss_and_grad(problem, params)
-                        gnorm = float(np.linalg.norm(full.ravel()))
+                        value, _ = loss_and_grad(problem, params, out=full_flat, work=work)
+                        gnorm = float(np.linalg.norm(full_flat))
                         if not (np.isfinite(value) and np.isfinite(gnorm)):
                             raise FloatingPointError(f"non-finite loss {value} or gradient norm {gnorm}")
                     stop = checked and (
@@ -123,7 +126,7 @@ def _descend(
                 msg = f"diverged at step {k}: {err}; last good step {s_good} (t = {s_good * lr:.6g})"
                 theta = last_good[1]
                 break
-            last_good = (k, theta)  # theta is rebound, never written in place, so no copy is needed
+            last_good = (k, theta)  # the next step writes into the other buffer, so no copy is needed
             if checked and (k % record_every == 0 or stop):
                 steps.append(k)
                 rec = record_state(problem, params) if metrics else {"loss": value}
@@ -137,12 +140,18 @@ def _descend(
                 msg += f" at step {k} (t = {k * lr:.6g})"
                 break
             if g is None:
-                g = full.ravel()  # GD: the gradient computed above
+                g = full_flat  # GD: the gradient computed above
             else:
                 nfev += 1
             with np.errstate(over="ignore", invalid="ignore"):  # checked at the next step
-                vel = momentum * vel + g if momentum else g
-                theta = theta - lr * vel
+                if momentum:
+                    vel *= momentum
+                    vel += g
+                else:
+                    vel = g
+                np.multiply(vel, -lr, out=spare)
+                spare += theta  # theta - lr vel
+                theta, spare = spare, theta
             k += 1
             bar.update(1)
     finally:

@@ -42,6 +42,7 @@ from .._validation import check_choice, check_nonneg, check_positive_int
 from ..critical import STATIONARY_TOL, CriticalPoint, classify_point
 from ..geometry import mean_cosine
 from ..model import (
+    GradientWork,
     UFMParams,
     UFMProblem,
     check_params,
@@ -143,7 +144,9 @@ class _System:
     ``record(y)`` (optional) gives the record's measures instead of ``record_state(to_params(y))``;
     ``unavailable`` names the measures the flow cannot give, and why. ``tolerance_scale`` (optional):
     per-entry factors (on atol, on rtol) of the integrator's tolerances, for a state whose entries do
-    not count as the full flow's do (the moment flow).
+    not count as the full flow's do (the moment flow). ``field_into(y, out)``
+    (optional) is ``field`` writing dy/dt into the state-sized ``out`` (and returning it), so that an
+    integrator can hand the arrays it is done with back for the next evaluations (``Evaluator``).
     """
 
     problem: UFMProblem
@@ -158,6 +161,7 @@ class _System:
     record: Callable[[np.ndarray], dict[str, float]] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
     tolerance_scale: tuple[np.ndarray, np.ndarray] | None = None
+    field_into: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, float]] | None = None
 
 
 def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
@@ -252,12 +256,18 @@ def _coordinates(problem: UFMProblem, like: UFMParams) -> _FlatCoordinates | _Me
 def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
     coords = _coordinates(problem, start)
 
-    def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
+    work: GradientWork | None = None  # the gradient's scratch, made at the first evaluation
+
+    def field_into(y: np.ndarray, out: np.ndarray) -> tuple[float, np.ndarray, float]:
+        nonlocal work
+        work = GradientWork(problem, start) if work is None else work
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            value, grad = loss_and_grad(problem, coords.params(start, y))
-            g = grad.ravel()  # a fresh array: negated and turned into dy/dt in place
-            norm = float(np.linalg.norm(g))
-            return value, coords.velocity(y, np.negative(g, out=g)), norm
+            value, _ = loss_and_grad(problem, coords.params(start, y), out=out, work=work, negate=True)
+            norm = float(np.linalg.norm(out))  # ||grad L||
+            return value, coords.velocity(y, out), norm
+
+    def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
+        return field_into(y, np.empty_like(y))
 
     field_flat = _torch_gradient_field(problem, start)
 
@@ -275,6 +285,7 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         problem=problem,
         y0=y0,
         field=field_np,
+        field_into=field_into,
         to_params=lambda y: UFMParams.unravel(start, coords.to_flat(np.array(y, dtype=float))),
         linear=linear_part(problem, start),
         torch_field=field_torch,
@@ -746,7 +757,11 @@ def integrate(
     run = _Run(_check_t_eval(t_eval, t_max, n_records))
 
     on_host = device == "cpu"
-    fun = Evaluator(system.field if on_host else _torch_only(system), by_value=cls.cache_by_value)
+    fun = Evaluator(
+        system.field if on_host else _torch_only(system),
+        by_value=cls.cache_by_value,
+        into=system.field_into if on_host else None,
+    )
     check = fun if on_host else Evaluator(system.field)  # the start is checked on the host
     try:
         with np.errstate(over="raise", invalid="raise"):
@@ -766,6 +781,7 @@ def integrate(
         bar.close()
     run.finish(t_end, solver.host(y_end))
     nfev = fun.nfev + (0 if on_host else check.nfev)
+    del solver, fun, check, y_end  # the integrator's arrays are not kept through the records below
     sol = run.solution() if dense_output else None
     if sol is not None and system.to_flat is not None:
         sol = _then(sol, system.to_flat)

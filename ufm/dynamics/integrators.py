@@ -21,6 +21,7 @@ dense output over the whole run, the stationarity and target stopping rules, bud
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import integrate, sparse
 from scipy.integrate import DenseOutput
+
+from .._blocks import BLOCK, block_slices
 
 __all__ = [
     "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
@@ -43,9 +46,9 @@ _PHI_SERIES = 0.02
 # A step shorter than this fraction of t is rounding noise: the integration is stuck.
 _MIN_REL_STEP = 1e-13
 _TINY = 1e-300
-# Elementwise norms of the state run over blocks of this many entries (256 KiB in float64): their
-# temporaries stay in the L2 cache instead of being whole copies of the state.
-_NORM_BLOCK = 2**15
+# Arrays an Evaluator keeps for reuse: ETD2 hands back two per step (F at the last state, and the
+# correction) and takes two (F at the trial stage, F at the accepted state).
+_MAX_SPARE = 2
 
 
 class FlowDiverged(ArithmeticError):
@@ -64,20 +67,34 @@ class Evaluator:
     state (SciPy's BDF updates its Newton iterate in place after evaluating it); otherwise identity.
     A non-finite loss or stationarity (the norm of the gradient, so any bad entry shows in it) raises
     FlowDiverged with the last good time ``t_good``, which the driver keeps current.
+
+    ``into(y, out)`` (optional) is the field writing F(y) into ``out``: arrays an integrator is done
+    with and hands back by ``recycle`` are then filled by the next evaluations instead of fresh ones
+    (docs/theory.md §13.3).
     """
 
-    def __init__(self, field: Callable[[Any], tuple[Any, Any, Any]], *, by_value: bool = False):
-        self.field, self.by_value = field, by_value
+    def __init__(
+        self,
+        field: Callable[[Any], tuple[Any, Any, Any]],
+        *,
+        by_value: bool = False,
+        into: Callable[[Any, Any], tuple[Any, Any, Any]] | None = None,
+    ):
+        self.field, self.by_value, self.into = field, by_value, into
         self.nfev, self.t_good = 0, 0.0
         self._key: Any = None
         self._out: tuple[float, Any, float] | None = None
+        self._spare: list[Any] = []
 
     def __call__(self, y: Any) -> tuple[float, Any, float]:
         if self._out is not None and (np.array_equal(self._key, y) if self.by_value else (y is self._key)):
             return self._out
         self.release()  # the last point's arrays are not kept alive through the new evaluation
         try:
-            value, dy, stat = self.field(y)
+            if self.into is not None and self._spare:
+                value, dy, stat = self.into(y, self._spare.pop())
+            else:
+                value, dy, stat = self.field(y)
         except FloatingPointError as err:
             raise FlowDiverged(f"floating-point {err}", self.t_good) from None
         value, stat = float(value), float(stat)
@@ -92,6 +109,12 @@ class Evaluator:
         """Forget the cached point: its arrays then belong to the caller alone, which may overwrite
         them (ETD2 reuses a trial stage's field as scratch once it has read it)."""
         self._key = self._out = None
+
+    def recycle(self, a: Any) -> None:
+        """Take back a state-sized array that nobody reads any more, to be overwritten by a later
+        evaluation (kept only with ``into``, and at most ``_MAX_SPARE`` of them)."""
+        if self.into is not None and len(self._spare) < _MAX_SPARE:
+            self._spare.append(a)
 
 
 class Integrator(ABC):
@@ -244,9 +267,13 @@ class ETD2Step:
     y_new: Any
     correction: Any
     rho: float
+    err: float | None = None  # the scaled RMS of the correction, when etd2_step was given ``error``
 
 
-def etd2_step(fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray) -> ETD2Step:
+def etd2_step(
+    fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray, *, u: Any = None,
+    block: int | None = BLOCK, error: Callable[[Any, Any, Any], float] | None = None,
+) -> ETD2Step:  # fmt: skip
     """ETD2RK (Cox and Matthews 2002, eq. 22) for y' = Lambda y + R(y), Lambda diagonal by ``runs``.
 
     With u - y = h phi_1(h Lambda) f(y), the two stages read::
@@ -258,31 +285,40 @@ def etd2_step(fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], level
     difference, the error estimate. rho is free: both f values are at hand (Shampine's stiffness
     detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike.
 
-    Memory: three new state-sized arrays, u, y_new and the correction (written into f(u), which the
-    step owns once ``fun`` has released it); y and f are only read. Everything else is in place, run
-    by run (docs/theory.md §13.4).
+    Memory (docs/theory.md §13.3): two state-sized arrays, u and f(u). The stage u is written into
+    ``u`` when given (a state-sized array the caller is done with), else into a new array; y_new is
+    then written over u, and the correction over f(u), which the step owns once ``fun`` has released
+    it. y and f are only read. The elementwise work runs over blocks of ``block`` entries of each run
+    (the whole run if None, as on a device), so its temporaries stay in cache. Given ``error``, a
+    function of (correction, y, y_new, part=) on a block that sums its squared scaled error
+    (``StepController.scaled_sq``), the error norm is taken in the same pass (``ETD2Step.err``).
     """
     phi1, phi2 = _phi12(h * levels)
-    u = f + 0
+    u = f + 0 if u is None else u
     sq_step = 0.0
-    for run, c in zip(runs, h * phi1):
-        u[run] *= c  # the step h phi_1 f
-        sq_step += float(u[run] @ u[run])
-    u += y
+    for run, c1 in zip(runs, h * phi1):
+        for part in block_slices(run.start, run.stop, block):
+            step = u[part]
+            step[...] = f[part]
+            step *= c1  # the step h phi_1 f
+            sq_step += float(step @ step)
+            step += y[part]
     _, fu, _ = fun(u)
-    fun.release()  # fu is ours: it becomes f(u) - f(y), then the correction
-    fu -= f
-    y_new = u + 0  # the scratch for lam c1 f below, then y_new
-    sq_rest = 0.0
+    fun.release()  # fu is ours: it becomes f(u) - f(y) - lam (u - y) = R(u) - R(y), then the correction
+    sq_rest = sq_err = 0.0
     for run, c1, c2, lam in zip(runs, h * phi1, h * phi2, levels):
-        y_new[run] = f[run]
-        y_new[run] *= c1 * lam  # lam times the step
-        fu[run] -= y_new[run]  # R(u) - R(y)
-        sq_rest += float(fu[run] @ fu[run])
-        fu[run] *= c2  # the correction h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 lam f(y)
-    y_new[:] = u
-    y_new += fu
-    return ETD2Step(y_new, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5)
+        for part in block_slices(run.start, run.stop, block):
+            rest = fu[part]
+            rest -= f[part]
+            rest -= f[part] * (c1 * lam)  # R(u) - R(y)
+            sq_rest += float(rest @ rest)
+            rest *= c2  # the correction h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 lam f(y)
+            new = u[part]
+            new += rest  # y_new, over u
+            if error is not None:
+                sq_err += error(rest, y[part], new, part=part)
+    err = None if error is None else (sq_err / y.shape[0]) ** 0.5
+    return ETD2Step(u, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5, err)
 
 
 @dataclass
@@ -319,13 +355,22 @@ class StepController:
 
     def _scaled_rms(self, a: Any, y: Any, y_new: Any, xp: Any) -> float:
         """RMS of a / (atol + rtol max(|y|, |y_new|)), block by block."""
-        total = 0.0
-        for i in range(0, a.shape[0], _NORM_BLOCK):
-            block = slice(i, i + _NORM_BLOCK)
-            atol, rtol = (tol if np.ndim(tol) == 0 else tol[block] for tol in (self.atol, self.rtol))
-            q = a[block] / (atol + rtol * xp.maximum(xp.abs(y[block]), xp.abs(y_new[block])))
-            total += float(q @ q)
+        total = sum(self.scaled_sq(a[b], y[b], y_new[b], xp, part=b) for b in block_slices(0, a.shape[0]))
         return (total / a.shape[0]) ** 0.5
+
+    def scaled_sq(self, a: Any, y: Any, y_new: Any, xp: Any = np, *, part: slice = slice(None)) -> float:
+        """Sum of (a / (atol + rtol max(|y|, |y_new|)))^2 over a block, in one temporary of its size.
+
+        ``part`` is where the block sits in the state, for per-entry tolerances."""
+        atol, rtol = (tol if np.ndim(tol) == 0 else tol[part] for tol in (self.atol, self.rtol))
+        q = xp.abs(y)
+        xp.maximum(q, y_new, out=q)
+        xp.negative(q, out=q)
+        xp.minimum(q, y_new, out=q)  # -max(|y|, |y_new|)
+        q *= -rtol
+        q += atol
+        xp.divide(a, q, out=q)
+        return float(q @ q)
 
     def rejected(self, h: float, err: float) -> float:
         """The next trial step after a rejection (a non-finite trial shrinks by the most)."""
@@ -380,7 +425,7 @@ class ETD2(Integrator):
         self.fun, self.t_bound = fun, float(t_bound)
         self.runs, self.levels = _blocks(linear)
         if device == "cpu":  # NumPy on the host: no tensor round trips around the analytic gradient
-            self.xp, self._y = np, y0  # never written to: steps make new arrays
+            self.xp, self._y = np, y0  # never written to: y0 is the caller's
         else:
             import torch
 
@@ -392,9 +437,15 @@ class ETD2(Integrator):
                 for tol in (rtol, atol)
             )
         self.control = StepController(rtol, atol, max_step=max_step)
+        self._error_sq = functools.partial(self.control.scaled_sq, xp=self.xp)
         self.h = first_step
         self.t, self.t_old = 0.0, None
-        self._old: tuple[Any, Any] | None = None  # (y, f) at t_old, for dense output
+        self._old: tuple[Any, Any, bool] | None = None  # (y, f, whether to reuse them) at t_old
+        # Whether self._y (and F there) may be reused once stale: not y0 (the caller's), and not an
+        # array lent to an interpolant (dense).
+        self._owned = False
+        self._scratch: Any = None  # a state-sized array to write the next trial stage into
+        self._block = BLOCK if device == "cpu" else None  # on a device, whole runs: fewer kernels
 
     @property
     def y(self) -> Any:
@@ -405,33 +456,46 @@ class ETD2(Integrator):
 
     def step(self) -> str | None:
         y, t = self._y, self.t
-        self._old = None  # the last step's interpolant is not needed any more: free its two states
+        if self._old is not None:  # the last step's interpolant is not needed any more: reuse its arrays
+            if self._old[2]:
+                self._scratch = self._old[0]  # the next trial stage
+                self.fun.recycle(self._old[1])
+            self._old = None
         f = self.fun(y)[1]  # the driver's check of this point: a cache hit
         h = self.control.initial(y, f, self.xp) if self.h is None else self.h
         while True:
             h = min(h, self.t_bound - t)
+            trial = None
             try:
-                trial = etd2_step(self.fun, y, f, h, self.runs, self.levels)
-                err = self.control.error(trial.correction, y, trial.y_new, self.xp)
+                trial = etd2_step(
+                    self.fun, y, f, h, self.runs, self.levels, u=self._scratch, block=self._block,
+                    error=self._error_sq,
+                )  # fmt: skip
+                err = trial.err
             except FlowDiverged:  # a non-finite trial stage is a failed step: shrink and retry
                 err = float("inf")
             if np.isfinite(err) and err <= 1.0:
                 break
-            trial = None  # a rejected trial's two states are freed before the next one is made
+            if trial is not None:  # a rejected trial's two arrays are reused by the next one
+                self._scratch = trial.y_new
+                self.fun.recycle(trial.correction)
             h = self.control.rejected(h, err)
             if h < _MIN_REL_STEP * max(t, 1.0):
                 return f"step size underflow (h = {h:.3g}) in ETD2 at t = {t:.6g}"
-        self._old = (y, f)
+        self._old = (y, f, self._owned)
         self.t_old = t
         self.t = self.t_bound if t + h >= self.t_bound * (1 - 1e-15) else t + h
-        self._y = trial.y_new
+        self._y, self._owned, self._scratch = trial.y_new, True, None
+        self.fun.recycle(trial.correction)  # for the driver's check of y_new
         self.h = self.control.accepted(h, err, trial.rho)
         return None
 
     def dense(self) -> DenseOutput:
-        y_old, f_old = self._old
+        """The interpolant holds the step's four arrays, which are then never reused by later steps."""
+        y_old, f_old, _ = self._old
         f = self.fun(self._y)[1]
-        ends = (self.host(y_old), self.host(f_old), self.host(self._y), self.host(f))
+        self._old, self._owned = (y_old, f_old, False), False
+        ends = [self.host(a) for a in (y_old, f_old, self._y, f)]
         return _HermiteOutput(self.t_old, ends[0], ends[1], self.t, ends[2], ends[3])
 
     @classmethod
