@@ -14,6 +14,9 @@ written from those CSV files alone, so every number in it can be traced to a tab
    minority collapse, closed form against flow end points (``ufm.experiments.minimizer_phases``).
 6. ``collapse time``: time to collapse against lambda, C, N and p, from random starts of the moment
    flow, beside the slow mode's prediction (``ufm.experiments.collapse_time``).
+9. ``SGD noise``: the fluctuation of part 4's networks continued at several batch sizes and learning
+   rates, its fixed-batch-order and sampling parts, with and without weight decay
+   (``ufm.experiments.sgd_noise``).
 """
 
 from __future__ import annotations
@@ -193,6 +196,8 @@ def _formulas(proofs: Sequence[dict]) -> str:
 
 def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     """The Markdown report, built only from the CSV tables in ``out``."""
+    from .sgd_noise import sgd_noise_section
+
     proofs = read_csv(out / "proofs.csv")
     flows = read_csv(out / "flows.csv")
     phase = read_csv(out / "phase.csv")
@@ -281,7 +286,8 @@ bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form 
 
 ![minimizer phases](minimizer_phases.png)
 
-{collapse_time_section(out)}"""
+{collapse_time_section(out)}
+{sgd_noise_section(out)}"""
     path = out / "report.md"
     path.write_text(text)
     return path
@@ -344,6 +350,7 @@ def reproduce(
     """
     from ..proofs import run_proofs
     from .minimizer_phases import run_minimizer_phases
+    from .sgd_noise import NOISE_WDS, sgd_noise_experiment
     from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
@@ -377,12 +384,15 @@ def reproduce(
         collapse_csv, exponents_csv, collapse_png = run_collapse_time(
             out, quick=quick, seed=seed, progress=progress
         )
+    with part("9 intrinsic SGD noise (part 4's networks continued)"):
+        runs = [r.out for r in exp.results if r.config.wd in NOISE_WDS]
+        noise = sgd_noise_experiment(runs, quick=quick, out=out, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)
     tables = (
         proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv",
-        phases_csv, collapse_csv, exponents_csv,
+        phases_csv, collapse_csv, exponents_csv, noise.table, noise.exponents_table,
     )  # fmt: skip
     return ReproduceResult(
         out=final,
@@ -390,7 +400,7 @@ def reproduce(
         tables=tuple(final / Path(t).relative_to(out) for t in tables),
         figures=tuple(
             final / Path(f).relative_to(out)
-            for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png)
+            for f in (flows_png, phase_png, exp.figure, phases_png, collapse_png, noise.figure)
         ),
         proofs_verified=sum(r.status == "verified" for r in proofs),
         proofs_total=len(proofs),
