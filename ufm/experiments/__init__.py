@@ -5,6 +5,7 @@
 ``sweep``          grids of flow or training runs into one results table (local pool or Dask)
 ``reproduce``      the main job, ``ufm reproduce``: proofs, flows, phase diagram, network, report
 ``weight_decay``   the poster's experiment: a network trained with and without weight decay
+``sgd_noise``      SGD's fluctuation at quasi-interpolation: fixed batch order against sampling
 ``plots``          the figures; each function states the claim it supports and saves one file
 =================  ===========================================================================
 

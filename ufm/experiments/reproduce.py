@@ -14,6 +14,7 @@ written from those CSV files alone, so every number in it can be traced to a tab
    minority collapse, closed form against flow end points (``ufm.experiments.minimizer_phases``).
 6. ``collapse time``: time to collapse against lambda, C, N and p, from random starts of the moment
    flow, beside the slow mode's prediction (``ufm.experiments.collapse_time``).
+
 9. ``SGD noise``: the fluctuation of part 4's networks continued at several batch sizes and learning
    rates, its fixed-batch-order and sampling parts, with and without weight decay
    (``ufm.experiments.sgd_noise``).
