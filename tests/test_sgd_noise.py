@@ -119,8 +119,12 @@ def test_batch_order_is_validated_and_on_the_cli():
     assert bad.returncode == 2 and "--batch-order" in bad.stderr
 
 
-def test_a_run_without_checkpoint_is_refused(tmp_path):
+def test_bad_sweeps_and_a_run_without_checkpoint_are_refused(tmp_path):
     train(TrainConfig(**(TINY | {"epochs": 1})), out=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch size 30 does not divide the 100 training examples"):
+        sgd_noise_experiment([tmp_path], lr_factors=(1,), batch_sizes=(30,))
+    with pytest.raises(ValueError, match="positive lr_factors"):
+        sgd_noise_experiment([tmp_path], lr_factors=(0,), batch_sizes=(10,))
     (tmp_path / "checkpoint.pt").unlink()
     with pytest.raises(ValueError, match="holds no checkpoint"):
         sgd_noise_experiment([tmp_path], lr_factors=(1,), batch_sizes=(10,))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .._threads import one_torch_thread
+from .._validation import check_positive_int
 from ..tables import read_csv, write_csv
 from ..training import (
     CONFIG,
@@ -396,6 +397,14 @@ def sgd_noise_experiment(
     grid = GRIDS["quick" if quick else "full"]
     lr_factors = grid["lr_factors"] if lr_factors is None else tuple(lr_factors)
     batch_sizes = grid["batch_sizes"] if batch_sizes is None else tuple(batch_sizes)
+    for B in batch_sizes:
+        check_positive_int("batch size", B)
+    if not lr_factors or not batch_sizes or min(lr_factors) <= 0:
+        raise ValueError(
+            f"the sweeps need positive lr_factors and batch_sizes, got {lr_factors!r}, {batch_sizes!r}"
+        )
+    if starts is not None and len(starts) == 0:
+        raise ValueError("starts is empty: give at least one run directory (or None to train the networks)")
     out = None if out is None else Path(out)
     with tempfile.TemporaryDirectory() as scratch:
         if starts is None:
@@ -475,6 +484,12 @@ def plot_sgd_noise(rows: list[dict], path: str | Path) -> Path:
 
 def _fmt(v, digits: int = 3) -> str:
     return "-" if v is None or v == "" else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _span(values) -> str:
+    """'a' or 'a-b', the range of some integers."""
+    values = sorted(set(values))
+    return f"{values[0]}" if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def _md(rows: Sequence[dict], cols: Sequence[str]) -> str:
@@ -567,15 +582,14 @@ def sgd_noise_section(out: Path, number: int = 9) -> str:
     n_none = sum(r["sampling"] is None for r in rows)
     periodic = max(r["fixed_between"] / r["fixed"] for r in rows if r["fixed"])
     settle = [r["fixed_settle"] for r in rows]
-    burn = sorted({r["burn_in_steps"] for r in rows})
-    window = sorted({r["window_steps"] for r in rows})
+    burn, window = (_span(r[key] for r in rows) for key in ("burn_in_steps", "window_steps"))
     return f"""## {number}. Intrinsic SGD noise (`sgd_noise.csv`, `sgd_noise_exponents.csv`, figure `sgd_noise.png`)
 
 Claim [XRLGP23]: with weight decay SGD keeps fluctuating at quasi-interpolation, and the noise is not
 only the randomness of sampling. From the end of part 4's runs (lambda = {", ".join(f"{wd:g}" for wd in wds)}),
 SGD continues at constant learning rates (multiples of the run's last one) and batch sizes, once with
 one batch order every epoch (`fixed`) and once with a fresh order every epoch (`total`); after a
-burn-in of {burn[0]}-{burn[-1]} steps, over a window of {window[0]}-{window[-1]} steps (whole epochs), the
+burn-in of {burn} steps, over a window of {window} steps (whole epochs), the
 fluctuation of each W_k and of the outputs on the probe set about its linear trend (the trend,
 `drift` per epoch, is removed), relative to the mean (docs/theory.md §16.1). `sampling` =
 sqrt(total^2 - fixed^2), empty where not distinguishable from zero ({n_none} of {len(rows)} rows,
