@@ -526,9 +526,9 @@ def _answer(base: Sequence[dict], fits: Sequence[dict], wds: Sequence[float], la
     if len(wds) > 1:
         ratio = {q: at(wd, q, "fixed") / at(wds[0], q, "fixed") for q in (QUANTITIES_OUT, last)}
         lines.append(
-            f"Weight decay {'raises' if ratio[QUANTITIES_OUT] > 1 else 'does not raise'} it: the fixed-order "
-            f"part is {ratio[QUANTITIES_OUT]:.3g} times that at lambda = {wds[0]:g} ({last}: "
-            f"{ratio[last]:.3g} times) at the same learning rate and batch size."
+            f"Weight decay {'raises' if ratio[QUANTITIES_OUT] > 1 else 'does not raise'} the outputs' "
+            f"fixed-order part: {ratio[QUANTITIES_OUT]:.3g} times that at lambda = {wds[0]:g} at the same "
+            f"learning rate and batch size ({last}'s: {ratio[last]:.3g} times)."
         )
     a, b = exponent("lr"), exponent("batch_size")
     if a is not None and b is not None:
@@ -536,14 +536,12 @@ def _answer(base: Sequence[dict], fits: Sequence[dict], wds: Sequence[float], la
             f"It is a finite-step effect: the fixed-order part scales as eta^{a:.2f} B^{b:.2f} "
             "(the first estimate of §16.1: eta^1 B^-1), so it vanishes as the learning rate goes to zero."
         )
+    first = at(wd, "W1", "fixed_between") / at(wd, "W1", "fixed")
     lines.append(
-        f"At a fixed order SGD {'comes close to' if orbit < 0.3 else 'does not settle on'} a periodic "
-        f"orbit: the epoch-to-epoch part is {orbit:.2g} of the fixed-order part (0 on the orbit)"
-        + (
-            "; what remains at a fixed order is mostly a periodic motion, not a chaotic one."
-            if orbit < 0.3
-            else "."
-        )
+        f"At a fixed order the outputs {'come close to' if orbit < 0.3 else 'do not settle on'} a "
+        f"periodic orbit: their epoch-to-epoch part is {orbit:.2g} of the fixed-order part (0 on the orbit)"
+        + ("; what remains there is mostly a periodic motion, not a chaotic one" if orbit < 0.3 else "")
+        + f" (W1: {first:.2g}{', it has not settled within the window' if first >= 0.3 else ''})."
     )
     return " ".join(lines)
 
