@@ -460,6 +460,8 @@ def plot_sgd_noise(rows: list[dict], path: str | Path) -> Path:
     rows : rows of sgd_noise.csv.
     path : output file.
     """
+    from matplotlib.ticker import NullFormatter
+
     from .plots import _figure, _save
 
     quantities = (QUANTITIES_OUT, _last_layer(rows))
@@ -476,6 +478,9 @@ def plot_sgd_noise(rows: list[dict], path: str | Path) -> Path:
                     ax.plot(x, y, style, color=f"C{c}", label=f"{part}, lambda = {wd:g}")
             ax.set(xscale="log", yscale="log", xlabel="learning rate" if sweep == "lr" else "batch size",
                    ylabel=f"relative fluctuation of {'f(probe)' if quantity == QUANTITIES_OUT else quantity}")  # fmt: skip
+            ticks = sorted({float(r[_SWEEPS[sweep]]) for r in rows if r["sweep"] == sweep})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])  # the swept values, not log-axis minor labels
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("SGD noise at quasi-interpolation: fixed batch order vs fresh sampling", fontsize=10)
