@@ -7,12 +7,13 @@ and fitting the data, not by the randomness of sampling.
 
 Design. From the end of a run of :func:`ufm.training.train` (its checkpoint: in ``ufm reproduce``
 the networks of part 4, with and without weight decay), SGD continues at a constant learning rate
-for ``BURN_IN`` + ``MEASURED`` epochs at each point of two one-at-a-time sweeps (learning rates at
-the run's batch size, batch sizes at its last learning rate), twice: with the same batch order every
-epoch (``batch_order="fixed"``: SGD is a deterministic map of period one epoch) and with a fresh
-order every epoch (``"shuffle"``). Over the steps of the measured epochs the fluctuation of each
-W_k and of the outputs on the probe set is split exactly (equal steps per epoch) into a within-epoch
-and a between-epoch part,
+for ``BURN_IN`` steps and then a window of whole epochs (``GRIDS``) at each point of two
+one-at-a-time sweeps (learning rates at the run's batch size, batch sizes at its last learning
+rate), twice: with the same batch order every epoch (``batch_order="fixed"``: SGD is a deterministic
+map of period one epoch) and with a fresh order every epoch (``"shuffle"``). Over the window's steps
+the fluctuation of each W_k and of the outputs on the probe set about its linear trend (weight
+decay's deterministic drift) is split exactly (equal steps per epoch) into a within-epoch and a
+between-epoch part,
 
     total^2 = within^2 + between^2,     each relative to ||mean||^2 (§16.1),
 
