@@ -153,3 +153,23 @@ def test_normalization_part_measures_rho_of_both_architectures(result):
         last = {a: [r for r in rows if r["arch"] == a and r["wd"] == wd][-1] for a in ("mlp", "cnn")}
         assert f"rho_CNN / rho_MLP = {last['cnn']['rho'] / last['mlp']['rho']:.3g}" in text
     assert "](normalization.png)" in text
+def test_sgd_noise_part(result):
+    """Part 9 (docs/theory.md §16.1): the windows stay at quasi-interpolation and past the transient,
+    the fixed-order part grows with the learning rate, the two estimates of the sampling part agree to
+    a factor 2, and the report quotes the table."""
+    rows = read_csv(result.out / "sgd_noise.csv")
+    assert {r["wd"] for r in rows} == {0.0, 5e-3}
+    for r in rows:
+        assert r["train_acc"] == 1.0
+        assert 0.8 < r["fixed_settle"] < 1.25, r
+        if r["sampling"] is not None:
+            assert 0.5 < r["sampling"] / r["between"] < 2, r
+    for wd in (0.0, 5e-3):
+        for q in ("W1", "W3", "out"):
+            sweep = sorted(
+                (r["lr"], r["fixed"]) for r in rows if (r["wd"], r["quantity"], r["sweep"]) == (wd, q, "lr")
+            )
+            assert len(sweep) == 3 and all(a[1] < b[1] for a, b in zip(sweep, sweep[1:])), sweep
+    text = result.report.read_text()
+    assert "Intrinsic SGD noise" in text and "](sgd_noise.png)" in text
+    assert all(f"{r['fixed']:.3g}" in text for r in rows if r["quantity"] == "out")

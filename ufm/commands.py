@@ -261,6 +261,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS = (
     "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
     "weight_norm", "seed", "device", "loss", "label_smoothing", "measure_every", "svd_every", "refine_to",
+    "batch_order",
 )  # fmt: skip
 
 
@@ -291,6 +292,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "--weight-norm", action="store_true", default=None, help="W_k = rho_k V_k with ||V_k|| = 1 (Lagrange)"
     )
     p.add_argument("--seed", type=_seed)
+    p.add_argument(
+        "--batch-order", choices=("shuffle", "fixed"),
+        help="shuffle: a fresh order of the mini-batches every epoch (default); fixed: the first epoch's "
+        "order every epoch, so the last epoch's noise_* columns are the SGD noise left without sampling",
+    )  # fmt: skip
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--measure-every", type=int, metavar="K",

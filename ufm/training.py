@@ -69,6 +69,7 @@ from .sqi_deviation import SQIBounds, sqi_bounds
 from .tables import GrowingCsv, atomic_write, cell_text, write_json
 
 __all__ = [
+    "BATCH_ORDERS",
     "SCHEDULES",
     "TrainConfig",
     "TrainResult",
@@ -124,6 +125,11 @@ def _constant_schedule(optimizer, epochs: int):
 # Learning-rate schedules by name: factory(optimizer, epochs) -> scheduler stepped once per epoch.
 SCHEDULES = {"step": _step_schedule, "cosine": _cosine_schedule, "constant": _constant_schedule}
 
+# Orders of the mini-batches (docs/theory.md §16.3): "shuffle" draws a fresh permutation of the
+# training set every epoch; "fixed" repeats one permutation (the first epoch's of "shuffle"), so that
+# SGD is a deterministic map with period one epoch and its fluctuation owes nothing to sampling.
+BATCH_ORDERS = ("shuffle", "fixed")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -160,6 +166,9 @@ class TrainConfig:
         W_k = rho_k V_k with ||V_k|| = 1 kept by Lagrange multipliers (:mod:`ufm.networks`).
     seed : int
         Seeds the initial weights and the order of the mini-batches.
+    batch_order : str
+        ``"shuffle"`` (a fresh permutation of the training set every epoch) or ``"fixed"`` (the first
+        epoch's permutation every epoch), :data:`BATCH_ORDERS`; docs/theory.md §16.3.
     momentum : float
         SGD momentum in [0, 1).
     schedule : str
@@ -195,6 +204,7 @@ class TrainConfig:
     test_per_class: int | None = None
     weight_norm: bool = False
     seed: int = 0
+    batch_order: str = "shuffle"
     momentum: float = 0.9
     schedule: str = "step"
     measure_every: int = 1
@@ -206,6 +216,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("arch", self.arch, ("mlp", "cnn"))
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("batch_order", self.batch_order, BATCH_ORDERS)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in (
             "depth",
@@ -715,11 +726,13 @@ class _Welford:
 
 class _SGDNoise:
     """SGD noise (journal paper): the fluctuation of W_1, ..., W_L and of the outputs on a fixed probe
-    set over the steps of one epoch, each as sqrt(sum of variances) / ||mean||."""
+    set over the steps of one epoch, each as sqrt(sum of variances) / ||mean||. ``tracker`` makes the
+    running moments of one quantity (:class:`_Welford` or an extension of it, e.g. the within-epoch
+    moments of :mod:`ufm.experiments.sgd_noise`)."""
 
-    def __init__(self, n_layers: int):
-        self.layers = [_Welford() for _ in range(n_layers)]
-        self.outputs = _Welford()
+    def __init__(self, n_layers: int, tracker=_Welford):
+        self.layers = [tracker() for _ in range(n_layers)]
+        self.outputs = tracker()
 
     @torch.no_grad()
     def add(self, model: HomogeneousNet, x_probe: torch.Tensor) -> None:
@@ -731,6 +744,38 @@ class _SGDNoise:
         """``noise_W{k}``, ``noise_out`` and ``noise_steps`` (the steps tracked)."""
         noise = {f"noise_W{k}": t.relative_std() for k, t in enumerate(self.layers, start=1)}
         return noise | {"noise_out": self.outputs.relative_std(), "noise_steps": self.outputs.count}
+
+
+def _epoch_order(state: _TrainState, config: TrainConfig, n: int) -> torch.Tensor:
+    """The permutation (n,) of the training examples for the next epoch, by ``config.batch_order``:
+    "fixed" redraws the first epoch's permutation from the seed, so it needs no state to resume."""
+    if config.batch_order == "fixed":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    return torch.randperm(n, generator=state.shuffle)
+
+
+def _run_epoch(
+    state: _TrainState,
+    data: _Tensors,
+    config: TrainConfig,
+    order: torch.Tensor,
+    reference_loss: float,
+    noise: _SGDNoise | None = None,
+) -> float | None:
+    """SGD steps over the mini-batches of ``order`` (n,), on its device, each step added to ``noise``
+    when given; returns the mini-batch loss that diverged (no step was taken on it) or None."""
+    loss, model, B = config.data_loss, state.model, config.batch_size
+    for i in range(0, order.shape[0] - B + 1, B):
+        idx = order[i : i + B]
+        data_term = loss.torch_value(model(data.x_train[idx]), data.y_train[idx], data.C)
+        value = float(data_term.detach())
+        if _diverged(value, reference_loss):
+            return value
+        _sgd_step(model, state.optimizer, data_term, config.wd)
+        state.nsteps += 1
+        if noise is not None:
+            noise.add(model, data.x_probe)
+    return None
 
 
 def _sgd_step(model: HomogeneousNet, optimizer: torch.optim.Optimizer, data_term: torch.Tensor, wd: float):
@@ -994,7 +1039,7 @@ def train(
 
     if state.epoch == 0 and not state.history:
         _record(state, data, config, out, lr=state.lr)
-    loss, model, n = config.data_loss, state.model, data.y_train.shape[0]
+    model, n = state.model, data.y_train.shape[0]
     reference_loss = state.history[0]["train_loss"]
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     status, message = 0, f"finished {config.epochs} epochs{note}"
@@ -1002,19 +1047,8 @@ def train(
     for epoch in bar:
         model.train()
         noise = _SGDNoise(len(model.layers)) if epoch == config.epochs else None  # the last epoch's
-        order = torch.randperm(n, generator=state.shuffle).to(device)
-        diverged = None
-        for i in range(0, n - config.batch_size + 1, config.batch_size):
-            idx = order[i : i + config.batch_size]
-            data_term = loss.torch_value(model(data.x_train[idx]), data.y_train[idx], data.C)
-            value = float(data_term.detach())
-            if _diverged(value, reference_loss):
-                diverged = value
-                break
-            _sgd_step(model, state.optimizer, data_term, config.wd)
-            state.nsteps += 1
-            if noise is not None:
-                noise.add(model, data.x_probe)
+        order = _epoch_order(state, config, n).to(device)
+        diverged = _run_epoch(state, data, config, order, reference_loss, noise)
         if diverged is not None:
             status = 1
             message = _divergence_message(epoch, state.nsteps + 1, diverged, config, checkpoint.kept())

@@ -7,6 +7,7 @@
 ``weight_decay``   the poster's experiment: a network trained with and without weight decay
 ``low_rank``       the journal paper's low-rank bias: every layer's singular values over the epochs
 ``normalization``  the journal paper's rho under weight normalization, a dense MLP against a CNN
+``sgd_noise``      SGD's fluctuation at quasi-interpolation: fixed batch order against sampling
 ``plots``          the figures; each function states the claim it supports and saves one file
 =================  ===========================================================================
 

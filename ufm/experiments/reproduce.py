@@ -1,6 +1,6 @@
 """The main job, ``ufm reproduce``: theory against measurement, in one run.
 
-Five parts, each writing CSV tables and PNG figures into one directory; the Markdown report is then
+Nine parts, each writing CSV tables and PNG figures into one directory; the Markdown report is then
 written from those CSV files alone, so every number in it can be traced to a table beside it.
 
 1. ``proofs``: the SymPy proof suite (``ufm.proofs``).
@@ -18,6 +18,9 @@ written from those CSV files alone, so every number in it can be traced to a tab
    runs over the epochs, numerical, stable and effective ranks (``ufm.experiments.low_rank``).
 8. ``normalization``: the journal paper's rho = prod_k rho_k under weight normalization, a dense MLP
    against a CNN with local kernels, with and without weight decay (``ufm.experiments.normalization``).
+9. ``SGD noise``: the fluctuation of part 4's networks continued at several batch sizes and learning
+   rates, its fixed-batch-order and sampling parts, with and without weight decay
+   (``ufm.experiments.sgd_noise``).
 """
 
 from __future__ import annotations
@@ -199,6 +202,8 @@ def _formulas(proofs: Sequence[dict]) -> str:
 
 def write_report(out: Path, *, quick: bool, seconds: float) -> Path:
     """The Markdown report, built only from the CSV tables in ``out``."""
+    from .sgd_noise import sgd_noise_section
+
     proofs = read_csv(out / "proofs.csv")
     flows = read_csv(out / "flows.csv")
     phase = read_csv(out / "phase.csv")
@@ -291,7 +296,9 @@ bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form 
 
 {low_rank_section(out, 7)}
 
-{normalization_section(out, 8)}"""
+{normalization_section(out, 8)}
+
+{sgd_noise_section(out, 9)}"""
     path = out / "report.md"
     path.write_text(text)
     return path
@@ -354,12 +361,13 @@ def reproduce(
     """
     from ..proofs import run_proofs
     from .minimizer_phases import run_minimizer_phases
+    from .sgd_noise import NOISE_WDS, sgd_noise_experiment
     from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
     final, out = Path(out), _staging(Path(out))
     part = _PartLog(progress)
-    with part("1/6 proofs (SymPy)"):
+    with part("1/9 proofs (SymPy)"):
         proofs = run_proofs()
         proofs_csv = write_csv(
             out / "proofs.csv",
@@ -375,30 +383,34 @@ def reproduce(
                 for r in proofs
             ],  # fmt: skip
         )
-    with part("2/6 gradient flows against the closed form"):
+    with part("2/9 gradient flows against the closed form"):
         flows_csv, traj_csv, flows_png, agree = run_flows(out, quick=quick, seed=seed, progress=progress)
-    with part("3/6 phase diagram"):
+    with part("3/9 phase diagram"):
         phase_csv, phase_png = run_phase(out, quick=quick, seed=seed, progress=progress)
-    with part("4/6 network training (the poster's experiment)"):
+    with part("4/9 network training (the poster's experiment)"):
         exp = weight_decay_experiment(quick=quick, out=out / "network", progress=progress, seed=seed)
-    with part("5/6 the literature's minimizers against flow end points"):
+    with part("5/9 the literature's minimizers against flow end points"):
         phases_csv, phases_png = run_minimizer_phases(out, quick=quick, seed=seed, progress=progress)
-    with part("6/6 time to collapse (moment flows)"):
+    with part("6/9 time to collapse (moment flows)"):
         collapse_csv, exponents_csv, collapse_png = run_collapse_time(
             out, quick=quick, seed=seed, progress=progress
         )
-    with part("7/8 low-rank bias (the singular values of part 4's runs)"):
+    with part("7/9 low-rank bias (the singular values of part 4's runs)"):
         low_rank = run_low_rank([(r.config.wd, r.out) for r in exp.results], out)
-    with part("8/8 normalization (rho of an MLP and a CNN)"):
+    with part("8/9 normalization (rho of an MLP and a CNN)"):
         normalization = run_normalization(out, quick=quick, seed=seed, progress=progress)
+    with part("9/9 intrinsic SGD noise (part 4's networks continued)"):
+        runs = [r.out for r in exp.results if r.config.wd in NOISE_WDS]
+        noise = sgd_noise_experiment(runs, quick=quick, out=out, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0
     write_report(out, quick=quick, seconds=seconds)
     _move_into_place(out, final)
     tables = (
         proofs_csv, flows_csv, traj_csv, phase_csv, out / "network" / "theory_vs_measurement.csv",
-        phases_csv, collapse_csv, exponents_csv, low_rank.table, normalization.table,
+        phases_csv, collapse_csv, exponents_csv, low_rank.table, normalization.table, noise.table,
+        noise.exponents_table,
     )  # fmt: skip
-    extra_figures = (low_rank.figure, normalization.figure)
+    extra_figures = (low_rank.figure, normalization.figure, noise.figure)
     return ReproduceResult(
         out=final,
         report=final / "report.md",
