@@ -153,6 +153,8 @@ def test_normalization_part_measures_rho_of_both_architectures(result):
         last = {a: [r for r in rows if r["arch"] == a and r["wd"] == wd][-1] for a in ("mlp", "cnn")}
         assert f"rho_CNN / rho_MLP = {last['cnn']['rho'] / last['mlp']['rho']:.3g}" in text
     assert "](normalization.png)" in text
+
+
 def test_sgd_noise_part(result):
     """Part 9 (docs/theory.md §16.1): the windows stay at quasi-interpolation and past the transient,
     the fixed-order part grows with the learning rate, the two estimates of the sampling part agree to
