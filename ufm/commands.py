@@ -497,14 +497,16 @@ def _print_proofs(results, *, latex: bool, width: int | None) -> None:
 def _reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
-        help="the main job: proofs, flows, phase diagram, network; figures + report",
-        description="Run the four parts of the main job (ufm.experiments.reproduce): the SymPy proofs, "
-        "gradient flows against the closed form, the phase diagram across the collapse threshold, and the "
-        "poster's network experiment on the embedded MNIST digits; write CSV tables, figures and report.md "
-        "built from them. A line on stderr marks each part's start and end with its time.",
+        help="the main job: proofs, flows, phase diagram, networks, the journal's claims; figures + report",
+        description="Run the nine parts of the main job (ufm.experiments.reproduce): the SymPy proofs, "
+        "gradient flows against the closed form, the phase diagram across the collapse threshold, the "
+        "poster's network experiment on the embedded MNIST digits, the literature's minimizers, the time "
+        "to collapse, and the journal paper's low-rank bias, normalization and intrinsic SGD noise; write "
+        "CSV tables, figures and report.md built from them. A line on stderr marks each part's start and "
+        "end with its time.",
     )
     p.add_argument(
-        "--quick", action="store_true", help="small sizes (56 s measured on 2 idle CPU cores; see the README)"
+        "--quick", action="store_true", help="small sizes (64 s measured on 2 idle CPU cores; see the README)"
     )
     p.add_argument(
         "--out", default=None, metavar="DIR",
