@@ -74,6 +74,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "measure_network",
+    "network_for",
     "resolve_device",
     "train",
 ]
@@ -296,6 +297,14 @@ class TrainResult:
     nsteps: int
     wall_s: float
     out: Path | None = field(default=None)
+
+
+def network_for(config: TrainConfig, data: Dataset) -> HomogeneousNet:
+    """The network ``config`` describes, for ``data``'s input shape and classes, at its seeded start."""
+    return build_network(
+        config.arch, data.input_shape, data.C, depth=config.depth, width=config.width,
+        weight_norm=config.weight_norm, seed=config.seed,
+    )  # fmt: skip
 
 
 def resolve_device(device: str) -> torch.device:
@@ -592,15 +601,7 @@ class _TrainState:
 
     @classmethod
     def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
-        model = build_network(
-            config.arch,
-            data.input_shape,
-            data.C,
-            depth=config.depth,
-            width=config.width,
-            weight_norm=config.weight_norm,
-            seed=config.seed,
-        ).to(device)
+        model = network_for(config, data).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
         scheduler = SCHEDULES[config.schedule](optimizer, config.epochs)
         # The order of mini-batches is the only randomness after initialization; it has its own

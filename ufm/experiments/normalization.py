@@ -143,19 +143,9 @@ def _final_model(result, dataset):
     """The trained network, rebuilt from the run's last checkpoint (``train`` returns no model)."""
     import torch
 
-    from ..networks import build_network
-    from ..training import CHECKPOINT
+    from ..training import CHECKPOINT, network_for
 
-    c = result.config
-    model = build_network(
-        c.arch,
-        dataset.input_shape,
-        dataset.C,
-        depth=c.depth,
-        width=c.width,
-        weight_norm=c.weight_norm,
-        seed=c.seed,
-    )
+    model = network_for(result.config, dataset)
     model.load_state_dict(torch.load(result.out / CHECKPOINT, weights_only=True)["model"])
     return model
 
