@@ -506,7 +506,7 @@ def _reproduce(sub: argparse._SubParsersAction) -> None:
         "end with its time.",
     )
     p.add_argument(
-        "--quick", action="store_true", help="small sizes (64 s measured on 2 idle CPU cores; see the README)"
+        "--quick", action="store_true", help="small sizes (58 s measured on 2 idle CPU cores; see the README)"
     )
     p.add_argument(
         "--out", default=None, metavar="DIR",

@@ -354,8 +354,8 @@ def reproduce(
     out : output directory. The run is written into a fresh directory beside it and replaces ``out``
         as a whole when complete (files of an earlier run that this one does not write go with it), so
         report.md never sits beside tables of another run.
-    quick : smaller sizes and shorter training (56 s measured for ``ufm reproduce --quick`` on 2 idle
-        CPU cores, 25 s of it the network part; README).
+    quick : smaller sizes and shorter training (58 s measured for ``ufm reproduce --quick`` on 2 idle
+        CPU cores on 2026-12-02, 11 s of it the proofs, 8 s the network part; README).
     seed : seed of every random start and of the network's training.
     progress : progress bars on stderr.
     """
