@@ -149,21 +149,34 @@ class UFMProblem:
         return self.lam_w  # normalized to a tuple in __post_init__
 
 
+def check_weights(
+    problem: UFMProblem,
+    Ws: Sequence[np.ndarray],
+    b: np.ndarray | None,
+    p: int | None,
+    *,
+    owner: str,
+    b_name: str,
+) -> None:
+    """Raise a ValueError naming the first of the layers ``Ws`` (``depth`` of them: hidden (p, p), the
+    classifier (C, p)) or the bias ``b`` (C,) whose count, shape or presence does not fit ``problem``;
+    ``owner`` and ``b_name`` name them in the message ("params", "params.b")."""
+    if len(Ws) != problem.depth:
+        raise ValueError(f"{owner} has {len(Ws)} layers but problem.depth = {problem.depth}")
+    for k, Wk in enumerate(Ws[:-1]):
+        check_shape(f"W_{k + 1} (hidden)", Wk, (p, p))
+    check_shape("W (classifier)", Ws[-1], (problem.C, p))
+    if problem.bias != (b is not None):
+        raise ValueError(f"problem.bias = {problem.bias} but {b_name} is {'absent' if b is None else 'set'}")
+    if b is not None:
+        check_shape("b", b, (problem.C,))
+
+
 def check_params(problem: UFMProblem, params: UFMParams) -> None:
     """Raise a ValueError naming the first array whose shape or values do not fit ``problem``."""
-    if len(params.Ws) != problem.depth:
-        raise ValueError(f"params has {len(params.Ws)} layers but problem.depth = {problem.depth}")
     p = params.H.shape[0] if params.H.ndim == 2 else None
     check_shape("H", params.H, (p, problem.n))
-    for k, Wk in enumerate(params.Ws[:-1]):
-        check_shape(f"W_{k + 1} (hidden)", Wk, (p, p))
-    check_shape("W (classifier)", params.W, (problem.C, p))
-    if problem.bias != (params.b is not None):
-        raise ValueError(
-            f"problem.bias = {problem.bias} but params.b is {'absent' if params.b is None else 'set'}"
-        )
-    if params.b is not None:
-        check_shape("b", params.b, (problem.C,))
+    check_weights(problem, params.Ws, params.b, p, owner="params", b_name="params.b")
     for name, a in zip(["H", *[f"W_{k + 1}" for k in range(problem.depth)], "b"], params.arrays()):
         check_finite(name, a)
 

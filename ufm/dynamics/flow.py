@@ -46,6 +46,7 @@ from ..model import (
     UFMParams,
     UFMProblem,
     check_params,
+    check_weights,
     last_features,
     loss,
     loss_and_grad,
@@ -442,20 +443,10 @@ def _check_moment_state(problem: UFMProblem, state: MomentState) -> None:
     """Raise a ValueError naming the first array of a moment state that does not fit ``problem``."""
     from .._validation import check_finite, check_shape
 
-    if len(state.Ws) != problem.depth:
-        raise ValueError(f"the moment state has {len(state.Ws)} layers but problem.depth = {problem.depth}")
     p = state.M.shape[0] if state.M.ndim == 2 else None
     check_shape("M (class means)", state.M, (p, problem.C))
     check_shape("S (within-class scatter)", state.S, (p, p))
-    for k, Wk in enumerate(state.Ws[:-1]):
-        check_shape(f"W_{k + 1} (hidden)", Wk, (p, p))
-    check_shape("W (classifier)", state.W, (problem.C, p))
-    if problem.bias != (state.b is not None):
-        raise ValueError(
-            f"problem.bias = {problem.bias} but the moment state's b is {'absent' if state.b is None else 'set'}"
-        )
-    if state.b is not None:
-        check_shape("b", state.b, (problem.C,))
+    check_weights(problem, state.Ws, state.b, p, owner="the moment state", b_name="the moment state's b")
     for name, a in zip(["M", *[f"W_{k + 1}" for k in range(problem.depth)], "b"], state.arrays()[:-1]):
         check_finite(name, a)
     check_finite("S", state.S)
