@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ufm.tables import GrowingCsv, read_csv, read_table, write_csv, write_json
+from ufm.tables import GrowingCsv, GrowingJson, json_parts_items, read_csv, read_table, write_csv, write_json
 
 scalars = st.one_of(
     st.none(),
@@ -62,3 +62,23 @@ def test_growing_csv_writes_what_write_csv_writes(tmp_path):
         {"epoch": 0, "loss": 9.0, "nc1": 0.1},
         {"epoch": 1, "loss": 0.5, "nc1": 0.1},
     ]
+
+
+def test_growing_json_keeps_every_value_and_encodes_each_item_once():
+    """GrowingJson's parts decode to the items bit for bit (floats, NaN, inf, ints, lists), one new
+    part per call with new items, the earlier parts unchanged (each item encoded once); a replaced
+    item re-encodes everything, and a cache read back from parts goes on from them."""
+    log, rows, seen = GrowingJson(), [], []
+    for epoch in range(4):
+        rows.append({"epoch": epoch, "x": 0.1 * epoch + 1e-17, "nc1": float("nan"), "b": [float("inf"), 3]})
+        parts = log.parts(rows)
+        assert parts[:-1] == seen and len(parts) == epoch + 1
+        seen = parts
+        assert repr(json_parts_items(parts)) == repr(rows)
+    assert log.parts(rows) == seen  # nothing new: nothing encoded
+    rows[1] = dict(rows[1], x=2.0)
+    assert len(log.parts(rows)) == 1 and json_parts_items(log.parts(rows))[1]["x"] == 2.0
+    items, resumed = GrowingJson.read(seen)
+    assert repr(items) == repr(rows[:1] + [dict(rows[1], x=0.1 + 1e-17)] + rows[2:])
+    items.append({"epoch": 4})
+    assert resumed.parts(items)[:-1] == seen and json_parts_items(resumed.parts(items))[-1] == {"epoch": 4}

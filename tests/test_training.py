@@ -13,6 +13,7 @@ from ufm.datasets import load_dataset
 from ufm.experiments.weight_decay import format_theory_table, weight_decay_experiment
 from ufm.metrics import nc_metrics
 from ufm.networks import build_network
+from ufm.tables import json_parts_items
 from ufm.training import TrainConfig, measure_network, train
 
 # Seconds-scale settings: 10 digits of each class, a small MLP.
@@ -256,6 +257,26 @@ def test_a_checkpoint_from_before_the_loss_fields_resumes(tmp_path, data):
         np.testing.assert_array_equal(resumed.history[key], column, err_msg=key)
 
 
+def test_a_checkpoint_with_a_pickled_history_resumes(tmp_path, data):
+    """Checkpoints before 0.2 held the history and spectra as lists of dicts, not JSON parts: such a
+    checkpoint resumes to the uninterrupted run; history text that does not parse is named damaged."""
+    cfg = TrainConfig(**(TINY | dict(checkpoint_every=1)))
+    full = train(cfg, progress=False, dataset=data)
+    train(cfg, out=tmp_path, progress=False, dataset=data, stop_after_epoch=2)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert all(isinstance(part, str) for part in state["history"] + state["spectra"])
+    old = dict(state, history=json_parts_items(state["history"]), spectra=json_parts_items(state["spectra"]))
+    torch.save(old, path)
+    resumed = train(cfg, out=tmp_path, resume=True, progress=False, dataset=data)
+    assert resumed.success
+    for key, column in full.history.items():
+        np.testing.assert_array_equal(resumed.history[key], column, err_msg=key)
+    torch.save(dict(state, history=["[{"]), path)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: its history is unreadable .*damaged"):
+        train(cfg, out=tmp_path, resume=True, progress=False, dataset=data)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [(dict(loss="hinge"), r"unknown loss 'hinge'.*'mse'.*'ce'"), (dict(label_smoothing=1.0), r"\[0, 1\)"),
@@ -395,6 +416,36 @@ def test_measure_every_and_svd_every(data):
         np.testing.assert_array_equal(column, expected, err_msg=key)
     for a, b in zip(full.singular_values, sparse.singular_values):
         np.testing.assert_array_equal(a, b)
+
+
+def test_svd_layers_takes_only_the_layers_asked_for(tmp_path, data):
+    """svd_layers="1,3": the singular-value columns of W_2 blank (NaN) at every epoch and no W_2 rows
+    in singular_values.csv; W_1's and W_3's columns and rows, every other number and the weights are
+    those of the run measuring every layer."""
+    full = train(TrainConfig(**TINY), out=tmp_path / "full", progress=False, dataset=data)
+    some = train(
+        TrainConfig(**(TINY | dict(svd_layers="3,1"))), out=tmp_path / "some", progress=False, dataset=data
+    )
+    for key, column in some.history.items():
+        if key in ("rank_W2", "srank_W2"):
+            assert np.isnan(column).all(), key
+        else:
+            np.testing.assert_array_equal(column, full.history[key], err_msg=key)
+    for a, b in zip(full.singular_values, some.singular_values):
+        np.testing.assert_array_equal(a, b)
+    full_rows = (tmp_path / "full" / "singular_values.csv").read_text().splitlines()
+    some_rows = (tmp_path / "some" / "singular_values.csv").read_text().splitlines()
+    assert some_rows == [r for r in full_rows if r.split(",")[2] != "2"] and len(some_rows) < len(full_rows)
+
+
+@pytest.mark.parametrize("spec", ["0", "4", "1,x", "", "first"])
+def test_svd_layers_refuses_a_spec_it_cannot_read(spec, capsys):
+    with pytest.raises(
+        ValueError, match=rf"svd_layers must be 'all', 'last' or layer numbers 1\.\.depth=3.*{spec!r}"
+    ):
+        TrainConfig(**(TINY | dict(svd_layers=spec)))
+    assert main(["train", "--svd-layers", spec, "--depth", "3", "--show-defaults"]) == 2
+    assert "svd_layers must be" in capsys.readouterr().err
 
 
 def test_cli_measure_and_svd_flags(capsys):

@@ -261,7 +261,7 @@ def _run_metrics(args: argparse.Namespace) -> int:
 _TRAIN_FIELDS = (
     "dataset", "arch", "depth", "width", "wd", "lr", "epochs", "batch_size", "per_class",
     "weight_norm", "seed", "device", "loss", "label_smoothing", "measure_every", "svd_every", "refine_to",
-    "batch_order",
+    "batch_order", "svd_layers",
 )  # fmt: skip
 
 
@@ -305,6 +305,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--svd-every", type=int, metavar="K",
         help="singular-value measures (ranks) at epochs divisible by K only; blank (NaN) elsewhere",
+    )  # fmt: skip
+    p.add_argument(
+        "--svd-layers", metavar="SPEC",
+        help="layers whose singular values are taken: all (default), last, or numbers such as 1,3; "
+        "the others' rank columns are blank (NaN)",
     )  # fmt: skip
     p.add_argument(
         "--refine-to",

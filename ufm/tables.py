@@ -25,6 +25,8 @@ TABLE_FORMATS = (".csv", ".parquet")
 
 def cell_text(value: Any) -> str:
     """One CSV cell: '' for None or NaN, ``repr`` for floats (exact round trip), ``str`` otherwise."""
+    if type(value) is float:  # most cells: skip the checks below
+        return "" if value != value else repr(value)
     if value is None:
         return ""
     if isinstance(value, float) or type(value).__module__ == "numpy" and hasattr(value, "dtype"):
@@ -80,9 +82,8 @@ class GrowingCsv:
         self._text: list[str] = []  # the header, then one line per row
 
     def write(self, path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
-        kept = len(self._rows)
-        same = self._key is not None and self._key[0] == Path(path) and kept <= len(rows)
-        if same and all(a is b for a, b in zip(self._rows, rows)):
+        kept = _kept(self._rows, rows)
+        if self._key is not None and self._key[0] == Path(path) and kept == len(self._rows):
             # The kept rows' keys are the kept columns, in first-seen order: only new rows add any.
             columns = columns_of(rows[kept:], first=self._key[1])
         else:
@@ -94,6 +95,50 @@ class GrowingCsv:
         self._rows += new
         self._text.append(_csv_text(new, columns, header=False))
         return _write_text(path, self._text)
+
+
+class GrowingJson:
+    """A list that grows at its end, held as JSON text for a checkpoint: :meth:`parts` returns strings
+    whose decoded lists, concatenated (:func:`json_parts_items`), are the items, and encodes only the
+    items added since the previous call (the others are recognized by identity, as in
+    :class:`GrowingCsv`). A checkpoint of a history of E rows saved every k epochs then costs E row
+    encodings in all, not E^2/(2k); torch.save pickles a few strings instead of every cell.
+
+    JSON, not pickle: a checkpoint loaded with ``weights_only`` must not run code, and Python's json
+    keeps floats bit for bit (``repr``), and NaN and inf.
+    """
+
+    def __init__(self, items: Sequence[Any] = (), parts: Sequence[str] = ()):
+        self._items, self._parts = list(items), list(parts)  # the items encoded, and their text
+
+    @classmethod
+    def read(cls, parts: Sequence[str]) -> tuple[list[Any], GrowingJson]:
+        """The items of ``parts``, and a GrowingJson that has them encoded already (a resume)."""
+        items = json_parts_items(parts)
+        return items, cls(items, parts)
+
+    def parts(self, items: Sequence[Any]) -> list[str]:
+        if _kept(self._items, items) < len(self._items):
+            self._items, self._parts = [], []
+        if len(items) > len(self._items):
+            self._parts.append(json.dumps(list(items[len(self._items) :])))
+            self._items = list(items)
+        return list(self._parts)
+
+
+def json_parts_items(parts: Sequence[str]) -> list[Any]:
+    """The items that :meth:`GrowingJson.parts` encoded, in order."""
+    return [item for part in parts for item in json.loads(part)]
+
+
+def _kept(encoded: Sequence[Any], items: Sequence[Any]) -> int:
+    """How many leading ``items`` are the ``encoded`` ones, the same objects in the same order."""
+    kept = 0
+    for a, b in zip(encoded, items):
+        if a is not b:
+            break
+        kept += 1
+    return kept
 
 
 def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: bool) -> str:

@@ -66,7 +66,7 @@ from .losses import Loss, get_loss
 from .metrics import nc_metrics
 from .networks import FEATURE_LAYER, HomogeneousNet, build_network
 from .sqi_deviation import SQIBounds, sqi_bounds
-from .tables import GrowingCsv, atomic_write, cell_text, write_json
+from .tables import GrowingCsv, GrowingJson, atomic_write, cell_text, write_json
 
 __all__ = [
     "BATCH_ORDERS",
@@ -180,6 +180,10 @@ class TrainConfig:
         The singular-value measures (``rank_W{k}``, ``srank_W{k}``, ``wl_sv_ratio``) are taken at the
         measured epochs that are multiples of it (and at epoch 0 and the last epoch); on the other
         measured epochs those columns are blank (NaN). Default 1: every measured epoch.
+    svd_layers : str
+        The layers whose singular values are taken (``rank_W{k}``, ``srank_W{k}``, their rows of
+        ``singular_values.csv``; ``wl_sv_ratio`` needs W_L): ``"all"`` (default), ``"last"`` (W_L) or
+        1-based layer numbers such as ``"1,3"``; the other layers' columns are blank (NaN).
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``. Not part of the run's identity
         (a run may be resumed on another device), but bit-identical resumption is promised on the CPU only.
@@ -211,6 +215,7 @@ class TrainConfig:
     measure_every: int = 1
     checkpoint_every: int = 10
     svd_every: int = 1
+    svd_layers: str = "all"
     device: str = "auto"
     refine_to: float | None = None
 
@@ -249,7 +254,13 @@ class TrainConfig:
         if not isinstance(self.loss, str):
             raise ValueError(f"loss must be a name (a key of ufm.losses.LOSSES), got {self.loss!r}")
         check_label_smoothing(self.label_smoothing)  # a in [0, 1)
+        _svd_layer_numbers(self.svd_layers, self.depth)  # a spec that does not parse: ValueError
         get_loss(self.loss, self.label_smoothing)  # an unknown name: ValueError listing the valid ones
+
+    @property
+    def svd_layer_numbers(self) -> tuple[int, ...]:
+        """The layers k (1-based, ascending) of ``svd_layers``."""
+        return _svd_layer_numbers(self.svd_layers, self.depth)
 
     @property
     def data_loss(self) -> Loss:
@@ -297,6 +308,25 @@ class TrainResult:
     nsteps: int
     wall_s: float
     out: Path | None = field(default=None)
+
+
+def _svd_layer_numbers(spec: str, depth: int) -> tuple[int, ...]:
+    """``TrainConfig.svd_layers`` as layer numbers 1..depth, ascending; a ValueError naming the
+    accepted forms when it is none of them."""
+    if spec == "all":
+        return tuple(range(1, depth + 1))
+    if spec == "last":
+        return (depth,)
+    try:
+        layers = sorted({int(k) for k in spec.split(",")})
+    except (AttributeError, ValueError):
+        layers = None
+    if not layers or not 1 <= layers[0] <= layers[-1] <= depth:
+        raise ValueError(
+            f"svd_layers must be 'all', 'last' or layer numbers 1..depth={depth} separated by commas "
+            f"(e.g. '1,{depth}'), got {spec!r}"
+        )
+    return tuple(layers)
 
 
 def network_for(config: TrainConfig, data: Dataset) -> HomogeneousNet:
@@ -410,9 +440,10 @@ def measure_network(
     singular_values : bool
         Whether to take the singular-value measures (``rank_W{k}``, ``srank_W{k}``, ``wl_sv_ratio``);
         NaN when not.
-    spectra : list of ndarray, optional
+    spectra : list of (ndarray or None), optional
         The singular values of W_1, ..., W_L (descending), when the caller has them already
-        (``train`` keeps them for ``singular_values.csv``); computed here when None.
+        (``train`` keeps them for ``singular_values.csv``), None for a layer not measured (its
+        singular-value columns NaN); computed here for every layer when None.
     loss : str or Loss
         The data term (:func:`ufm.losses.get_loss`), with its label smoothing: ``train_loss`` is
         ``loss.value(f.T, loss.targets(y_train, C))`` = 1/n sum_i l(f_i, t_i), the same for the test set.
@@ -456,8 +487,9 @@ def measure_network(
     # Sums of squares in float64 on the device (only L numbers travel); W_L is the one weight needed
     # on the host, for the C x p measures.
     sq_norms = np.array(torch.stack([(W.detach().double() ** 2).sum() for W in model.weights()]).tolist())
+    T_tr = loss.targets(y_tr, C)  # (C, n)
     row = {
-        "train_loss": loss.value(f_tr.T, loss.targets(y_tr, C)),  # outputs and targets (C, n)
+        "train_loss": loss.value(f_tr.T, T_tr),  # outputs and targets (C, n)
         "test_loss": loss.value(f_te.T, loss.targets(y_te, C)),
         "train_acc": np.mean(f_tr.argmax(1) == y_tr),
         "test_acc": np.mean(f_te.argmax(1) == y_te),
@@ -466,7 +498,7 @@ def measure_network(
     row["objective"] = row["train_loss"] + 0.5 * wd * sq_norms.sum()
     # docs/theory.md §16.2: <W_k, dL/dW_k> = <dL_data/dF, F> + lambda ||W_k||^2 for each layer of a
     # positively homogeneous network, so at a critical point every ||W_k||^2 equals this.
-    grad_f = loss.value_and_grad(f_tr.T, loss.targets(y_tr, C))[1]  # (C, n)
+    grad_f = loss.value_and_grad(f_tr.T, T_tr)[1]  # (C, n)
     row["norm_W_sq_pred"] = -np.sum(grad_f * f_tr.T) / wd if wd > 0 else np.nan
 
     nc = nc_metrics(H, y_train, W=W_L, outputs=f_tr)
@@ -488,16 +520,17 @@ def measure_network(
     row["w_cos_pred"] = closed_form.sqi_cosine(C)
     row |= _sqi_columns(W_L, H, y_tr, wd, loss)
 
-    if singular_values and spectra is None:
+    if not singular_values:
+        spectra = [None] * len(sq_norms)
+    elif spectra is None:
         spectra = [_singular_values(W, exact=False) for W in model.weights()]
-    for k in range(1, len(sq_norms) + 1):
-        s = spectra[k - 1] if singular_values else np.full(1, np.nan)
+    for k, s in enumerate(spectra, start=1):
         row[f"norm_W{k}"] = np.sqrt(sq_norms[k - 1])
-        row[f"rank_W{k}"] = int(np.sum(s > RANK_RTOL * s[0])) if singular_values else np.nan
-        row[f"srank_W{k}"] = sq_norms[k - 1] / s[0] ** 2
+        row[f"rank_W{k}"] = np.nan if s is None else int(np.sum(s > RANK_RTOL * s[0]))
+        row[f"srank_W{k}"] = np.nan if s is None else sq_norms[k - 1] / s[0] ** 2
     row["rho"] = math.prod(row[f"norm_W{k}"] for k in range(1, len(sq_norms) + 1))
-    # s: the singular values of W_L, the last layer
-    row["wl_sv_ratio"] = np.nan if not singular_values else s[C - 1] / s[0] if len(s) >= C else 0.0
+    s = spectra[-1]  # of W_L, the last layer
+    row["wl_sv_ratio"] = np.nan if s is None else s[C - 1] / s[0] if len(s) >= C else 0.0
     return {k: float(v) for k, v in row.items()}
 
 
@@ -598,6 +631,9 @@ class _TrainState:
     # One entry per record with singular values: {"epoch", "refined", "values": [s of W_1, ..., W_L]}.
     spectra: list[dict] = field(default_factory=list)
     history_csv: GrowingCsv = field(default_factory=GrowingCsv)  # writes out/history.csv
+    # The history and the spectra as a checkpoint holds them, each row encoded once.
+    history_json: GrowingJson = field(default_factory=GrowingJson)
+    spectra_json: GrowingJson = field(default_factory=GrowingJson)
 
     @classmethod
     def start(cls, config: TrainConfig, data: Dataset, device: torch.device) -> _TrainState:
@@ -675,9 +711,14 @@ class _Checkpoint:
             state.shuffle.set_state(saved["shuffle"].cpu())  # a CPU generator, whatever map_location did
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(damaged.format(f"its state does not fit this network ({err})")) from None
+        try:
+            state.history, state.history_json = _saved_list(saved["history"])
+            # Checkpoints before singular_values.csv have no spectra.
+            state.spectra, state.spectra_json = _saved_list(saved.get("spectra", []))
+        except (TypeError, ValueError) as err:  # not a list, or JSON that does not parse
+            raise ValueError(damaged.format(f"its history is unreadable ({err})")) from None
         state.epoch, state.nsteps = saved["epoch"], saved["nsteps"]
-        state.history, state.noise = saved["history"], saved["noise"]
-        state.spectra = saved.get("spectra", [])  # checkpoints before singular_values.csv have none
+        state.noise = saved["noise"]
         self.saved_epoch = saved["epoch"]
 
     def save(self, state: _TrainState, config: TrainConfig) -> None:
@@ -685,9 +726,9 @@ class _Checkpoint:
             "identity": _identity(config),
             "epoch": state.epoch,
             "nsteps": state.nsteps,
-            "history": state.history,
+            "history": state.history_json.parts(state.history),
             "noise": state.noise,
-            "spectra": state.spectra,
+            "spectra": state.spectra_json.parts(state.spectra),
             "model": state.model.state_dict(),
             "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
@@ -702,6 +743,14 @@ class _Checkpoint:
         if self.saved_epoch is None:
             return "this run had written no checkpoint"
         return f"the last good checkpoint ({self.path}, epoch {self.saved_epoch}) is kept"
+
+
+def _saved_list(saved: list) -> tuple[list, GrowingJson]:
+    """A checkpoint's list (history or spectra) and its JSON cache: JSON parts (GrowingJson), or the
+    list itself as checkpoints before version 0.2 pickled it."""
+    if all(isinstance(part, str) for part in saved):
+        return GrowingJson.read(saved)
+    return list(saved), GrowingJson()
 
 
 class _Welford:
@@ -816,7 +865,11 @@ def _record(
     last layer refined, :func:`refine`); append to the history."""
     row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr, "refined": int(refined)}
     svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
-    spectra = [_singular_values(W, exact=False) for W in state.model.weights()] if svd else None
+    layers = config.svd_layer_numbers
+    spectra = None
+    if svd:
+        weights = enumerate(state.model.weights(), start=1)
+        spectra = [_singular_values(W, exact=False) if k in layers else None for k, W in weights]
     try:
         row |= measure_network(
             state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd,
@@ -835,7 +888,11 @@ def _record(
     state.history.append(row)
     if spectra is not None:
         state.spectra.append(
-            {"epoch": state.epoch, "refined": int(refined), "values": [s.tolist() for s in spectra]}
+            {
+                "epoch": state.epoch,
+                "refined": int(refined),
+                "values": [[] if s is None else s.tolist() for s in spectra],
+            }
         )
     if out is not None:
         state.history_csv.write(out / HISTORY, state.history)
