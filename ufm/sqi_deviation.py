@@ -103,12 +103,6 @@ def sqi_direction(labels: np.ndarray, C: int) -> np.ndarray:
     return P
 
 
-def last_layer_gradient(W: np.ndarray, H: np.ndarray, T: np.ndarray, lam: float) -> np.ndarray:
-    """G = dL/dW = (1/n)(H W^T - T)^T H + lam W, (C, p), for L = 1/(2n)||H W^T - T||^2 + lam/2 ||W||^2
-    (docs/theory.md §18: the training objective's last-layer gradient, full batch)."""
-    return (H @ W.T - T).T @ H / H.shape[0] + lam * W
-
-
 def _spectral_norms(*As):
     """||A||_2 of each (m, k) tensor from its smaller Gram matrix, one batched eigvalsh per Gram size
     (the small ones are C x C); a tensor of the norms, read back once with the other results."""
@@ -164,8 +158,10 @@ def sqi_bounds(
     Computed by torch in float64 on H's device (NumPy input: the CPU, without a copy), so a network's
     float32 features on a GPU are measured where they are, exactly as their float64 values would be:
     only the (n,) labels come to the host, and the scalars (read back three times) leave the device.
-    Cost: products of H with (n, C) and (C, p) matrices, O(n p C), and the Gram H^T H (O(n p^2), for
-    ||H||_2); the other spectral norms are of C x C Gram matrices, in one batched ``eigvalsh``.
+    Cost: three passes over H, O(n p C) and O(n p^2): the outputs H W^T, one product of H with an
+    (n, 3C) matrix for every C x p quantity (the gradient, the SQI part, the class sums), and the Gram
+    H^T H (for ||H||_2); the other spectral norms are of C x C Gram matrices, in one batched
+    ``eigvalsh``.
     """
     import torch
 
@@ -195,9 +191,13 @@ def sqi_bounds(
     e = eps - float(closed_form.ufm_smoothing_eps(C, a))
     R = T - F  # (n, C)
     E = R - e * P
-    G = last_layer_gradient(W, H, T, lam)
-    mu = torch.zeros_like(W).index_add_(0, y[:, 0], H) / int(counts[0])  # (C, p) class means
-    Mt = mu - H.mean(dim=0)  # (C, p) centred means, rows sum to zero
+    # Every (C, p) product with H in one pass over it: -R^T H for the gradient, E^T H for the SQI part
+    # (§12.2) and Y^T H, the class sums.
+    ZH = torch.cat([R, E, Y], dim=1).T @ H  # (3C, p)
+    # G = dL/dW = (1/n)(H W^T - T)^T H + lam W for L = 1/(2n)||H W^T - T||^2 + lam/2 ||W||^2 (§18)
+    G = -ZH[:C] / n + lam * W
+    sums = ZH[2 * C :]  # (C, p)
+    Mt = sums / int(counts[0]) - sums.sum(dim=0) / n  # (C, p) centred means, rows sum to zero
 
     norms = torch.stack([torch.linalg.norm(X) for X in (W, E, G, Mt, R)])
     on_device = [
@@ -223,7 +223,7 @@ def sqi_bounds(
 
     # §12.2: W - s M = (E^T H/n + G)/lam; the scale sees <., M>/||M||^2 of each part.
     s = float(closed_form.sqi_w_scale(C, eps, lam, a))
-    delta_sqi = E.T @ H / (n * lam)  # (C, p)
+    delta_sqi = ZH[C : 2 * C] / (n * lam)  # (C, p): E^T H / (n lam)
     # §12.3: lam W W^T = K_pred + dK_sqi + dK_stat, K_pred = k C/(C-1) (I - J/C) with k = lam pred.
     dK_sqi = (E.T @ T - e * (E.T @ P + P.T @ E) - E.T @ E) / n  # (C, C)
     dK_stat = G @ W.T
