@@ -3,6 +3,7 @@ divergence handling, the CLI and the weight-decay experiment, all on tiny subset
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from ufm.experiments.weight_decay import format_theory_table, weight_decay_exper
 from ufm.metrics import nc_metrics
 from ufm.networks import build_network
 from ufm.tables import json_parts_items
-from ufm.training import TrainConfig, measure_network, train
+from ufm.training import DIVERGENCE_FACTOR, TrainConfig, _sgd_step, _TrainState, measure_network, train
 
 # Seconds-scale settings: 10 digits of each class, a small MLP.
 TINY = dict(per_class=10, test_per_class=5, width=16, depth=3, batch_size=20, lr=0.02, epochs=4, device="cpu")
@@ -298,9 +299,37 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     saved = path.read_bytes()
     result = train(cfg, out=tmp_path, resume=True, progress=False, dataset=data)
     assert result.status == 1 and not result.success
-    assert "diverged in epoch 3" in result.message and "epoch 2) is kept" in result.message
+    # 100 examples in batches of 20: epoch 3 starts at step 11, the first on the blown-up weights.
+    assert "diverged in epoch 3 (step 11)" in result.message and "epoch 2) is kept" in result.message
     assert path.read_bytes() == saved
     assert result.final["epoch"] == 2
+
+
+def test_divergence_inside_an_epoch_names_the_first_diverged_step(data):
+    """The losses are read back once an epoch; the message still names the first mini-batch whose loss
+    diverged and its loss, as a loop checking every step on the host finds them."""
+    cfg = TrainConfig(**(TINY | dict(lr=3.0, epochs=3)))
+    result = train(cfg, progress=False, dataset=data)
+    assert result.status == 1
+    state = _TrainState.start(cfg, data, torch.device("cpu"))
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    limit = DIVERGENCE_FACTOR * max(result.history["train_loss"][0], 1.0)
+    step, value = 0, 0.0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(y), generator=state.shuffle)
+        for i in range(0, len(y) - cfg.batch_size + 1, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            data_term = cfg.data_loss.torch_value(state.model(x[idx]), y[idx], data.C)
+            step, value = step + 1, float(data_term.detach())
+            if not math.isfinite(value) or value > limit:
+                break
+            _sgd_step(state.model, state.optimizer, data_term, cfg.wd)
+        else:
+            state.scheduler.step()
+            continue
+        break
+    assert 1 < step <= cfg.epochs * 5 and step % 5 != 1  # inside an epoch, not at its first step
+    assert f"(step {step}): mini-batch loss {value:.4g}" in result.message
 
 
 def test_cli_json_last_line(tmp_path, capsys):

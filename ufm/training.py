@@ -804,6 +804,14 @@ def _epoch_order(state: _TrainState, config: TrainConfig, n: int) -> torch.Tenso
     return torch.randperm(n, generator=state.shuffle)
 
 
+@dataclass(frozen=True)
+class _Divergence:
+    """The first mini-batch of an epoch whose loss diverged: the run's step number, and the loss."""
+
+    step: int
+    loss: float
+
+
 def _run_epoch(
     state: _TrainState,
     data: _Tensors,
@@ -811,20 +819,28 @@ def _run_epoch(
     order: torch.Tensor,
     reference_loss: float,
     noise: _SGDNoise | None = None,
-) -> float | None:
+) -> _Divergence | None:
     """SGD steps over the mini-batches of ``order`` (n,), on its device, each step added to ``noise``
-    when given; returns the mini-batch loss that diverged (no step was taken on it) or None."""
+    when given; returns the first mini-batch whose loss diverged, or None.
+
+    The mini-batch losses stay on the device and are read back once, at the end of the epoch: a GPU
+    never waits for the host inside the epoch. Steps after a diverged one are still taken, on weights
+    that no longer matter: the run stops there and keeps its last good checkpoint."""
     loss, model, B = config.data_loss, state.model, config.batch_size
-    for i in range(0, order.shape[0] - B + 1, B):
+    starts = range(0, order.shape[0] - B + 1, B)
+    losses = torch.empty(len(starts), dtype=torch.float64, device=order.device)
+    first_step = state.nsteps + 1
+    for j, i in enumerate(starts):
         idx = order[i : i + B]
         data_term = loss.torch_value(model(data.x_train[idx]), data.y_train[idx], data.C)
-        value = float(data_term.detach())
-        if _diverged(value, reference_loss):
-            return value
+        losses[j] = data_term.detach()
         _sgd_step(model, state.optimizer, data_term, config.wd)
         state.nsteps += 1
         if noise is not None:
             noise.add(model, data.x_probe)
+    for j, value in enumerate(losses.tolist()):
+        if _diverged(value, reference_loss):
+            return _Divergence(first_step + j, value)
     return None
 
 
@@ -1109,7 +1125,7 @@ def train(
         diverged = _run_epoch(state, data, config, order, reference_loss, noise)
         if diverged is not None:
             status = 1
-            message = _divergence_message(epoch, state.nsteps + 1, diverged, config, checkpoint.kept())
+            message = _divergence_message(epoch, diverged.step, diverged.loss, config, checkpoint.kept())
             break
         lr_used = state.lr
         state.scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
