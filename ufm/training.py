@@ -31,8 +31,9 @@ fluctuation across those late steps is the SGD noise of the journal paper (:clas
 
 Checkpoints (model, optimizer, scheduler, the state of the generator that orders mini-batches, history)
 are written every ``checkpoint_every`` epochs (:class:`_Checkpoint`); ``resume=True`` continues from the
-last one and, on the CPU, reaches bit-identical weights and history. A run whose loss becomes
-non-finite or explodes stops with a clear message, leaving the last good checkpoint untouched.
+last one and, on the CPU, reaches bit-identical weights and history. A run whose mini-batch loss
+becomes non-finite or explodes stops at the end of that epoch (the losses are read back once an
+epoch) with a message naming the step, leaving the last good checkpoint untouched.
 
 The poster's experiment built on :func:`train` (the same run with and without weight decay) is
 :func:`ufm.experiments.weight_decay.weight_decay_experiment`.
