@@ -9,10 +9,10 @@ helpers take NumPy arrays and torch tensors alike.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
-from scipy.linalg import blas
 
 # Entries per block: 256 KiB in float64, well inside a core's L2 cache.
 BLOCK = 2**15
@@ -33,6 +33,14 @@ def add_scaled(y: Any, a: float, x: Any) -> None:
     if not isinstance(y, np.ndarray):
         y.add_(x, alpha=a)
         return
-    out = blas.daxpy(x, y, a=a)
+    out = _daxpy()(x, y, a=a)
     if out is not y:  # f2py works on a copy when y is not a contiguous float64 array
         y[...] = out
+
+
+@functools.cache
+def _daxpy() -> Any:
+    """SciPy's BLAS daxpy, imported at the first use (``ufm solve`` and ``--help`` import no SciPy)."""
+    from scipy.linalg import blas
+
+    return blas.daxpy
