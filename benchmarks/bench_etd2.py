@@ -25,7 +25,12 @@ The targets T (C, n) are the problem's (cached on it before any of these), as fo
 gradient.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_etd2.py [--evals 300] [--repeats 2]
-Each table is printed --repeats times, so the spread on a busy machine can be read off.
+Each table is printed --repeats times, so the spread on a busy machine can be read off. The baseline
+is bimodal: its fresh (p, n) arrays page-fault on some calls and not on others (3.7 against 9.0 ms
+at C = 10 in two tables of one run, 2026-12-02, load average 1.6-2.0), which moves every ratio of
+that row; compare rows whose ``grad ms`` agree. ETD2's step costs about 2.6-3.3 ms an evaluation at
+every size here (the state is p n = 1.02M entries throughout), so its ratio falls as C grows
+(docs/theory.md §13.3).
 """
 
 from __future__ import annotations

@@ -180,6 +180,24 @@ def test_mean_output_coordinates_are_the_chain_rule():
     np.testing.assert_array_equal(dy[:-4], -g[:-4])
 
 
+@pytest.mark.parametrize("lam_b", [0.0, 0.3])
+def test_numpy_field_takes_the_sums_over_examples_from_the_gradient(lam_b):
+    """The NumPy field gives the velocity H 1 once and dH/dt 1 from W^T (db/dt + lam_b b) - lam_h H 1
+    (``velocity_sum``, no pass over dH): the same field as the chain rule with both sums taken
+    directly from the arrays (``velocity`` without them), and ||grad L|| as the stationarity."""
+    problem = UFMProblem(5, 7, 0.02, 0.03, lam_b=lam_b)
+    x = UFMParams.random(problem, 4, rng=21)
+    x = UFMParams(x.H, x.Ws, np.random.default_rng(22).standard_normal(5))
+    system = _gradient_system(problem, x)
+    coords = _MeanOutputCoordinates(x)
+    y = system.y0 + 0.1 * np.random.default_rng(23).standard_normal(system.y0.size)
+    theta = coords.to_flat(y)
+    g = loss_and_grad(problem, UFMParams.unravel(x, theta))[1].ravel()
+    value, dy, stat = system.field(y)
+    np.testing.assert_allclose(dy, coords.velocity(theta, -g), rtol=1e-12, atol=1e-15)
+    assert stat == pytest.approx(np.linalg.norm(g), rel=1e-13)
+
+
 def test_mean_output_coordinates_remove_the_bias_coupling():
     """Why ETD2 integrates the depth-1 square loss in mean-output coordinates (module docstring).
 

@@ -1,15 +1,18 @@
-"""Elementwise work on large flat arrays in cache-sized blocks (docs/theory.md §13.3).
+"""Elementwise work on large flat arrays: in cache-sized blocks, and in place (docs/theory.md §13.3).
 
 A whole-array expression such as ``y += a * x`` makes a temporary as large as ``x``. For a flow's
 state (megabytes, thousands of evaluations) that is a fresh allocation on every call, and its page
-faults can cost more than the arithmetic. Over blocks of ``BLOCK`` entries the temporaries are small
-and stay in the L2 cache. The helpers take NumPy arrays and torch tensors alike (slicing and in-place
-operators only).
+faults can cost more than the arithmetic. Work that needs scratch runs over blocks of ``BLOCK``
+entries, whose scratch is small and stays in cache; ``add_scaled`` needs none (one BLAS axpy). The
+helpers take NumPy arrays and torch tensors alike.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import numpy as np
 
 # Entries per block: 256 KiB in float64, well inside a core's L2 cache.
 BLOCK = 2**15
@@ -23,6 +26,21 @@ def block_slices(start: int, stop: int, size: int | None = BLOCK) -> list[slice]
 
 
 def add_scaled(y: Any, a: float, x: Any) -> None:
-    """y += a x in place, block by block; y and x flat (one dimension) and of the same length."""
-    for block in block_slices(0, y.shape[0]):
-        y[block] += a * x[block]
+    """y += a x in place, in one pass without a temporary; y and x flat (one dimension), one length.
+
+    On NumPy float64 BLAS ``daxpy`` (its product and sum may be one fused multiply-add, so the result
+    can differ from ``y + a * x`` in the last bit); on torch ``add_`` with ``alpha``."""
+    if not isinstance(y, np.ndarray):
+        y.add_(x, alpha=a)
+        return
+    out = _daxpy()(x, y, a=a)
+    if out is not y:  # f2py works on a copy when y is not a contiguous float64 array
+        y[...] = out
+
+
+@functools.cache
+def _daxpy() -> Any:
+    """SciPy's BLAS daxpy, imported at the first use (``ufm solve`` and ``--help`` import no SciPy)."""
+    from scipy.linalg import blas
+
+    return blas.daxpy

@@ -5,6 +5,7 @@ Here, as in the math, H is (p, n): columns are examples, in class-major order.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,13 @@ class UFMParams:
     @classmethod
     def unravel(cls, like: UFMParams, theta: np.ndarray) -> UFMParams:
         """Inverse of ``ravel``: parameters shaped like ``like`` from the vector ``theta``."""
-        shapes = [a.shape for a in like.arrays()]
-        sizes = [int(np.prod(s)) for s in shapes]
-        if theta.shape != (sum(sizes),):
-            raise ValueError(f"theta must have shape ({sum(sizes)},), got {theta.shape}")
-        parts = [p.reshape(s) for p, s in zip(np.split(theta, np.cumsum(sizes)[:-1]), shapes)]
+        arrays = like.arrays()
+        total = sum(a.size for a in arrays)
+        if theta.shape != (total,):
+            raise ValueError(f"theta must have shape ({total},), got {theta.shape}")
+        # Plain slices (np.split and np.prod cost ~30 us, paid on every evaluation of a flow's field).
+        ends = list(itertools.accumulate(a.size for a in arrays))
+        parts = [theta[end - a.size : end].reshape(a.shape) for a, end in zip(arrays, ends)]
         n_w = len(like.Ws)
         return cls(parts[0], tuple(parts[1 : 1 + n_w]), parts[1 + n_w] if like.b is not None else None)
 

@@ -189,11 +189,21 @@ class _FlatCoordinates:
         return y
 
     @staticmethod
-    def velocity(theta: Any, dtheta: Any) -> Any:
+    def feature_sum(y: Any) -> None:
+        """Nothing: the maps of these coordinates need no sum over the examples."""
+        return None
+
+    @staticmethod
+    def velocity(theta: Any, dtheta: Any, h_sum: Any = None, dh_sum: Any = None) -> Any:
         return dtheta
 
     @staticmethod
-    def params(like: UFMParams, y: np.ndarray) -> UFMParams:
+    def velocity_sum(problem: UFMProblem, params: UFMParams, dtheta: Any, h_sum: Any) -> None:
+        """Nothing: the velocity of these coordinates needs no sum over the examples."""
+        return None
+
+    @staticmethod
+    def params(like: UFMParams, y: np.ndarray, h_sum: Any = None) -> UFMParams:
         """The parameters at state y, as views of y (no copy)."""
         return UFMParams.unravel(like, y)
 
@@ -215,10 +225,15 @@ class _MeanOutputCoordinates:
         H = y[: self.k].reshape(self.p, self.n)
         return H, y[self.k : self.k + self.C * self.p].reshape(self.C, self.p)
 
-    def _mean_output_shift(self, y: Any) -> Any:
+    def feature_sum(self, y: Any) -> Any:
+        """H 1 (p,), n mu_G: the maps below take it (``h_sum``) where the caller has it, which saves
+        them a pass over H each (the NumPy field computes it once an evaluation)."""
+        return self._H_W(y)[0].sum(1)
+
+    def _mean_output_shift(self, y: Any, h_sum: Any = None) -> Any:
         """W mu_G (C,), the same in both coordinates (H and W are shared)."""
-        H, W = self._H_W(y)
-        return W @ H.sum(1) / self.n
+        W = self._H_W(y)[1]
+        return W @ (self.feature_sum(y) if h_sum is None else h_sum) / self.n
 
     def to_state(self, theta: Any) -> Any:
         y = theta + 0
@@ -230,20 +245,31 @@ class _MeanOutputCoordinates:
         theta[-self.C :] = y[-self.C :] - self._mean_output_shift(y)
         return theta
 
-    def velocity(self, theta: Any, dtheta: Any) -> Any:
+    def velocity(self, theta: Any, dtheta: Any, h_sum: Any = None, dh_sum: Any = None) -> Any:
         """dy/dt from d theta/dt: dm/dt = dW/dt mu_G + W dmu_G/dt + db/dt (the chain rule).
 
         Written into ``dtheta`` (every caller passes a fresh array); ``theta`` may be the state y
-        itself, since only H and W are read and they are shared."""
-        H, W = self._H_W(theta)
+        itself, since only H and W are read and they are shared. ``h_sum`` and ``dh_sum`` are H 1 and
+        dH/dt 1 (``feature_sum``, ``velocity_sum``) where the caller has them."""
+        W = self._H_W(theta)[1]
         dH, dW = self._H_W(dtheta)
-        dtheta[-self.C :] += (dW @ H.sum(1) + W @ dH.sum(1)) / self.n
+        h_sum = self.feature_sum(theta) if h_sum is None else h_sum
+        dh_sum = dH.sum(1) if dh_sum is None else dh_sum
+        dtheta[-self.C :] += (dW @ h_sum + W @ dh_sum) / self.n
         return dtheta
 
-    def params(self, like: UFMParams, y: np.ndarray) -> UFMParams:
+    @staticmethod
+    def velocity_sum(problem: UFMProblem, params: UFMParams, dtheta: np.ndarray, h_sum: np.ndarray) -> Any:
+        """dH/dt 1 (p,) of dtheta = -grad L at ``params`` (flat, ``ravel`` order; depth 1) without a
+        pass over dH: dH/dt = W^T D - lam_h H and db/dt = D 1 - lam_b b with D = -dL/df (C, n)
+        (``loss_and_grad``), so dH/dt 1 = W^T (db/dt + lam_b b) - lam_h H 1."""
+        db = dtheta[-params.b.size :]
+        return params.W.T @ (db + problem.lam_b * params.b) - problem.lam_h * h_sum
+
+    def params(self, like: UFMParams, y: np.ndarray, h_sum: Any = None) -> UFMParams:
         """The parameters (H, W, b) at state y: H and W are views of y, b = m - W mu_G (no state copy)."""
         H, W = self._H_W(y)
-        return UFMParams(H, (W,), y[-self.C :] - self._mean_output_shift(y))
+        return UFMParams(H, (W,), y[-self.C :] - self._mean_output_shift(y, h_sum))
 
 
 def _coordinates(problem: UFMProblem, like: UFMParams) -> _FlatCoordinates | _MeanOutputCoordinates:
@@ -263,9 +289,12 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         nonlocal work
         work = GradientWork(problem, start) if work is None else work
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            value, _ = loss_and_grad(problem, coords.params(start, y), out=out, work=work, negate=True)
+            h_sum = coords.feature_sum(y)
+            params = coords.params(start, y, h_sum)
+            value, _ = loss_and_grad(problem, params, out=out, work=work, negate=True)
             norm = float(np.linalg.norm(out))  # ||grad L||
-            return value, coords.velocity(y, out), norm
+            dh_sum = coords.velocity_sum(problem, params, out, h_sum)
+            return value, coords.velocity(y, out, h_sum, dh_sum), norm
 
     def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
         return field_into(y, np.empty_like(y))

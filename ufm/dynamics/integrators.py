@@ -31,7 +31,7 @@ import numpy as np
 from scipy import integrate, sparse
 from scipy.integrate import DenseOutput
 
-from .._blocks import BLOCK, block_slices
+from .._blocks import BLOCK, add_scaled, block_slices
 
 __all__ = [
     "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
@@ -47,7 +47,7 @@ _PHI_SERIES = 0.02
 _MIN_REL_STEP = 1e-13
 _TINY = 1e-300
 # Arrays an Evaluator keeps for reuse: ETD2 hands back two per step (F at the last state, and the
-# correction) and takes two (F at the trial stage, F at the accepted state).
+# remainder R(u) - R(y) of its trial) and takes two (F at the trial stage, F at the accepted state).
 _MAX_SPARE = 2
 
 
@@ -261,62 +261,65 @@ def _blocks(linear: np.ndarray) -> tuple[list[slice], np.ndarray]:
 
 @dataclass(frozen=True)
 class ETD2Step:
-    """One trial step of ETD2RK: the new state, the error estimate's vector, and the Lipschitz
-    estimate rho = ||R(u) - R(y)|| / ||u - y|| of the remainder along the step."""
+    """One trial step of ETD2RK: the new state, the remainder's change R(u) - R(y) along the step (the
+    error estimate y_new - u is h phi_2 times it, run by run), and the Lipschitz estimate
+    rho = ||R(u) - R(y)|| / ||u - y|| of the remainder along the step."""
 
     y_new: Any
-    correction: Any
+    remainder: Any
     rho: float
-    err: float | None = None  # the scaled RMS of the correction, when etd2_step was given ``error``
+    err: float | None = None  # the scaled RMS of the correction y_new - u, when etd2_step was given ``error``
 
 
 def etd2_step(
     fun: Evaluator, y: Any, f: Any, h: float, runs: list[slice], levels: np.ndarray, *, u: Any = None,
-    block: int | None = BLOCK, error: Callable[[Any, Any, Any], float] | None = None,
+    block: int | None = BLOCK, error: Callable[..., float] | None = None, xp: Any = np,
 ) -> ETD2Step:  # fmt: skip
     """ETD2RK (Cox and Matthews 2002, eq. 22) for y' = Lambda y + R(y), Lambda diagonal by ``runs``.
 
     With u - y = h phi_1(h Lambda) f(y), the two stages read::
 
         u     = y + h phi_1 f(y)                                        (exponential Euler)
-        y_new = u + h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 Lambda f(y)  (ETD2RK),
+        y_new = u + h phi_2 (R(u) - R(y)),  R(u) - R(y) = f(u) - e^{h Lambda} f(y)     (ETD2RK),
 
     so the phi-functions are one scalar per run of Lambda. The correction y_new - u is the ETD1/ETD2
     difference, the error estimate. rho is free: both f values are at hand (Shampine's stiffness
-    detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike.
+    detection; Hairer and Wanner II, IV.2). Works on NumPy arrays and torch tensors alike (``xp``,
+    the array module of y).
 
     Memory (docs/theory.md §13.3): two state-sized arrays, u and f(u). The stage u is written into
     ``u`` when given (a state-sized array the caller is done with), else into a new array; y_new is
-    then written over u, and the correction over f(u), which the step owns once ``fun`` has released
-    it. y and f are only read. The elementwise work runs over blocks of ``block`` entries of each run
-    (the whole run if None, as on a device), so its temporaries stay in cache. Given ``error``, a
-    function of (correction, y, y_new, part=) on a block that sums its squared scaled error
-    (``StepController.scaled_sq``), the error norm is taken in the same pass (``ETD2Step.err``).
+    then written over u, and R(u) - R(y) over f(u), which the step owns once ``fun`` has released it.
+    y and f are only read. The elementwise work runs over blocks of ``block`` entries of each run (the
+    whole run if None, as on a device), so its scratch stays in cache: twelve operations an entry over
+    the two passes, three of them dot products. Given ``error``, a function of (a, y, y_new, part=,
+    work=) on a block that sums its squared scaled error (``StepController.scaled_sq``), the error
+    norm is taken in the same pass (``ETD2Step.err``); ``work`` is two scratch arrays of the block's
+    size.
     """
     phi1, phi2 = _phi12(h * levels)
     u = f + 0 if u is None else u
     sq_step = 0.0
     for run, c1 in zip(runs, h * phi1):
         for part in block_slices(run.start, run.stop, block):
-            step = u[part]
-            step[...] = f[part]
-            step *= c1  # the step h phi_1 f
+            step = xp.multiply(f[part], c1, out=u[part])  # the step h phi_1 f
             sq_step += float(step @ step)
             step += y[part]
     _, fu, _ = fun(u)
-    fun.release()  # fu is ours: it becomes f(u) - f(y) - lam (u - y) = R(u) - R(y), then the correction
+    fun.release()  # fu is ours: it becomes R(u) - R(y)
+    longest = max(run.stop - run.start for run in runs)
+    work = [] if error is None else [xp.empty_like(y[: min(block or longest, longest)]) for _ in range(2)]
     sq_rest = sq_err = 0.0
     for run, c1, c2, lam in zip(runs, h * phi1, h * phi2, levels):
         for part in block_slices(run.start, run.stop, block):
             rest = fu[part]
-            rest -= f[part]
-            rest -= f[part] * (c1 * lam)  # R(u) - R(y)
+            add_scaled(rest, -(1.0 + c1 * lam), f[part])  # e^{h lam} = 1 + h phi_1 lam
             sq_rest += float(rest @ rest)
-            rest *= c2  # the correction h phi_2 (f(u) - f(y)) - h^2 phi_2 phi_1 lam f(y)
             new = u[part]
-            new += rest  # y_new, over u
+            add_scaled(new, c2, rest)  # y_new = u + h phi_2 (R(u) - R(y)), over u
             if error is not None:
-                sq_err += error(rest, y[part], new, part=part)
+                size = part.stop - part.start
+                sq_err += c2**2 * error(rest, y[part], new, part=part, work=[w[:size] for w in work])
     err = None if error is None else (sq_err / y.shape[0]) ** 0.5
     return ETD2Step(u, fu, (sq_rest / max(sq_step, _TINY)) ** 0.5, err)
 
@@ -341,6 +344,11 @@ class StepController:
     shrink_min: float = 0.2
     stability: float = 1.5
 
+    def __post_init__(self) -> None:
+        # Scalar tolerances with rtol > 0 take scaled_sq's shorter form (decided once: it runs on every
+        # block of every trial).
+        self._scalar = np.ndim(self.rtol) == 0 and np.ndim(self.atol) == 0 and self.rtol > 0
+
     def initial(self, y: Any, f: Any, xp: Any) -> float:
         """Hairer's starting step 0.01 ||y|| / ||f|| in the error norm (1e-6 near zero)."""
         d0, d1 = self._scaled_rms(y, y, y, xp), self._scaled_rms(f, y, y, xp)
@@ -355,19 +363,30 @@ class StepController:
 
     def _scaled_rms(self, a: Any, y: Any, y_new: Any, xp: Any) -> float:
         """RMS of a / (atol + rtol max(|y|, |y_new|)), block by block."""
-        total = sum(self.scaled_sq(a[b], y[b], y_new[b], xp, part=b) for b in block_slices(0, a.shape[0]))
+        work = [xp.empty_like(a[:BLOCK]) for _ in range(2)]
+        total = sum(
+            self.scaled_sq(a[b], y[b], y_new[b], xp, part=b, work=[w[: b.stop - b.start] for w in work])
+            for b in block_slices(0, a.shape[0])
+        )  # fmt: skip
         return (total / a.shape[0]) ** 0.5
 
-    def scaled_sq(self, a: Any, y: Any, y_new: Any, xp: Any = np, *, part: slice = slice(None)) -> float:
-        """Sum of (a / (atol + rtol max(|y|, |y_new|)))^2 over a block, in one temporary of its size.
+    def scaled_sq(
+        self, a: Any, y: Any, y_new: Any, xp: Any = np, *, part: slice = slice(None), work: Any = None
+    ) -> float:
+        """Sum of (a / (atol + rtol max(|y|, |y_new|)))^2 over a block, in ``work``: two scratch arrays
+        of its size (fresh ones if None).
 
-        ``part`` is where the block sits in the state, for per-entry tolerances."""
+        ``part`` is where the block sits in the state, for per-entry tolerances. With scalar ones
+        (rtol > 0) the scale is rtol (max + atol/rtol), which saves an operation an entry."""
+        q, spare = (xp.empty_like(a), xp.empty_like(a)) if work is None else work
+        xp.abs(y, out=q)
+        xp.maximum(q, xp.abs(y_new, out=spare), out=q)  # max(|y|, |y_new|)
+        if self._scalar:
+            q += self.atol / self.rtol
+            xp.divide(a, q, out=q)
+            return float(q @ q) / self.rtol**2
         atol, rtol = (tol if np.ndim(tol) == 0 else tol[part] for tol in (self.atol, self.rtol))
-        q = xp.abs(y)
-        xp.maximum(q, y_new, out=q)
-        xp.negative(q, out=q)
-        xp.minimum(q, y_new, out=q)  # -max(|y|, |y_new|)
-        q *= -rtol
+        q *= rtol
         q += atol
         xp.divide(a, q, out=q)
         return float(q @ q)
@@ -469,7 +488,7 @@ class ETD2(Integrator):
             try:
                 trial = etd2_step(
                     self.fun, y, f, h, self.runs, self.levels, u=self._scratch, block=self._block,
-                    error=self._error_sq,
+                    error=self._error_sq, xp=self.xp,
                 )  # fmt: skip
                 err = trial.err
             except FlowDiverged:  # a non-finite trial stage is a failed step: shrink and retry
@@ -478,7 +497,7 @@ class ETD2(Integrator):
                 break
             if trial is not None:  # a rejected trial's two arrays are reused by the next one
                 self._scratch = trial.y_new
-                self.fun.recycle(trial.correction)
+                self.fun.recycle(trial.remainder)
             h = self.control.rejected(h, err)
             if h < _MIN_REL_STEP * max(t, 1.0):
                 return f"step size underflow (h = {h:.3g}) in ETD2 at t = {t:.6g}"
@@ -486,7 +505,7 @@ class ETD2(Integrator):
         self.t_old = t
         self.t = self.t_bound if t + h >= self.t_bound * (1 - 1e-15) else t + h
         self._y, self._owned, self._scratch = trial.y_new, True, None
-        self.fun.recycle(trial.correction)  # for the driver's check of y_new
+        self.fun.recycle(trial.remainder)  # for the driver's check of y_new
         self.h = self.control.accepted(h, err, trial.rho)
         return None
 
