@@ -559,8 +559,9 @@ class NCAccumulator:
         G_t = np.empty((B.shape[1], X.shape[0]), dtype=X.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             for rows in _product_blocks(X):
-                # NumPy's BLAS is faster for (b, p) @ (p, r + C) here, transposed while in cache (measured
-                # at (200k, 512), r + C = 19, float32: 0.10-0.11 s against 0.14 s for the (r + C, b) product).
+                # NumPy's BLAS is faster for (b, p) @ (p, r + C) here, transposed while in cache (measured at
+                # (200k, 512), r + C = 19, float32: 0.10-0.11 s against 0.14 s for (r + C, p) @ (p, b), load
+                # average 2.0; at p = 2048, r + C = 199 the two are within noise).
                 G_t[:, rows] = (self._centred(X[rows]) @ B).T
         return G_t
 
