@@ -46,9 +46,9 @@ _RANK_RTOL_FACTOR = 1.0
 
 # One-shot nc_metrics feeds the accumulator chunks of about this many entries (16 MiB in float64):
 # views of the features. Pass 2's temporaries, (r + C) x chunk rows in float64, then stay small enough
-# to be reused rather than mapped afresh (measured, benchmarks/bench_metrics.py's data, load average
-# 1.2-1.4: 2^23 entries cost 18k-57k page faults and 0.40 s / 0.82 s at (200k, 512, 10) float64 torch /
-# (50k, 2048, 100) float32 NumPy, 2^21 entries 0-800 faults and 0.37 s / 0.78 s).
+# to be reused rather than mapped afresh (measured on benchmarks/bench_metrics.py's data, CPU time, best
+# of 4, load average 1.2-1.4: 2^23 entries cost 18k-57k page faults and 0.40 s / 0.82 s at (200k, 512,
+# 10) float64 torch / (50k, 2048, 100) float32 NumPy, 2^21 entries 0-800 faults and 0.37 s / 0.78 s).
 _CHUNK_ELEMENTS = 2**21
 
 # Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
