@@ -206,6 +206,24 @@ def test_agrees_with_naive_reference(n, p, C, balanced, with_w):
     assert (m["etf_distance"] is None) == (p < C - 1)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_tied_outputs_count_as_the_first_class(as_tensor):
+    """NC4 takes the first of tied largest outputs, as np.argmax does: here rows 0 and 1 of W are equal,
+    and integer features make every output exact, so those two outputs tie on every example. The last
+    of the tied classes would give a different NC4 (checked), so the count tests the tie rule."""
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 6)
+    H = 3.0 * np.eye(3, 4)[y] + rng.integers(-1, 2, (18, 4))
+    W = np.array([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0]])
+    ref = _naive(H, y, W)["nc4"]
+    f = H @ W.T
+    nearest = np.array([np.argmin([np.linalg.norm(h - H[y == c].mean(0)) for c in range(3)]) for h in H])
+    last_of_ties = 2 - f[:, ::-1].argmax(axis=1)
+    assert np.mean(last_of_ties != nearest) != ref
+    features = torch.from_numpy(H) if as_tensor else H
+    assert nc_metrics(features, y, W).nc4 == ref
+
+
 def test_outputs_override_w_for_sqi_and_nc4_without_w():
     """Given outputs feed eps/SQI; without W they also define NC4's argmax."""
     H, y, W, b = _random_problem(3, 200, 6, 4)

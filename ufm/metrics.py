@@ -44,13 +44,16 @@ from .geometry import frame_distance
 # rounding in a product of length max(C, p) grows about that much.
 _RANK_RTOL_FACTOR = 1.0
 
-# One-shot nc_metrics feeds the accumulator chunks of about this many entries (64 MiB in float64):
-# views of the features, whose per-chunk temporaries stay this small.
-_CHUNK_ELEMENTS = 2**23
+# One-shot nc_metrics feeds the accumulator chunks of about this many entries (16 MiB in float64):
+# views of the features. Pass 2's temporaries, (r + C) x chunk rows in float64, then stay small enough
+# to be reused rather than mapped afresh (measured on benchmarks/bench_metrics.py's data, CPU time, best
+# of 4, load average 1.2-1.4: 2^23 entries cost 18k-57k page faults and 0.40 s / 0.82 s at (200k, 512,
+# 10) float64 torch / (50k, 2048, 100) float32 NumPy, 2^21 entries 0-800 faults and 0.37 s / 0.78 s).
+_CHUNK_ELEMENTS = 2**21
 
 # Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
 # (1 MiB in float32), which stay in the CPU's L2 cache between the cast and its use: memory traffic stays
-# that of reading the features once per pass.
+# that of reading the features once per pass. Pass 2's product runs in such blocks for float64 too.
 _BLOCK_ELEMENTS = 2**18
 
 # Feature dtypes measured in float32 (the big products); everything else is measured in float64.
@@ -409,20 +412,20 @@ class NCAccumulator:
         # each multithreaded call would wake the pool, which on a busy CPU or beside the other
         # library's spinning pool costs more than the work (measured in benchmarks/bench_metrics.py
         # --pools: float64 features on 2 cores at load 13, 0.45-0.64 s best of 3, against 2.6-3.6 s).
-        G = self._project(X) if self._pass == 2 else None
+        G_t = self._project(X) if self._pass == 2 else None
         with one_torch_thread() if X.device.type == "cpu" else contextlib.nullcontext():
             y = self._faults.labels(t, self.C, self._batch)
             if self._pass == 1:
                 self._update_sums(X, y)
             else:
-                self._update_projected(G, y, outputs)
+                self._update_projected(G_t, y, outputs)
 
     def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
         sums = torch.zeros_like(self._sums)  # (C, p)
         for rows in _row_blocks(X, self._dtype):
             sums.index_add_(0, y[rows], X[rows].to(self._dtype))
-        self._faults.note("features", ~torch.isfinite(sums).all(), self._batch)
+        self._faults.note("features", _non_finite(sums), self._batch)
         self._sums += sums
         self._counts += torch.bincount(y, minlength=self.C)
 
@@ -467,21 +470,27 @@ class NCAccumulator:
         # Stored transposed: on CPU, torch's (r + C, p) @ (p, b) runs up to 3x faster than
         # (b, p) @ (p, r + C) for these skinny shapes (measured at r + C = 19 and 28, float64).
         self._basis_t = torch.as_tensor(basis.T.copy(), device=self._device, dtype=self._work)  # (r + C, p)
-        # The product's columns, times these powers of two, are U^T h / 2^e and W h (exact).
-        unscale = np.r_[np.full(r, _pow2(-self._e)), np.full(0 if self._W is None else self.C, _pow2(e_W))]
-        self._unscale = torch.as_tensor(unscale, **dev)
+        # NumPy batches multiply by a row-major (p, r + C) copy: NumPy's BLAS ran 5% faster with it than
+        # with the transposed view (at (50k, 2048), r + C = 199, float32: 0.553 s against 0.582 s per
+        # pass, load average 0.8).
+        self._basis_np = self._basis_t.numpy().T.copy() if self._device.type == "cpu" else None
         # Float32 features are centred by m = mu_G rounded to float32 before the float32 product, so
         # its rounding is relative to h - m, not to h (docs/theory.md §17.9); float64 needs no shift.
         mu_G = np.ldexp(self._mu_G, self._e)  # (p,) in the features' units
         shift = np.zeros_like(mu_G) if self._work == self._dtype else mu_G.astype(np.float32)
         self._shift = None if self._work == self._dtype else torch.as_tensor(shift, device=self._device)
-        self._s = torch.as_tensor(s[:r], **dev)
-        self._u_G = torch.as_tensor(np.ldexp(mu_G - shift, -self._e) @ U, **dev)  # (r,) projected mu_G - m
-        self._Q = torch.as_tensor(A[:, :r] * s[:r], **dev)  # (C, r) = M U, projected centred means
-        self._half_q2 = 0.5 * (self._Q**2).sum(dim=1)  # (C,)
+        # Pass 2 works on the product's rows (one per basis vector, one column per example), as columns:
+        u_G = np.ldexp(mu_G - shift, -self._e) @ U  # (r,) projected mu_G - m
+        self._minus_u_G = torch.as_tensor(-u_G[:, None], **dev)  # (r, 1)
+        Q = A[:, :r] * s[:r]  # (C, r) = M U, projected centred means
+        self._Q = torch.as_tensor(Q, **dev)
+        self._Q_t = torch.as_tensor(Q.T.copy(), **dev)  # (r, C)
+        self._minus_half_q2 = torch.as_tensor(-0.5 * (Q**2).sum(axis=1)[:, None], **dev)  # (C, 1)
+        self._s2 = torch.as_tensor(s[:r] ** 2, **dev)  # (r,)
         # W h + b = W (h - m) + (W m + b): the product sees the centred features.
-        bias = (0 if self._b is None else self._b) + (0 if self._W is None else self._W @ shift)
-        self._bias = torch.as_tensor(bias, **dev)
+        if self._W is not None:
+            bias = (0 if self._b is None else self._b) + self._W @ shift
+            self._bias_col = torch.as_tensor(bias[:, None], **dev)  # (C, 1)
         self._nc1_sum = torch.zeros((), **dev)
         self._disagree = torch.zeros((), dtype=torch.int64, device=self._device)
         self._counts2 = torch.zeros_like(self._counts)
@@ -491,35 +500,43 @@ class NCAccumulator:
         self._pass = 2
         self._batch = 0
 
-    def _update_projected(self, G: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
-        """Add a batch's NC1, NC4 and output moments from its product G = :meth:`_project` (b, r + C)."""
-        r, C = self._r, self.C
-        G = G.to(self._dtype) * self._unscale  # (b, r + C) = [U/2^e | W^T]^T (h - m)
-        self._faults.note("products", ~torch.isfinite(G).all(), self._batch)
-        Pc = G[:, :r] - self._u_G  # (b, r) = U^T (h - mu_G) / 2^e
+    def _update_projected(self, G_t: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+        """Add a batch's NC1, NC4 and output moments from its product G_t = :meth:`_project` (r + C, b).
+
+        Everything here works on (k, b) arrays, one column per example: the product comes out in that
+        layout, and reductions over a column's k entries then run along contiguous rows.
+        """
+        r, C, b = self._r, self.C, G_t.shape[1]
+        self._faults.note("products", _non_finite(G_t), self._batch)
+        # The product's rows times 2^-e and 2^e_W (exact) are U^T (h - m) / 2^e and W (h - m), in float64.
+        Pc = torch.add(self._minus_u_G, G_t[:r], alpha=_pow2(-self._e))  # (r, b) = U^T (h - mu_G) / 2^e
         # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
-        Z = (Pc - self._Q[y]) / self._s
-        self._nc1_sum += (Z * Z).sum()
-        out = None
+        # (The sign of Z is immaterial; gather reads Q_t[:, y] faster than indexing.)
+        Z = self._Q_t.gather(1, y.expand(r, b)).sub_(Pc)  # (r, b)
+        self._nc1_sum += (_row_sum_squares(Z) / self._s2).sum()
+        out_t = None
         if outputs is not None:
-            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (G.shape[0], C))
+            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (b, C))
             self._faults.note("outputs", ~torch.isfinite(out).all(), self._batch)
+            out_t = out.T
         if self._outputs_given is None:
-            self._outputs_given = out is not None
-        elif self._outputs_given != (out is not None):
+            self._outputs_given = out_t is not None
+        elif self._outputs_given != (out_t is not None):
             raise ValueError("outputs were given for some batches of the second pass but not for others")
-        logits = out if self._W is None else G[:, r:] + self._bias  # (b, C)
-        if logits is not None:
+        # (C, b): W h + b, or the outputs without W.
+        logits_t = out_t if self._W is None else torch.add(self._bias_col, G_t[r:], alpha=_pow2(self._e_W))
+        if logits_t is not None:
             # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
-            nearest = (Pc @ self._Q.T - self._half_q2).argmax(dim=1)
-            self._disagree += (logits.argmax(dim=1) != nearest).sum()
+            nearest = _first_argmax(torch.addmm(self._minus_half_q2, self._Q, Pc))  # (b,)
+            self._disagree += (_first_argmax(logits_t) != nearest).sum()
             # eps and the SQI spread use the network's outputs when given, else W h + b.
-            self._add_output_moments(logits if out is None else out, y)
+            self._add_output_moments(logits_t if out_t is None else out_t, y)
         self._counts2 += torch.bincount(y, minlength=C)
-        self._n_pass2 += G.shape[0]
+        self._n_pass2 += b
 
     def _project(self, X: torch.Tensor) -> torch.Tensor:
-        """[U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only O(b p) work of pass 2.
+        """[U | W^T]^T (h - m) for the rows h of X, (r + C, b) in the features' dtype: the only O(b p)
+        work of pass 2.
 
         The product runs in the thread pool of the library the features came from: NumPy's BLAS for a
         NumPy array, torch's for a tensor, and a NumPy batch's other torch work runs on one thread
@@ -531,38 +548,44 @@ class NCAccumulator:
         if self._numpy_batch and X.device.type == "cpu":
             return torch.from_numpy(self._project_numpy(X.numpy()))
         # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
-        # shapes (measured at r + C = 19 and 28, float64; float32 blocks at p = 512: 1.5-2x).
-        if self._shift is None:
-            return (self._basis_t @ X.T).T
+        # shapes (measured at r + C = 19 and 28, float64; float32 blocks at p = 512: 1.5-2x), and
+        # faster again in row blocks that stay in cache (float64 at (200k, 512), r + C = 19: blocks of
+        # 256-1024 rows 0.20-0.23 s, chunks of 16384 rows 0.29-0.30 s, load average 1.0).
         G_t = torch.empty(self._basis_t.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
-        for rows in _row_blocks(X, self._dtype):
-            torch.mm(self._basis_t, (X[rows] - self._shift).T, out=G_t[:, rows])
-        return G_t.T
+        for rows in _product_blocks(X):
+            torch.mm(self._basis_t, self._centred(X[rows]).T, out=G_t[:, rows])
+        return G_t
 
     def _project_numpy(self, X: np.ndarray) -> np.ndarray:
         """:meth:`_project` in NumPy (same blocks, same float32 centring). An overflow is not warned
         about: the non-finite result is reported as a fault of the batch (:meth:`_update_projected`)."""
-        B = self._basis_t.numpy().T  # (p, r + C), a view
+        B = self._basis_np  # (p, r + C)
+        G_t = np.empty((B.shape[1], X.shape[0]), dtype=X.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
-            if self._shift is None:
-                return X @ B
-            shift = self._shift.numpy()
-            G = np.empty((X.shape[0], B.shape[1]), dtype=X.dtype)
-            for rows in _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS):
-                np.matmul(X[rows] - shift, B, out=G[rows])
-        return G
+            for rows in _product_blocks(X):
+                # NumPy's BLAS is faster for (b, p) @ (p, r + C) here, transposed while in cache (measured at
+                # (200k, 512), r + C = 19, float32: 0.10-0.11 s against 0.14 s for (r + C, p) @ (p, b), load
+                # average 2.0; at p = 2048, r + C = 199 the two are within noise).
+                G_t[:, rows] = (self._centred(X[rows]) @ B).T
+        return G_t
 
-    def _add_output_moments(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        # No boolean mask (its size would be read back from a GPU): the correct-class slots are set to
-        # the mean they are measured about, where they add exactly zero.
-        b, C = out.shape
-        idx = y[:, None]
-        correct = out.gather(1, idx)  # (b, 1)
-        self._correct.add(b, correct.sum(), lambda m: ((correct - m) ** 2).sum())
+    def _centred(self, X: Any) -> Any:
+        """h - m for a block of float32 features (docs/theory.md §17.9), X itself for float64."""
+        if self._shift is None:
+            return X
+        return X - (self._shift.numpy() if isinstance(X, np.ndarray) else self._shift)
+
+    def _add_output_moments(self, out_t: torch.Tensor, y: torch.Tensor) -> None:
+        """Merge the correct-class and wrong-class moments of outputs out_t (C, b), one column per example."""
+        # No boolean mask (its size would be read back from a GPU): the deviations of the correct-class
+        # slots are set to zero, where they add exactly nothing.
+        C, b = out_t.shape
+        idx = y[None, :]
+        correct = out_t.gather(0, idx)  # (1, b)
+        total = correct.sum()
+        self._correct.add(b, total, lambda m: _sum_squares(correct - m))
         self._wrong.add(
-            b * (C - 1),
-            out.scatter(1, idx, 0.0).sum(),
-            lambda m: ((out.scatter(1, idx, m.expand(b, 1)) - m) ** 2).sum(),
+            b * (C - 1), out_t.sum() - total, lambda m: _sum_squares((out_t - m).scatter_(0, idx, 0.0))
         )
 
     def result(self) -> NCMetrics:
@@ -612,12 +635,63 @@ def _row_blocks(X: torch.Tensor, dtype: torch.dtype) -> Iterable[slice]:
     return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
 
 
+def _first_argmax(T: torch.Tensor) -> torch.Tensor:
+    """For each column of T (k, b), the index of its first largest entry (``T.argmax(dim=0)``, ties
+    included). From the column maxima, which torch reduces across rows several times faster than
+    argmax or max with indices (measured at (100, 4096): 1.0 against 1.4-2.2 ms)."""
+    k = T.shape[0]
+    top = T.amax(dim=0, keepdim=True)  # (1, b)
+    countdown = torch.arange(k, 0, -1, dtype=torch.int32, device=T.device)[:, None]  # (k, 1): k .. 1
+    return k - ((T == top) * countdown).amax(dim=0)
+
+
+def _sum_squares(t: torch.Tensor) -> torch.Tensor:
+    """0-d sum of t**2 over all entries, in one reduction with no temporary."""
+    return torch.linalg.vector_norm(t) ** 2
+
+
+def _row_sum_squares(t: torch.Tensor) -> torch.Tensor:
+    """(k,) sums of squares of the rows of t (k, b)."""
+    return torch.linalg.vector_norm(t, dim=1) ** 2
+
+
+def _non_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool: whether t has a NaN or an inf. NaN and inf reach the extremes, and one reduction with no
+    temporary reads t faster than ``isfinite(t).all()`` (measured: 0.07 against 0.6 ms for 300k entries)."""
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _product_blocks(X: Any) -> Iterable[slice]:
+    """Row blocks of X (b, p) for pass 2's product: cache-sized on the CPU, where the block is centred
+    (float32) and multiplied while in cache; one block on a GPU."""
+    if isinstance(X, torch.Tensor) and X.device.type != "cpu":
+        return (slice(None),)
+    return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+
+
+def _left_svd(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A, s) of the thin SVD V = A diag(s) B^T of V (C, p), C <= p, without forming B (p, C).
+
+    From the triangular factor of V^T = Q R: V = R^T Q^T, so V and R^T (C, C) have the same A and s
+    (backward stable like the SVD of V itself). Measured at (100, 2048), one thread, best of 10:
+    4.8-5.6 ms against 15.4-16.6 ms for np.linalg.svd(V, full_matrices=False), load average 1.6-2.2.
+    """
+    if V.shape[0] > V.shape[1]:
+        A, s, _ = np.linalg.svd(V, full_matrices=False)
+        return A, s
+    A, s, _ = np.linalg.svd(np.linalg.qr(V.T, mode="r").T)
+    return A, s
+
+
 def _classifier_fields(W: np.ndarray, M: np.ndarray) -> dict[str, Any]:
     """NC2 of the rows of W (C, p), its frame distances, NC3 against the centred means M (C, p), and
     W's singular values and ranks."""
     p = W.shape[1]
     fields: dict[str, Any] = dict(zip(("nc2_equinorm_w", "nc2_equiangle_w", "nc2_maxangle_w"), _nc2("W", W)))
-    A_w, sv_w, _ = np.linalg.svd(W, full_matrices=False)  # W = A_w diag(sv_w) V_w^T
+    A_w, sv_w = _left_svd(W)
     frames = _frame_distances(A_w * sv_w, p, ["simplex_etf", "orthogonal_frame"])
     fields.update(etf_distance_w=frames[0], orth_distance_w=frames[1])
     fields["nc3"] = float(np.sum((W / np.linalg.norm(W) - M / np.linalg.norm(M)) ** 2))
