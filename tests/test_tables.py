@@ -45,13 +45,20 @@ def test_read_table_reads_csv_and_refuses_other_formats(tmp_path):
 def test_growing_csv_writes_what_write_csv_writes(tmp_path):
     """A history written row by row (the training's GrowingCsv) is byte for byte the table write_csv
     makes of all its rows, also after rows with a new column, an edited row or another path, all of
-    which re-encode the table; and it reads back as the rows."""
+    which re-encode the table; and it reads back as the rows. Added rows are appended to the file it
+    wrote, which keeps its inode; a file changed since is replaced."""
     log, rows = GrowingCsv(), []
     path = tmp_path / "history.csv"
     for epoch in range(4):
         rows.append({"epoch": epoch, "loss": 1 / (epoch + 1), "nc1": float("nan") if epoch == 2 else 0.1})
         log.write(path, rows)
         assert path.read_bytes() == write_csv(tmp_path / "ref.csv", rows).read_bytes(), epoch
+        inode = path.stat().st_ino if epoch == 0 else inode
+        assert path.stat().st_ino == inode, "rows only added: appended to the same file, not replaced"
+    path.write_text(path.read_text()[:-5])  # a file changed by someone else is replaced whole
+    rows.append({"epoch": 9, "loss": 0.3, "nc1": 0.2})
+    log.write(path, rows)
+    assert path.read_bytes() == write_csv(tmp_path / "ref.csv", rows).read_bytes()
     rows.append({"epoch": 4, "loss": 0.2, "refined": 1})  # a new column: every row gets the cell
     rows[0] = dict(rows[0], loss=9.0)  # a changed (replaced) row is re-encoded too
     log.write(path, rows)

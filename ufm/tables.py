@@ -66,11 +66,15 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], first: Se
 
 
 class GrowingCsv:
-    """A CSV table that grows by rows, as a training history does: :meth:`write` replaces the file
-    atomically with exactly what ``write_csv(path, rows)`` writes, but encodes only the rows added
-    since the previous call (the others are kept as text). A history written after each of E epochs
-    then costs E row encodings in all, not E^2/2 (measured: 28 ms per write at 300 rows of 90
-    columns, against 1 ms here).
+    """A CSV table that grows by rows, as a training history does: after :meth:`write` the file holds
+    exactly what ``write_csv(path, rows)`` writes, but only the rows added since the previous call
+    are encoded (the others are kept as text), and they are appended to the file when it is still
+    the one this object wrote (same path, columns and size); anything else replaces it atomically. A
+    history written after each of E epochs then costs E row encodings in all, not E^2/2 (measured:
+    28 ms per write at 300 rows of 90 columns, against 1 ms), and no rename per epoch: on ext4 a file
+    renamed over another is flushed to disk at once (measured in a training run: 3.4 ms a
+    write, against 0.02 ms for an append). An append cut short by a crash leaves a partial last row,
+    as any append does; a resumed training run rewrites its history from the checkpoint.
 
     Rows already written are recognized by identity (the same dict objects, in the same order, under
     the same columns); anything else is encoded afresh.
@@ -80,21 +84,36 @@ class GrowingCsv:
         self._key: tuple | None = None  # (path, columns)
         self._rows: list[dict[str, Any]] = []  # the rows encoded, as objects
         self._text: list[str] = []  # the header, then one line per row
+        self._size: int | None = None  # of the file after the last write
 
     def write(self, path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
+        path = Path(path)
         kept = _kept(self._rows, rows)
-        if self._key is not None and self._key[0] == Path(path) and kept == len(self._rows):
+        if self._key is not None and self._key[0] == path and kept == len(self._rows):
             # The kept rows' keys are the kept columns, in first-seen order: only new rows add any.
             columns = columns_of(rows[kept:], first=self._key[1])
         else:
             kept, columns = 0, columns_of(rows)
-        key = (Path(path), tuple(columns))
+        key = (path, tuple(columns))
         if key != self._key or kept == 0:
             self._key, self._rows, self._text, kept = key, [], [_csv_text([], columns, header=True)], 0
         new = list(rows[kept:])
         self._rows += new
         self._text.append(_csv_text(new, columns, header=False))
-        return _write_text(path, self._text)
+        if kept and self._size is not None and _size(path) == self._size:
+            with path.open("a", newline="") as fh:
+                fh.write(self._text[-1])
+        else:
+            _write_text(path, self._text)
+        self._size = _size(path)
+        return path
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 class GrowingJson:
