@@ -828,18 +828,16 @@ def _run_epoch(
     never waits for the host inside the epoch. Steps after a diverged one are still taken, on weights
     that no longer matter: the run stops there and keeps its last good checkpoint."""
     loss, model, B = config.data_loss, state.model, config.batch_size
-    starts = range(0, order.shape[0] - B + 1, B)
-    losses = torch.empty(len(starts), dtype=torch.float64, device=order.device)
-    first_step = state.nsteps + 1
-    for j, i in enumerate(starts):
+    losses, first_step = [], state.nsteps + 1
+    for i in range(0, order.shape[0] - B + 1, B):
         idx = order[i : i + B]
         data_term = loss.torch_value(model(data.x_train[idx]), data.y_train[idx], data.C)
-        losses[j] = data_term.detach()
+        losses.append(data_term.detach())
         _sgd_step(model, state.optimizer, data_term, config.wd)
         state.nsteps += 1
         if noise is not None:
             noise.add(model, data.x_probe)
-    for j, value in enumerate(losses.tolist()):
+    for j, value in enumerate(torch.stack(losses).tolist()):  # batch_size <= n: one step at least
         if _diverged(value, reference_loss):
             return _Divergence(first_step + j, value)
     return None
