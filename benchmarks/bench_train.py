@@ -5,8 +5,8 @@ square loss, weight decay added to the gradient and SGD with momentum and the st
 nothing else: no measurement, no checkpoint, no history. ``ufm.train`` runs the same steps as
 ``ufm train --out DIR`` does (history.csv after every measurement, a checkpoint every 10 epochs,
 final.json) and measures every K epochs (``measure_every``; the SVD-based ranks every ``svd_every``
-measured epochs; ``svd_layers`` the layers whose singular values are taken). Targets (issue 19): measuring every epoch within 1.5x of the bare loop, every 10th
-within 1.1x.
+measured epochs; ``svd_layers`` the layers whose singular values are taken). Targets (issue 19):
+measuring every epoch within 1.5x of the bare loop, every 10th within 1.1x.
 
 One warm-up round is run and discarded (first calls pay for torch's lazy initialization). Then each
 round times the bare loop and every configuration once, interleaved; the table shows the best-of ratio
