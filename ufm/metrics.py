@@ -517,7 +517,7 @@ class NCAccumulator:
         out_t = None
         if outputs is not None:
             out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (b, C))
-            self._faults.note("outputs", ~torch.isfinite(out).all(), self._batch)
+            self._faults.note("outputs", _non_finite(out), self._batch)
             out_t = out.T
         if self._outputs_given is None:
             self._outputs_given = out_t is not None
