@@ -15,7 +15,15 @@ from ufm.experiments.weight_decay import format_theory_table, weight_decay_exper
 from ufm.metrics import nc_metrics
 from ufm.networks import build_network
 from ufm.tables import json_parts_items
-from ufm.training import DIVERGENCE_FACTOR, TrainConfig, _sgd_step, _TrainState, measure_network, train
+from ufm.training import (
+    DIVERGENCE_FACTOR,
+    TrainConfig,
+    _SGDStep,
+    _TrainState,
+    _Welford,
+    measure_network,
+    train,
+)
 
 # Seconds-scale settings: 10 digits of each class, a small MLP.
 TINY = dict(per_class=10, test_per_class=5, width=16, depth=3, batch_size=20, lr=0.02, epochs=4, device="cpu")
@@ -288,6 +296,21 @@ def test_config_refuses_an_unknown_loss_or_smoothing(change, message):
         TrainConfig(**change)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_welford_noise_equals_the_two_pass_variance(dtype):
+    """The SGD-noise tracker's running moments (float64 whatever the input) against NumPy's two-pass
+    variance of the same stream, to 1e-12 relative: sqrt(sum of variances) / ||mean||."""
+    rng = np.random.default_rng(3)
+    stream = 5.0 + rng.standard_normal((40, 7, 3))  # 40 steps of a (7, 3) weight
+    tracker = _Welford()
+    for x in stream:
+        tracker.add(torch.from_numpy(x).to(dtype))
+    values = stream.astype(np.float32).astype(float) if dtype == torch.float32 else stream
+    expected = np.sqrt(values.var(axis=0).sum()) / np.linalg.norm(values.mean(axis=0))
+    assert tracker.count == 40
+    assert tracker.relative_std() == pytest.approx(expected, rel=1e-12)
+
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     cfg = TrainConfig(**(TINY | dict(checkpoint_every=1)))
     train(cfg, out=tmp_path, progress=False, dataset=data, stop_after_epoch=2)
@@ -314,7 +337,7 @@ def test_divergence_inside_an_epoch_names_the_first_diverged_step(data):
     state = _TrainState.start(cfg, data, torch.device("cpu"))
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     limit = DIVERGENCE_FACTOR * max(result.history["train_loss"][0], 1.0)
-    step, value = 0, 0.0
+    step, value, sgd_step = 0, 0.0, _SGDStep(state.model, state.optimizer, cfg.wd)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(y), generator=state.shuffle)
         for i in range(0, len(y) - cfg.batch_size + 1, cfg.batch_size):
@@ -323,7 +346,7 @@ def test_divergence_inside_an_epoch_names_the_first_diverged_step(data):
             step, value = step + 1, float(data_term.detach())
             if not math.isfinite(value) or value > limit:
                 break
-            _sgd_step(state.model, state.optimizer, data_term, cfg.wd)
+            sgd_step(data_term)
         else:
             state.scheduler.step()
             continue

@@ -96,7 +96,7 @@ class _EpochMoments(_Welford):
 
     def add(self, x) -> None:
         weight = self.count - (self.m - 1) / 2
-        x = x.detach().double()  # once: _Welford.add's own conversion is then a no-op
+        x = x.detach().double()
         self.C = weight * x if self.C is None else self.C.add_(x, alpha=weight)
         super().add(x)
 
