@@ -96,8 +96,8 @@ class _EpochMoments(_Welford):
 
     def add(self, x) -> None:
         weight = self.count - (self.m - 1) / 2
-        x = x.detach().double()
-        self.C = weight * x if self.C is None else self.C.add_(x, alpha=weight)
+        x = x.detach()  # float64 moments of any float x, as _Welford's (add_ promotes, no copy)
+        self.C = weight * x.double() if self.C is None else self.C.add_(x, alpha=weight)
         super().add(x)
 
 
