@@ -30,6 +30,7 @@ per unit of time at (C, N, p) = (3, 2, 4)). Integrate them over short horizons, 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -316,11 +317,20 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         y0=y0,
         field=field_np,
         field_into=field_into,
-        to_params=lambda y: UFMParams.unravel(start, coords.to_flat(np.array(y, dtype=float))),
+        to_params=functools.partial(_params_copy, start, coords),
         linear=linear_part(problem, start),
         torch_field=field_torch,
         to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
     )
+
+
+def _params_copy(
+    like: UFMParams, coords: _FlatCoordinates | _MeanOutputCoordinates, y: np.ndarray
+) -> UFMParams:
+    """The parameters at state y, in arrays of their own (one copy of the state, not two)."""
+    y = np.asarray(y, dtype=float)
+    theta = coords.to_flat(y)
+    return UFMParams.unravel(like, theta.copy() if theta is y else theta)
 
 
 def _torch_gradient_field(problem: UFMProblem, like: UFMParams) -> Callable[[Any], tuple[Any, Any]]:
@@ -498,7 +508,7 @@ def record_state(problem: UFMProblem, params: UFMParams) -> dict[str, float]:
         "eps": 1.0 - float(np.mean(f[labels, np.arange(problem.n)])),
         "cos_w": mean_cosine(params.W),
         "norm_w_sq": float(np.sum(params.W**2)),
-        "norm_h_sq": float(np.sum(params.H**2)),
+        "norm_h_sq": float(np.vdot(params.H, params.H)),  # no (p, n) temporary
     }
     layers = params.Ws if problem.depth > 1 else None
     try:
@@ -634,7 +644,8 @@ def gradient_flow(
     progress : show a tqdm bar over t on stderr.
     device : torch device for ``ETD2`` ("cpu" uses the analytic NumPy gradient, others torch autograd).
     max_nfev, max_seconds : the budget; None takes DEFAULT_MAX_NFEV and DEFAULT_MAX_SECONDS. A run
-        that spends it stops with status 3 or 4 and its state so far.
+        that spends it stops with status 3 or 4 and its state so far. The time includes measuring
+        the records, which happens as the run passes their times.
     classify : classify the end point (``FlowResult.critical``; ``end_point`` below).
     moments : integrate the moment closure (W_k, b, class means M, scatter S) of docs/theory.md §11,
         the same flow at a cost independent of n: True insists (exact only for the square loss with
@@ -691,25 +702,36 @@ def end_point(
         raise
 
 
-def _then(first: Callable[[float], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
-    """t -> second(first(t)): dense output of the state, read in other coordinates."""
-    return lambda t: second(first(t))
+def _then(first: Callable[[Any], np.ndarray], second: Callable[[np.ndarray], np.ndarray]):
+    """t -> second(first(t)): dense output of the state, read in other coordinates; for several times
+    (first(t) of shape (size, k)) column by column, as ``second`` maps one state."""
+
+    def composed(t):
+        y = first(t)
+        return second(y) if y.ndim == 1 else np.stack([second(column) for column in y.T], axis=1)
+
+    return composed
 
 
 @dataclass
 class _Run:
-    """What the driver collects while it steps: recorded (t, y) and the dense-output segments."""
+    """What the driver collects while it steps: the records, measured as each requested time is passed
+    (``measure(y, evaluated)``, the record of a host state y; ``evaluated`` the field's (loss, stat)
+    there when the driver has it), and the dense-output segments. No state is kept for later: the
+    memory of a run does not grow with its number of records (docs/theory.md §13.3)."""
 
     t_eval: np.ndarray
+    measure: Callable[[np.ndarray, tuple[float, float] | None], dict[str, float]]
     ts: list[float] = field(default_factory=list)
-    ys: list[np.ndarray] = field(default_factory=list)
+    records: list[dict[str, float]] = field(default_factory=list)
     seg_t: list[float] = field(default_factory=list)
     segments: list[Any] = field(default_factory=list)
     next_record: int = 0
 
-    def record(self, solver: Integrator, dense: bool) -> None:
+    def record(self, solver: Integrator, dense: bool, evaluated: tuple[float, float] | None) -> None:
         """Record the requested times in (t_old, t] from the last step's interpolant (built only when
-        a record or the dense output needs it: for ETD2 on a device it is a copy to the host)."""
+        a record or the dense output needs it: for ETD2 on a device it is a copy to the host);
+        ``evaluated`` is the field's (loss, stat) at the accepted state, when they are the host's."""
         t = solver.t
         if solver.t_old is None:
             self.seg_t.append(t)
@@ -720,19 +742,49 @@ class _Run:
             self.seg_t.append(t)
         while self.next_record < self.t_eval.size and self.t_eval[self.next_record] <= t:
             te = float(self.t_eval[self.next_record])
-            y = solver.host(solver.y) if interp is None or te == t else interp(te)
+            at_state = interp is None or te == t
+            y = solver.host(solver.y) if at_state else interp(te)
             self.ts.append(te)
-            self.ys.append(np.array(y, dtype=float))
+            self.records.append(self.measure(y, evaluated if at_state else None))
             self.next_record += 1
 
     def finish(self, t: float, y: np.ndarray) -> None:
         """Make the final state (the last one that passed the check) the last record."""
         if not self.ts or self.ts[-1] < t:
             self.ts.append(t)
-            self.ys.append(np.array(y, dtype=float))
+            self.records.append(self.measure(y, None))
 
     def solution(self) -> OdeSolution | None:
         return OdeSolution(self.seg_t, self.segments) if self.segments else None
+
+
+def _measure(system: _System, metrics: bool, y: np.ndarray, evaluated: tuple[float, float] | None) -> dict:
+    """The record of the host state y: the loss, the measures (``metrics``), ||grad L|| and the
+    stationarity; ``evaluated`` is the field's (loss, stat) at y when at hand (else evaluated here)."""
+    value, stat = _loss_and_stationarity(system, y) if evaluated is None else evaluated
+    if not metrics:
+        rec = {"loss": value}
+    else:
+        rec = (
+            system.record(y)
+            if system.record is not None
+            else record_state(system.problem, system.to_params(y))
+        )
+    rec["grad_norm"] = (
+        stat
+        if system.stationarity_is_grad_norm
+        else float(np.linalg.norm(loss_and_grad(system.problem, system.to_params(y))[1].ravel()))
+    )
+    rec["stationarity"] = stat
+    if system.extra is not None:
+        rec.update(system.extra(y))
+    return rec
+
+
+def _loss_and_stationarity(system: _System, y: np.ndarray) -> tuple[float, float]:
+    """The field's loss and stationarity at y; its dy/dt (a state-sized array) is dropped at once."""
+    value, _, stat = system.field(y)
+    return value, stat
 
 
 def _budget(max_nfev: int | None, max_seconds: float | None) -> tuple[int, float]:
@@ -774,7 +826,7 @@ def integrate(
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
     budget_nfev, budget_seconds = _budget(max_nfev, max_seconds)
-    run = _Run(_check_t_eval(t_eval, t_max, n_records))
+    run = _Run(_check_t_eval(t_eval, t_max, n_records), functools.partial(_measure, system, metrics))
 
     on_host = device == "cpu"
     fun = Evaluator(
@@ -796,16 +848,19 @@ def integrate(
     t_start = time.perf_counter()
     try:
         status, msg, (t_end, y_end) = _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar,
-                                             budget_nfev, budget_seconds, t_start)  # fmt: skip
+                                             budget_nfev, budget_seconds, t_start, on_host)  # fmt: skip
     finally:
         bar.close()
-    run.finish(t_end, solver.host(y_end))
+    y_end = solver.host(y_end)
     nfev = fun.nfev + (0 if on_host else check.nfev)
-    del solver, fun, check, y_end  # the integrator's arrays are not kept through the records below
+    del solver, fun, check  # the integrator's arrays other than y_end are not kept through the end
+    run.finish(t_end, y_end)
+    end = system.to_params(y_end)  # a copy
+    del y_end
     sol = run.solution() if dense_output else None
     if sol is not None and system.to_flat is not None:
         sol = _then(sol, system.to_flat)
-    result = _package(system, run, method, nfev, status, msg, metrics, sol)
+    result = _package(system, run, end, method, nfev, status, msg, sol)
     critical = end_point(system.problem, result.params, tol, classify, status == -1)
     return result if critical is None else replace(result, critical=critical)
 
@@ -816,9 +871,13 @@ def _torch_only(system: _System):
     return system.torch_field
 
 
-def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfev, max_seconds, t_start):
+def _drive(
+    solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfev, max_seconds, t_start, on_host
+):  # fmt: skip
     """Step until a stopping rule fires; (status, message, (t, y) of the last state that passed the
-    check). States are not copied: no integrator writes into a state it has accepted."""
+    check). States are not copied: no integrator writes into a state it has accepted. A record at an
+    accepted state reuses the check's loss and stationarity when the field is the host's (``on_host``;
+    a device's differ from the host's in rounding)."""
     good = (solver.t, solver.y)
     while True:
         try:
@@ -826,7 +885,7 @@ def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfe
         except FlowDiverged as err:
             return -1, str(err), good
         good = (solver.t, solver.y)
-        run.record(solver, dense_output)
+        run.record(solver, dense_output, (value, stat) if on_host else None)
         fun.t_good = solver.t
         at = f" at t = {solver.t:.6g}"
         if stat < tol:
@@ -852,28 +911,12 @@ def _drive(solver, fun, run, tol, target_loss, t_max, dense_output, bar, max_nfe
             return -1, f"{failure}; last good time t = {fun.t_good:.6g}", good
 
 
-def _package(system, run, method, nfev, status, msg, metrics, sol) -> FlowResult:
-    records = []
-    for y in run.ys:
-        params = system.to_params(y)
-        value, _, stat = system.field(y)
-        if not metrics:
-            rec = {"loss": value}
-        else:
-            rec = system.record(y) if system.record is not None else record_state(system.problem, params)
-        rec["grad_norm"] = (
-            stat
-            if system.stationarity_is_grad_norm
-            else float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
-        )
-        rec["stationarity"] = stat
-        if system.extra is not None:
-            rec.update(system.extra(y))
-        records.append(rec)
-    stacked = _stack_records(records)
+def _package(system, run, end, method, nfev, status, msg, sol) -> FlowResult:
+    """The FlowResult of a finished run, ``end`` its final parameters."""
+    stacked = _stack_records(run.records)
     loss_t = stacked.pop("loss")
     return FlowResult(
-        t=np.asarray(run.ts, dtype=float), loss=loss_t, metrics=stacked, params=system.to_params(run.ys[-1]),
+        t=np.asarray(run.ts, dtype=float), loss=loss_t, metrics=stacked, params=end,
         grad_norm=float(stacked["grad_norm"][-1]), nfev=int(nfev), success=status in (0, 1, 2),
         status=status, message=msg, method=method, sol=sol, unavailable=dict(system.unavailable),
     )  # fmt: skip
