@@ -19,6 +19,7 @@ from ufm.training import (
     DIVERGENCE_FACTOR,
     TrainConfig,
     _SGDStep,
+    _singular_values,
     _TrainState,
     _Welford,
     measure_network,
@@ -294,6 +295,24 @@ def test_a_checkpoint_with_a_pickled_history_resumes(tmp_path, data):
 def test_config_refuses_an_unknown_loss_or_smoothing(change, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**change)
+
+
+@pytest.mark.parametrize("shape", [(12, 70), (70, 12), (20, 20), (1, 9), (9, 1), (8, 3, 3, 3)])
+def test_exact_singular_values_equal_numpys_svd(shape):
+    """The exact singular values (through the QR factor of the longer side) against NumPy's SVD of the
+    weight as a float64 matrix (out, fan_in), to 1e-13 of the largest; the Gram-matrix ones to 1e-7 of
+    it, with spectra graded down to 1e-6 of the largest (values below ~1e-8 are lost by design)."""
+    rng = np.random.default_rng(4)
+    out, fan_in = shape[0], math.prod(shape[1:])
+    k = min(out, fan_in)
+    U, _ = np.linalg.qr(rng.standard_normal((out, k)))
+    V, _ = np.linalg.qr(rng.standard_normal((fan_in, k)))
+    s = np.logspace(0, -6, k)
+    W = torch.from_numpy((U * s) @ V.T).reshape(shape)
+    want = np.linalg.svd(W.reshape(out, -1).numpy(), compute_uv=False)
+    np.testing.assert_allclose(want, s, rtol=1e-9)
+    np.testing.assert_allclose(_singular_values(W), want, rtol=0, atol=1e-13 * want[0])
+    np.testing.assert_allclose(_singular_values(W, exact=False), want, rtol=0, atol=1e-7 * want[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

