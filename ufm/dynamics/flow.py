@@ -762,18 +762,17 @@ def _measure(system: _System, metrics: bool, y: np.ndarray, evaluated: tuple[flo
     """The record of the host state y: the loss, the measures (``metrics``), ||grad L|| and the
     stationarity; ``evaluated`` is the field's (loss, stat) at y when at hand (else evaluated here)."""
     value, stat = _loss_and_stationarity(system, y) if evaluated is None else evaluated
+    # The parameters (a copy of the state) only where a measure needs them, and once.
+    needs_params = (metrics and system.record is None) or not system.stationarity_is_grad_norm
+    params = system.to_params(y) if needs_params else None
     if not metrics:
         rec = {"loss": value}
     else:
-        rec = (
-            system.record(y)
-            if system.record is not None
-            else record_state(system.problem, system.to_params(y))
-        )
+        rec = system.record(y) if system.record is not None else record_state(system.problem, params)
     rec["grad_norm"] = (
         stat
         if system.stationarity_is_grad_norm
-        else float(np.linalg.norm(loss_and_grad(system.problem, system.to_params(y))[1].ravel()))
+        else float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
     )
     rec["stationarity"] = stat
     if system.extra is not None:
