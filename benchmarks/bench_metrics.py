@@ -45,7 +45,7 @@ if "--threads" in sys.argv:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ufm import NCAccumulator, nc_metrics  # noqa: E402
+from ufm import NCAccumulator, _layouts, nc_metrics  # noqa: E402
 
 FULL_SIZES = [(50_000, 512, 10), (50_000, 2048, 100), (200_000, 512, 10)]
 QUICK_SIZES = [(10_000, 256, 10), (10_000, 1024, 50)]
@@ -208,6 +208,10 @@ def run(device: str, sizes, dtype: str, repeats: int) -> None:
     print("-" * len(header))
     for n, p, C in sizes:
         _row(n, p, C, dtype, device, repeats)
+    chosen = ", ".join(
+        f"{lib} {dt} p={p} k={k}: {name}" for (lib, dt, p, k, _), name in _layouts.chosen().items()
+    )
+    print(f"# pass 2's product layouts this process chose (ufm._layouts): {chosen or 'none timed'}")
 
 
 def stream_memory(device: str, sizes, dtype: str) -> None:

@@ -13,6 +13,8 @@ Frames
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ._validation import check_choice, check_classes, check_finite, check_positive_int
@@ -58,11 +60,19 @@ def simplex_etf(
     p = C - 1 if p is None else check_positive_int("p", p)
     if p < C - 1:
         raise ValueError(f"a simplex ETF of C={C} vectors needs p >= C-1 = {C - 1}, got p={p}")
+    return scale * _canonical_simplex(C) @ _embedding(C - 1, p, rng)
+
+
+@functools.lru_cache(maxsize=64)
+def _canonical_simplex(C: int) -> np.ndarray:
+    """The simplex ETF's C unit rows in R^{C-1} (C, C-1), read-only: made once per C, since every
+    nc_metrics call measures two distances from it (an SVD of a C x C matrix each time before)."""
     # Orthonormal basis of 1^perp in R^C: the last C-1 left singular vectors of the centring matrix.
     centring = np.eye(C) - 1.0 / C  # (C, C)
     basis = np.linalg.svd(centring)[0][:, : C - 1]  # (C, C-1), columns span 1^perp
     rows = np.sqrt(C / (C - 1)) * centring @ basis  # (C, C-1), unit rows, cos -1/(C-1)
-    return scale * rows @ _embedding(C - 1, p, rng)
+    rows.flags.writeable = False
+    return rows
 
 
 def orthogonal_frame(
@@ -108,7 +118,7 @@ def frame_distance(vectors: np.ndarray, frame: str = "simplex_etf") -> float:
     norm = np.linalg.norm(V)
     if norm == 0:
         raise ValueError("vectors are all zero: the distance to a frame is undefined")
-    F = (simplex_etf(C) if k == C - 1 else np.eye(C)) / np.sqrt(C)  # (C, k), unit Frobenius norm
+    F = (_canonical_simplex(C) if k == C - 1 else np.eye(C)) / np.sqrt(C)  # (C, k), unit Frobenius norm
     nuclear = np.linalg.svd(F.T @ V, compute_uv=False).sum() / norm
     return float(np.sqrt(max(2.0 - 2.0 * nuclear, 0.0)))
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _layouts
 from ._threads import one_torch_thread
 from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
@@ -386,6 +387,7 @@ class NCAccumulator:
         self.p = X.shape[1] if self.p is None else self.p
         self._counts = torch.zeros(self.C, dtype=torch.int64, device=X.device)
         self._sums = torch.zeros(self.C, self.p, dtype=self._dtype, device=X.device)  # (C, p)
+        self._cast_buffer: torch.Tensor | None = None  # pass 1's cast of a block (_cast)
         self._faults = _Faults(X.device)
 
     def update(self, features: Any, labels: Any, outputs: Any = None) -> None:
@@ -424,10 +426,22 @@ class NCAccumulator:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
         sums = torch.zeros_like(self._sums)  # (C, p)
         for rows in _row_blocks(X, self._dtype):
-            sums.index_add_(0, y[rows], X[rows].to(self._dtype))
+            sums.index_add_(0, y[rows], self._cast(X[rows]))
         self._faults.note("features", _non_finite(sums), self._batch)
         self._sums += sums
         self._counts += torch.bincount(y, minlength=self.C)
+
+    def _cast(self, X: torch.Tensor) -> torch.Tensor:
+        """A block of features in the accumulators' dtype: itself, or cast. On the CPU the cast goes into
+        one buffer kept for it rather than a fresh float64 block each time (pass 1's loop over float32
+        (50k, 512) features, blocks of 512 rows: 27.5 against 30.2 ms, best of 7, one thread)."""
+        if X.dtype == self._dtype:
+            return X
+        if X.device.type != "cpu":
+            return X.to(self._dtype)
+        if self._cast_buffer is None:
+            self._cast_buffer = torch.empty(_rows_per(self.p, _BLOCK_ELEMENTS), self.p, dtype=self._dtype)
+        return self._cast_buffer[: X.shape[0]].copy_(X)
 
     def end_first_pass(self) -> None:
         """Fix the class means and the basis of span(M); the next updates are pass 2."""
@@ -467,13 +481,9 @@ class NCAccumulator:
         U = Vt[:r].T  # (p, r) orthonormal basis of span(M)
         self._e_W = e_W = 0 if self._W is None else _binary_exponent(self._W)
         basis = U if self._W is None else np.hstack([U, np.ldexp(self._W, -e_W).T])  # (p, r + C)
-        # Stored transposed: on CPU, torch's (r + C, p) @ (p, b) runs up to 3x faster than
-        # (b, p) @ (p, r + C) for these skinny shapes (measured at r + C = 19 and 28, float64).
-        self._basis_t = torch.as_tensor(basis.T.copy(), device=self._device, dtype=self._work)  # (r + C, p)
-        # NumPy batches multiply by a row-major (p, r + C) copy: NumPy's BLAS ran 5% faster with it than
-        # with the transposed view (at (50k, 2048), r + C = 199, float32: 0.553 s against 0.582 s per
-        # pass, load average 0.8).
-        self._basis_np = self._basis_t.numpy().T.copy() if self._device.type == "cpu" else None
+        # (r + C, p) for the product computed basis first, and (p, r + C) for rows first (ufm._layouts).
+        self._basis_t = torch.as_tensor(basis.T.copy(), device=self._device, dtype=self._work)
+        self._basis = self._basis_t.T.contiguous()
         # Float32 features are centred by m = mu_G rounded to float32 before the float32 product, so
         # its rounding is relative to h - m, not to h (docs/theory.md §17.9); float64 needs no shift.
         mu_G = np.ldexp(self._mu_G, self._e)  # (p,) in the features' units
@@ -544,30 +554,40 @@ class NCAccumulator:
         other library's threads then compete with them for the cores (measured on 2 cores: nc_metrics
         on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109 ms after a torch
         one, with torch doing the product; ``benchmarks/bench_metrics.py --pools``).
-        """
-        if self._numpy_batch and X.device.type == "cpu":
-            return torch.from_numpy(self._project_numpy(X.numpy()))
-        # (r + C, p) @ (p, b): on CPU up to 3x faster than (b, p) @ (p, r + C) for these skinny
-        # shapes (measured at r + C = 19 and 28, float64; float32 blocks at p = 512: 1.5-2x), and
-        # faster again in row blocks that stay in cache (float64 at (200k, 512), r + C = 19: blocks of
-        # 256-1024 rows 0.20-0.23 s, chunks of 16384 rows 0.29-0.30 s, load average 1.0).
-        G_t = torch.empty(self._basis_t.shape[0], X.shape[0], dtype=X.dtype, device=X.device)
-        for rows in _product_blocks(X):
-            torch.mm(self._basis_t, self._centred(X[rows]).T, out=G_t[:, rows])
-        return G_t
 
-    def _project_numpy(self, X: np.ndarray) -> np.ndarray:
-        """:meth:`_project` in NumPy (same blocks, same float32 centring). An overflow is not warned
-        about: the non-finite result is reported as a fault of the batch (:meth:`_update_projected`)."""
-        B = self._basis_np  # (p, r + C)
-        G_t = np.empty((B.shape[1], X.shape[0]), dtype=X.dtype)
+        On the CPU it runs in row blocks that stay in cache, each centred (float32) and multiplied
+        there (float64 at (200k, 512), r + C = 19: blocks of 256-1024 rows 0.20-0.23 s, chunks of 16384
+        rows 0.29-0.30 s, load average 1.0), in the faster of the product's two layouts on this machine
+        (:mod:`ufm._layouts`). An overflow is not warned about: the non-finite result is reported as a
+        fault of the batch (:meth:`_update_projected`).
+        """
+        k = self._basis_t.shape[0]
+        if X.device.type != "cpu":  # one product: a GPU's kernels need no blocking
+            G_t = torch.empty(k, X.shape[0], dtype=X.dtype, device=X.device)
+            return torch.mm(self._basis_t, self._centred(X).T, out=G_t)
+        numpy = self._numpy_batch
+        A = X.numpy() if numpy else X
+        basis_t, basis = (
+            (self._basis_t.numpy(), self._basis.numpy()) if numpy else (self._basis_t, self._basis)
+        )
+        G_t = np.empty((k, A.shape[0]), dtype=A.dtype) if numpy else torch.empty(k, A.shape[0], dtype=X.dtype)
+        blocks = _product_blocks(A)
+        # Each library's usual layout is the one it ran faster where this was first measured.
+        product, other = _layouts.basis_first, _layouts.rows_first
+        if numpy:
+            product, other = other, product
+        first = blocks[0] if blocks else slice(0, 0)
         with np.errstate(over="ignore", invalid="ignore"):
-            for rows in _product_blocks(X):
-                # NumPy's BLAS is faster for (b, p) @ (p, r + C) here, transposed while in cache (measured at
-                # (200k, 512), r + C = 19, float32: 0.10-0.11 s against 0.14 s for (r + C, p) @ (p, b), load
-                # average 2.0; at p = 2048, r + C = 199 the two are within noise).
-                G_t[:, rows] = (self._centred(X[rows]) @ B).T
-        return G_t
+            if first.stop - first.start == _rows_per(A.shape[1], _BLOCK_ELEMENTS):  # a full block to time
+
+                def run(layout: _layouts.Layout) -> None:
+                    layout(G_t[:, first], basis_t, basis, self._centred(A[first]))
+
+                key = ("numpy" if numpy else "torch", str(A.dtype), A.shape[1], k, first.stop - first.start)
+                product = _layouts.faster_layout(key, product, other, run)
+            for rows in blocks:
+                product(G_t[:, rows], basis_t, basis, self._centred(A[rows]))
+        return torch.from_numpy(G_t) if numpy else G_t
 
     def _centred(self, X: Any) -> Any:
         """h - m for a block of float32 features (docs/theory.md §17.9), X itself for float64."""
@@ -664,12 +684,10 @@ def _non_finite(t: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _product_blocks(X: Any) -> Iterable[slice]:
-    """Row blocks of X (b, p) for pass 2's product: cache-sized on the CPU, where the block is centred
-    (float32) and multiplied while in cache; one block on a GPU."""
-    if isinstance(X, torch.Tensor) and X.device.type != "cpu":
-        return (slice(None),)
-    return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+def _product_blocks(X: Any) -> list[slice]:
+    """Row blocks of X (b, p) for pass 2's product on the CPU, of about _BLOCK_ELEMENTS entries (the
+    last one shorter): each is centred (float32) and multiplied while in cache."""
+    return list(_row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS))
 
 
 def _left_svd(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -775,8 +793,13 @@ def nc_metrics_from_moments(
     return NCMetrics(**fields)
 
 
+def _rows_per(p: int, elements: int) -> int:
+    """Rows of p entries in a chunk of about ``elements`` entries (one at least)."""
+    return max(1, elements // max(p, 1))
+
+
 def _row_chunks(n: int, p: int, elements: int = _CHUNK_ELEMENTS) -> Iterable[slice]:
-    step = max(1, elements // max(p, 1))
+    step = _rows_per(p, elements)
     return (slice(i, min(i + step, n)) for i in range(0, n, step))
 
 

@@ -485,9 +485,10 @@ def measure_network(
     f_te, _ = _forward_with_features(model, x_test, features=False)
     C = f_tr.shape[1]
     W_L = _matrix(model.classifier_weight())  # (C, p)
-    # Sums of squares in float64 on the device (only L numbers travel); W_L is the one weight needed
-    # on the host, for the C x p measures.
-    sq_norms = np.array(torch.stack([(W.detach().double() ** 2).sum() for W in model.weights()]).tolist())
+    # Norms in float64 on the device, one reduction each without a float64 copy of the weight (only L
+    # numbers travel); W_L is the one weight needed on the host, for the C x p measures.
+    norms = torch.stack([torch.linalg.vector_norm(W.detach(), dtype=torch.float64) for W in model.weights()])
+    sq_norms = np.array(norms.tolist()) ** 2
     T_tr = loss.targets(y_tr, C)  # (C, n)
     row = {
         "train_loss": loss.value(f_tr.T, T_tr),  # outputs and targets (C, n)
