@@ -88,3 +88,14 @@ def test_frames_are_distinct():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_simplex_etf_returns_a_fresh_array_each_call():
+    """The canonical rows are cached per C: a caller writing into its result changes neither the next
+    call's result nor frame_distance, which reads the cache (Gram typed out: C/(C-1) (I - J/C))."""
+    C = 5
+    first = simplex_etf(C)
+    first[...] = 0.0
+    again = simplex_etf(C)
+    np.testing.assert_allclose(again @ again.T, C / (C - 1) * (np.eye(C) - 1.0 / C), atol=1e-14)
+    assert frame_distance(again) == pytest.approx(0.0, abs=1e-7)

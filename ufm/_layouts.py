@@ -10,9 +10,9 @@ noise. Measured with one thread at (50k, 512), k = 19, float64 (``benchmarks/ben
   38.8 ms basis first and 56.0 ms rows first;
 * on an AMD EPYC (2026-12-02), torch was up to 3x faster basis first.
 
-So each process times both layouts once, on one full block of the first batch of a given size. It
-keeps the library's usual layout unless the other took under ``SWITCH_MARGIN`` of its time, which
-keeps the choice stable where the two are close. The two layouts can differ in the last bits of the
+So each process times both layouts once for each (library, dtype, p, k, block rows), on the first
+full product block it meets. It keeps the library's usual layout unless the other took under
+``SWITCH_MARGIN`` of its time, which keeps the choice stable where the two are close. The two layouts can differ in the last bits of the
 products, since the BLAS kernels sum in different orders: well inside the accuracy that
 ``nc_metrics`` states, but a result is bit-for-bit reproducible only within one choice.
 """

