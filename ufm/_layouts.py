@@ -8,7 +8,8 @@ noise. Measured with one thread at (50k, 512), k = 19, float64 (``benchmarks/ben
 
 * on an Intel Xeon (2026-12-03), torch took 34.5 ms basis first and 28.0 ms rows first, and NumPy took
   38.8 ms basis first and 56.0 ms rows first;
-* on an AMD EPYC (2026-12-02), torch was up to 3x faster basis first.
+* when the fixed layouts were chosen (2026-11-30, commit ca8bcb0, that session's machine), torch's
+  float64 product was up to 3x faster basis first (r + C = 19 and 28).
 
 So each process times both layouts once for each (library, dtype, p, k, block rows), on the first
 full product block it meets. It keeps the library's usual layout unless the other took under
