@@ -24,8 +24,10 @@ Usage: python benchmarks/bench_metrics.py [--device cpu|cuda] [--quick] [--dtype
                                           [--threads N] [--pools]
 ``--pools`` times nc_metrics right after a NumPy matmul, a torch matmul or a pause instead (run it
 with the default threads: it measures whether one library's spinning pool slows the other).
-On a shared machine use --threads 1: oversubscribed BLAS and OpenMP threads slow the small SVDs and
-the matmuls by unpredictable factors, which makes the ratios meaningless.
+With the default threads it measures what users get: the one passes on the libraries' own pools, the
+metrics in row parts on torch's thread count (docs/theory.md §17.10), the NumPy features' metrics
+timed after torch's work rather than right after NumPy's products (``--pools`` has that case).
+``--threads 1`` puts everything on one thread, whose ratios are steadier on a busy shared machine.
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
     # torch's faster layout for skinny products, (A'^T X^T)^T (the one ufm uses), or X A'.
     At2 = torch.randn(p, 2 * C - 1, device=device, dtype=Ht.dtype)
     At2_t = At2.T.contiguous()
+    if device == "cpu":
+        H, y, W, b, A, A2 = (x.numpy() for x in (Ht, yt, Wt, bt, At, At2))  # the NumPy path users call on CPU
+        t["pass numpy"], _ = _best_time(lambda: H @ A, device, repeats)
+        t["wide numpy"], _ = _best_time(lambda: H @ A2, device, repeats)
     t["pass torch"], _ = _best_time(lambda: Ht @ At, device, repeats)
     t["wide torch"] = min(
         _best_time(lambda: Ht @ At2, device, repeats)[0],
@@ -169,9 +175,8 @@ def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
     t["lib torch"], m_torch = _best_time(lambda: nc_metrics(Ht, yt, Wt, bt), device, repeats)
     t["peer"], nc1_peer = _best_time(lambda: _peer_nc1(Ht, yt, C), device, 1)
     if device == "cpu":
-        H, y, W, b, A, A2 = (x.numpy() for x in (Ht, yt, Wt, bt, At, At2))  # the NumPy path users call on CPU
-        t["pass numpy"], _ = _best_time(lambda: H @ A, device, repeats)
-        t["wide numpy"], _ = _best_time(lambda: H @ A2, device, repeats)
+        # Not right after NumPy's products: their BLAS threads spin for ~0.1 s after each call and take
+        # a core from the metrics' row parts, a cost of that order (measured with --pools), not ufm's.
         t["lib numpy"], _ = _best_time(lambda: nc_metrics(H, y, W, b), device, repeats)
     else:
         t["pass numpy"] = t["wide numpy"] = t["lib numpy"] = float("nan")
@@ -208,9 +213,7 @@ def run(device: str, sizes, dtype: str, repeats: int) -> None:
     print("-" * len(header))
     for n, p, C in sizes:
         _row(n, p, C, dtype, device, repeats)
-    chosen = ", ".join(
-        f"{lib} {dt} p={p} k={k}: {name}" for (lib, dt, p, k, _), name in _layouts.chosen().items()
-    )
+    chosen = ", ".join(f"{dt} p={p} k={k}: {name}" for (dt, p, k, _), name in _layouts.chosen().items())
     print(f"# pass 2's product layouts this process chose (ufm._layouts): {chosen or 'none timed'}")
 
 

@@ -15,9 +15,8 @@ LAYOUTS = (_layouts.basis_first, _layouts.rows_first)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_each_layout_is_the_product(layout, library, dtype):
+def test_each_layout_is_the_product(layout, dtype):
     """out (k, b) = basis_t @ block.T against the float64 product of the same values, written into a
     strided column slice of a wider result as nc_metrics does; float32 within (p + 2) 2^-24 |B|^T |X|
     entrywise (the float32 dot-product bound), float64 within 1e-13 of it."""
@@ -30,9 +29,7 @@ def test_each_layout_is_the_product(layout, library, dtype):
     unit = (p + 2) * 2.0**-24 if dtype == np.float32 else 1e-13
     out = np.full((k, b + 10), np.nan, dtype=dtype)
     args = (out[:, 5 : 5 + b], basis_t, np.ascontiguousarray(basis_t.T), block)
-    if library == "torch":
-        args = tuple(torch.from_numpy(a) for a in args)
-    layout(*args)
+    layout(*(torch.from_numpy(a) for a in args))
     got = out[:, 5 : 5 + b].astype(np.float64)
     assert np.all(np.abs(got - ref) <= unit * scale)
     assert np.isnan(out[:, :5]).all() and np.isnan(out[:, 5 + b :]).all()  # nothing written outside
@@ -110,15 +107,15 @@ def test_nc_metrics_is_the_same_whichever_layout_is_chosen(monkeypatch, library,
 
 
 def test_the_first_full_block_is_timed_once_per_process_and_key():
-    """nc_metrics on CPU features with a full product block records one choice for its key (library,
-    dtype, p, k = r + C, block rows); a batch smaller than one block is measured without timing."""
+    """nc_metrics on CPU features (NumPy or torch) with a full product block records one choice for its
+    key (dtype, p, k = r + C, block rows); a batch smaller than one block is measured without timing."""
     rng = np.random.default_rng(4)
     p, C = 96, 3
     rows = 2**18 // p
     for library, n in itertools.product(("numpy", "torch"), (rows + 5, rows - 5)):
         y = np.arange(n) % C
         H = rng.standard_normal((n, p)) + rng.standard_normal((C, p))[y]
-        key = (library, "torch.float64" if library == "torch" else "float64", p, 2 * C - 1, rows)
+        key = ("torch.float64", p, 2 * C - 1, rows)
         _layouts._chosen.pop(key, None)
         nc_metrics(torch.from_numpy(H) if library == "torch" else H, y, rng.standard_normal((C, p)))
         assert (key in _layouts.chosen()) == (n > rows), (library, n)

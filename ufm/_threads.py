@@ -1,8 +1,15 @@
-"""One torch thread for small computations on a shared CPU (training's SVDs, critical's Hessians)."""
+"""Threads for CPU work: one torch thread for small computations on a shared CPU (training's SVDs,
+critical's Hessians), and row parts of a big computation run side by side on our own threads
+(``nc_metrics``' passes, docs/theory.md §17.10)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -22,3 +29,52 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def row_parts(n: int, block_rows: int, parts: int) -> list[slice]:
+    """[0, n) cut into at most ``parts`` contiguous slices of whole blocks of ``block_rows`` rows (the
+    last block may be shorter), as even as the blocks allow; one slice when there is one block."""
+    blocks = -(-n // max(block_rows, 1))
+    parts = max(1, min(parts, blocks))
+    edges = [min(n, (blocks * i // parts) * block_rows) for i in range(parts + 1)]
+    return [slice(lo, hi) for lo, hi in zip(edges, edges[1:])]
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The process's pool for :func:`side_by_side`, made again after a fork (a child has none of its
+    parent's threads, so the parent's pool would never run its work)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 1) - 1), "ufm-rows"))
+        return _pool[1]
+
+
+def side_by_side(work: Callable[[slice, int], Any], parts: Sequence[slice]) -> list[Any]:
+    """``[work(part, i) for i, part in enumerate(parts)]``, the first part on the calling thread and the
+    others on the pool's threads at the same time; an exception in any part is raised here.
+
+    For torch work that runs on one thread each (:func:`one_torch_thread`): the parts then use the
+    cores without waking any library's pool, whose threads keep spinning after their work (NumPy's
+    BLAS for about 0.1 s after a matmul on the 2-core AMD VM; docs/theory.md §17.10). Worth it for
+    work of at least a block per part: a hand-off costs about 0.1 ms there.
+    """
+    if len(parts) == 1:
+        return [work(parts[0], 0)]
+    others = [_executor().submit(_on_one_thread, work, part, i) for i, part in enumerate(parts[1:], start=1)]
+    first = work(parts[0], 0)
+    return [first] + [future.result() for future in others]
+
+
+def _on_one_thread(work: Callable[[slice, int], Any], part: slice, i: int) -> Any:
+    """work(part, i) on a pool thread, whose torch thread count is its own: it is fixed the first time
+    the thread runs a parallel torch operation, so it is checked rather than assumed."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return work(part, i)

@@ -25,7 +25,7 @@ instead of 25.5 at n = 50,000, p = 2,048, C = 100).
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 import zipfile
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import _layouts
-from ._threads import one_torch_thread
+from ._threads import one_torch_thread, row_parts, side_by_side
 from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
 
@@ -51,6 +51,9 @@ _RANK_RTOL_FACTOR = 1.0
 # of 4, load average 1.2-1.4: 2^23 entries cost 18k-57k page faults and 0.40 s / 0.82 s at (200k, 512,
 # 10) float64 torch / (50k, 2048, 100) float32 NumPy, 2^21 entries 0-800 faults and 0.37 s / 0.78 s).
 _CHUNK_ELEMENTS = 2**21
+# Pass 1 keeps no temporaries beyond (C, p) sums, so its chunks are larger: each chunk costs a fixed
+# ~0.2 ms (its checks and its hand-off to the row parts' threads), 13 times per pass at (50k, 512).
+_PASS1_CHUNK_ELEMENTS = 2**23
 
 # Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
 # (1 MiB in float32), which stay in the CPU's L2 cache between the cast and its use: memory traffic stays
@@ -324,7 +327,8 @@ class NCAccumulator:
     tensors on any device; the accumulator works on the device of the first batch, so a GPU run stays
     on the GPU, and never reads a value back inside :meth:`update` (bad values are reported at the end
     of the pass, naming the first bad batch). Float32 features keep float32 products, float64 sums
-    (docs/theory.md §17.9); everything else is float64. The result equals the one-shot
+    (docs/theory.md §17.9); everything else is float64. On a CPU a batch's class sums and product run
+    in ``torch.get_num_threads()`` row parts side by side, one torch thread each (§17.10). The result equals the one-shot
     :func:`nc_metrics` up to summation order (about 1e-13 relative).
 
     Parameters
@@ -387,7 +391,9 @@ class NCAccumulator:
         self.p = X.shape[1] if self.p is None else self.p
         self._counts = torch.zeros(self.C, dtype=torch.int64, device=X.device)
         self._sums = torch.zeros(self.C, self.p, dtype=self._dtype, device=X.device)  # (C, p)
-        self._cast_buffer: torch.Tensor | None = None  # pass 1's cast of a block (_cast)
+        # Scratch blocks of each row part: pass 1's casts (_cast), pass 2's centred features (_centred).
+        self._cast_buffers: dict[int, torch.Tensor] = {}
+        self._centre_buffers: dict[int, torch.Tensor] = {}
         self._faults = _Faults(X.device)
 
     def update(self, features: Any, labels: Any, outputs: Any = None) -> None:
@@ -396,8 +402,6 @@ class NCAccumulator:
         In pass 1 only features and labels are used; outputs (used in pass 2 for NC4 when W is
         absent, and for eps and the SQI spread) may be passed in both passes.
         """
-        # NumPy features get their big product from NumPy's BLAS (see _project).
-        self._numpy_batch = not isinstance(features, torch.Tensor)
         X = _as_tensor("features", features, self._device, features=True)
         if X.ndim != 2:
             raise ValueError(f"features must be a (n, p) matrix of rows, got shape {tuple(X.shape)}")
@@ -409,39 +413,54 @@ class NCAccumulator:
             X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
         t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
-        # Only the big product uses a thread pool, the one of the features' library (see _project). The
-        # rest (class sums, the small per-batch statistics: some 30 torch calls) runs on one CPU thread:
-        # each multithreaded call would wake the pool, which on a busy CPU or beside the other
-        # library's spinning pool costs more than the work (measured in benchmarks/bench_metrics.py
-        # --pools: float64 features on 2 cores at load 13, 0.45-0.64 s best of 3, against 2.6-3.6 s).
-        G_t = self._project(X) if self._pass == 2 else None
-        with one_torch_thread() if X.device.type == "cpu" else contextlib.nullcontext():
+        if X.device.type != "cpu":
             y = self._faults.labels(t, self.C, self._batch)
-            if self._pass == 1:
-                self._update_sums(X, y)
-            else:
-                self._update_projected(G_t, y, outputs)
+            self._update_pass(X, y, outputs, [slice(0, X.shape[0])])
+            return
+        # On the CPU the batch's O(b p) work (class sums, the product) runs in row parts side by side,
+        # one per torch thread the caller allows, each part on one thread (ufm._threads.side_by_side):
+        # no library's pool is woken, by the big work or by the some 30 small torch calls per batch,
+        # whose multithreaded calls would cost more than their work on a busy CPU.
+        parts = row_parts(X.shape[0], _rows_per(self.p, _BLOCK_ELEMENTS), torch.get_num_threads())
+        with one_torch_thread():
+            y = self._faults.labels(t, self.C, self._batch)
+            self._update_pass(X, y, outputs, parts)
 
-    def _update_sums(self, X: torch.Tensor, y: torch.Tensor) -> None:
+    def _update_pass(self, X: torch.Tensor, y: torch.Tensor, outputs: Any, parts: list[slice]) -> None:
+        if self._pass == 1:
+            self._update_sums(X, y, parts)
+        else:
+            self._update_projected(X, y, outputs, parts)
+
+    def _update_sums(self, X: torch.Tensor, y: torch.Tensor, parts: list[slice]) -> None:
         # Class sums in float64 of the exact float32 values: each block is cast while it is in cache.
-        sums = torch.zeros_like(self._sums)  # (C, p)
-        for rows in _row_blocks(X, self._dtype):
-            sums.index_add_(0, y[rows], self._cast(X[rows]))
+        def part_sums(part: slice, i: int) -> torch.Tensor:
+            sums = torch.zeros_like(self._sums)  # (C, p)
+            Xp, yp = X[part], y[part]
+            for rows in _row_blocks(Xp, self._dtype):
+                sums.index_add_(0, yp[rows], self._cast(Xp[rows], i))
+            return sums
+
+        sums = functools.reduce(torch.add, side_by_side(part_sums, parts))
         self._faults.note("features", _non_finite(sums), self._batch)
         self._sums += sums
         self._counts += torch.bincount(y, minlength=self.C)
 
-    def _cast(self, X: torch.Tensor) -> torch.Tensor:
+    def _cast(self, X: torch.Tensor, part: int) -> torch.Tensor:
         """A block of features in the accumulators' dtype: itself, or cast. On the CPU the cast goes into
-        one buffer kept for it rather than a fresh float64 block each time (pass 1's loop over float32
-        (50k, 512) features, blocks of 512 rows: 27.5 against 30.2 ms, best of 7, one thread)."""
+        a buffer kept for each row part rather than a fresh float64 block each time (pass 1's loop over
+        float32 (50k, 512) features, blocks of 512 rows: 27.5 against 30.2 ms, best of 7, one thread)."""
         if X.dtype == self._dtype:
             return X
         if X.device.type != "cpu":
             return X.to(self._dtype)
-        if self._cast_buffer is None:
-            self._cast_buffer = torch.empty(_rows_per(self.p, _BLOCK_ELEMENTS), self.p, dtype=self._dtype)
-        return self._cast_buffer[: X.shape[0]].copy_(X)
+        return self._buffer(self._cast_buffers, part, self._dtype)[: X.shape[0]].copy_(X)
+
+    def _buffer(self, buffers: dict[int, torch.Tensor], part: int, dtype: torch.dtype) -> torch.Tensor:
+        """Row part ``part``'s scratch block (rows of a _BLOCK_ELEMENTS block, p) in ``dtype``, made once."""
+        if part not in buffers:
+            buffers[part] = torch.empty(_rows_per(self.p, _BLOCK_ELEMENTS), self.p, dtype=dtype)
+        return buffers[part]
 
     def end_first_pass(self) -> None:
         """Fix the class means and the basis of span(M); the next updates are pass 2."""
@@ -510,12 +529,16 @@ class NCAccumulator:
         self._pass = 2
         self._batch = 0
 
-    def _update_projected(self, G_t: torch.Tensor, y: torch.Tensor, outputs: Any) -> None:
+    def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any, parts: list[slice]) -> None:
         """Add a batch's NC1, NC4 and output moments from its product G_t = :meth:`_project` (r + C, b).
 
         Everything here works on (k, b) arrays, one column per example: the product comes out in that
-        layout, and reductions over a column's k entries then run along contiguous rows.
+        layout, and reductions over a column's k entries then run along contiguous rows. These some 30
+        small torch calls run on the calling thread: split across the row parts' threads they took
+        longer, not shorter (float32 (50k, 512, 10), best of 12 alternating: 52-57 ms on one thread
+        against 66-78 ms in parts, each call's hand-off of Python's lock costing more than its work).
         """
+        G_t = self._project(X, self._product_layout(X), parts)
         r, C, b = self._r, self.C, G_t.shape[1]
         self._faults.note("products", _non_finite(G_t), self._batch)
         # The product's rows times 2^-e and 2^e_W (exact) are U^T (h - m) / 2^e and W (h - m), in float64.
@@ -544,56 +567,53 @@ class NCAccumulator:
         self._counts2 += torch.bincount(y, minlength=C)
         self._n_pass2 += b
 
-    def _project(self, X: torch.Tensor) -> torch.Tensor:
+    def _product_layout(self, X: torch.Tensor) -> _layouts.Layout:
+        """The layout of pass 2's product for blocks like those of X (:mod:`ufm._layouts`), timed on the
+        CPU on X's first full block the first time its key is met."""
+        product = _layouts.basis_first
+        block = _rows_per(self.p, _BLOCK_ELEMENTS)
+        if X.device.type == "cpu" and X.shape[0] >= block:
+            k = self._basis_t.shape[0]
+            out = torch.empty(k, block, dtype=X.dtype)
+
+            def run(layout: _layouts.Layout) -> None:
+                layout(out, self._basis_t, self._basis, self._centred(X[:block], 0))
+
+            key = (str(X.dtype), self.p, k, block)
+            product = _layouts.faster_layout(key, product, _layouts.rows_first, run)
+        return product
+
+    def _project(self, X: torch.Tensor, product: _layouts.Layout, parts: list[slice]) -> torch.Tensor:
         """[U | W^T]^T (h - m) for the rows h of X, (r + C, b) in the features' dtype: the only O(b p)
         work of pass 2.
 
-        The product runs in the thread pool of the library the features came from: NumPy's BLAS for a
-        NumPy array, torch's for a tensor, and a NumPy batch's other torch work runs on one thread
-        (:meth:`update`). A pool that has just worked keeps its threads spinning for a while, and the
-        other library's threads then compete with them for the cores (measured on 2 cores: nc_metrics
-        on float64 NumPy features took 139-158 ms right after a NumPy matmul, 105-109 ms after a torch
-        one, with torch doing the product; ``benchmarks/bench_metrics.py --pools``).
-
         On the CPU it runs in row blocks that stay in cache, each centred (float32) and multiplied
         there (float64 at (200k, 512), r + C = 19: blocks of 256-1024 rows 0.20-0.23 s, chunks of 16384
-        rows 0.29-0.30 s, load average 1.0), in the faster of the product's two layouts on this machine
-        (:mod:`ufm._layouts`). An overflow is not warned about: the non-finite result is reported as a
-        fault of the batch (:meth:`_update_projected`).
+        rows 0.29-0.30 s, load average 1.0), in the layout ``product`` (:meth:`_product_layout`), the
+        row ``parts`` side by side (:meth:`update`). An overflow is not warned about: the non-finite
+        result is reported as a fault of the batch (:meth:`_update_projected`).
         """
         k = self._basis_t.shape[0]
+        G_t = torch.empty(k, X.shape[0], dtype=X.dtype, device=X.device)
         if X.device.type != "cpu":  # one product: a GPU's kernels need no blocking
-            G_t = torch.empty(k, X.shape[0], dtype=X.dtype, device=X.device)
-            return torch.mm(self._basis_t, self._centred(X).T, out=G_t)
-        numpy = self._numpy_batch
-        A = X.numpy() if numpy else X
-        basis_t, basis = (
-            (self._basis_t.numpy(), self._basis.numpy()) if numpy else (self._basis_t, self._basis)
-        )
-        G_t = np.empty((k, A.shape[0]), dtype=A.dtype) if numpy else torch.empty(k, A.shape[0], dtype=X.dtype)
-        blocks = _product_blocks(A)
-        # Each library's usual layout is the one it ran faster where this was first measured.
-        product, other = _layouts.basis_first, _layouts.rows_first
-        if numpy:
-            product, other = other, product
-        first = blocks[0] if blocks else slice(0, 0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            if first.stop - first.start == _rows_per(A.shape[1], _BLOCK_ELEMENTS):  # a full block to time
+            return torch.mm(self._basis_t, self._centred(X, 0).T, out=G_t)
 
-                def run(layout: _layouts.Layout) -> None:
-                    layout(G_t[:, first], basis_t, basis, self._centred(A[first]))
+        def part_product(part: slice, i: int) -> None:
+            for rows in _row_chunks(part.stop - part.start, self.p, _BLOCK_ELEMENTS):
+                rows = slice(part.start + rows.start, part.start + rows.stop)
+                product(G_t[:, rows], self._basis_t, self._basis, self._centred(X[rows], i))
 
-                key = ("numpy" if numpy else "torch", str(A.dtype), A.shape[1], k, first.stop - first.start)
-                product = _layouts.faster_layout(key, product, other, run)
-            for rows in blocks:
-                product(G_t[:, rows], basis_t, basis, self._centred(A[rows]))
-        return torch.from_numpy(G_t) if numpy else G_t
+        side_by_side(part_product, parts)
+        return G_t
 
-    def _centred(self, X: Any) -> Any:
-        """h - m for a block of float32 features (docs/theory.md §17.9), X itself for float64."""
+    def _centred(self, X: torch.Tensor, part: int) -> torch.Tensor:
+        """h - m for a block of float32 features (docs/theory.md §17.9), into row part ``part``'s scratch
+        block on the CPU; X itself for float64."""
         if self._shift is None:
             return X
-        return X - (self._shift.numpy() if isinstance(X, np.ndarray) else self._shift)
+        if X.device.type != "cpu":
+            return X - self._shift
+        return torch.sub(X, self._shift, out=self._buffer(self._centre_buffers, part, X.dtype)[: X.shape[0]])
 
     def _add_output_moments(self, out_t: torch.Tensor, y: torch.Tensor) -> None:
         """Merge the correct-class and wrong-class moments of outputs out_t (C, b), one column per example."""
@@ -682,12 +702,6 @@ def _non_finite(t: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool, device=t.device)
     lo, hi = torch.aminmax(t)
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _product_blocks(X: Any) -> list[slice]:
-    """Row blocks of X (b, p) for pass 2's product on the CPU, of about _BLOCK_ELEMENTS entries (the
-    last one shorter): each is centred (float32) and multiplied while in cache."""
-    return list(_row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS))
 
 
 def _left_svd(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -890,7 +904,11 @@ def nc_metrics(
     if W is not None and acc.p != p:
         raise ValueError(f"W must be (C, p) = ({C}, {p}) to match the features, got {tuple(W.shape)}")
     return _two_passes(
-        acc, lambda: ((X[r], y[r], None if outputs is None else outputs[r]) for r in _row_chunks(n, p))
+        acc,
+        lambda: (
+            (X[r], y[r], None if outputs is None else outputs[r])
+            for r in _row_chunks(n, p, _PASS1_CHUNK_ELEMENTS if acc.pass_number == 1 else _CHUNK_ELEMENTS)
+        ),
     )
 
 

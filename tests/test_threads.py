@@ -1,0 +1,114 @@
+"""Row parts side by side (ufm._threads): the split covers the rows in whole blocks, the parts' results
+come back in order with their exceptions, each part runs on one torch thread, a forked child gets a
+pool of its own, and nc_metrics gives the same answer on one thread as in parts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ufm import _threads, nc_metrics
+
+
+@pytest.mark.parametrize(
+    ("n", "block", "parts"), [(0, 4, 2), (3, 4, 2), (8, 4, 2), (9, 4, 2), (100, 7, 3), (5, 1, 8)]
+)
+def test_row_parts_cover_the_rows_in_whole_blocks(n, block, parts):
+    """The slices are contiguous, cover [0, n) once, start on block boundaries, number
+    min(parts, blocks) (one at least), and differ by at most one block in length."""
+    got = _threads.row_parts(n, block, parts)
+    blocks = -(-n // block)
+    assert len(got) == max(1, min(parts, blocks))
+    assert got[0].start == 0 and got[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(got, got[1:]))
+    assert all(s.start % block == 0 for s in got)
+    lengths = [-(-(s.stop - s.start) // block) for s in got]  # in blocks
+    assert max(lengths) - min(lengths) <= 1
+
+
+def test_side_by_side_returns_in_order_and_runs_the_parts_on_other_threads():
+    parts = _threads.row_parts(40, 10, 4)
+    seen = {}
+
+    def work(part, i):
+        seen[i] = (threading.get_ident(), torch.get_num_threads())
+        return part.start
+
+    with _threads.one_torch_thread():
+        assert _threads.side_by_side(work, parts) == [0, 10, 20, 30]
+    assert seen[0][0] == threading.get_ident()  # the first part on the calling thread
+    assert all(seen[i][1] == 1 for i in seen)  # every part on one torch thread
+
+
+def test_side_by_side_raises_a_parts_exception():
+    def work(part, i):
+        if i == 1:
+            raise ValueError(f"part {i} failed")
+        return i
+
+    with pytest.raises(ValueError, match="part 1 failed"):
+        _threads.side_by_side(work, _threads.row_parts(20, 10, 2))
+
+
+def _child_metrics(queue):
+    rng = np.random.default_rng(0)
+    H = rng.standard_normal((40_000, 64)) + rng.standard_normal((4, 64))[np.arange(40_000) % 4]
+    queue.put(nc_metrics(H, np.arange(40_000) % 4).nc1)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_forked_child_measures_with_a_pool_of_its_own():
+    """After the parent has used its pool, a forked child (which has none of the parent's threads)
+    still measures, with the parent's answer, instead of waiting for threads that do not exist."""
+    _threads.side_by_side(lambda part, i: i, _threads.row_parts(20, 10, 2))  # the parent's pool exists
+    rng = np.random.default_rng(0)
+    H = rng.standard_normal((40_000, 64)) + rng.standard_normal((4, 64))[np.arange(40_000) % 4]
+    expected = nc_metrics(H, np.arange(40_000) % 4).nc1
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_metrics, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's nc_metrics did not finish in 60 s")
+    assert queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype):
+    """nc_metrics with the batch rows split over 3 parts and on one thread: every measure agrees to
+    float64 summation order (1e-12 relative), float32 products too since each product entry is one
+    block's own dot product whichever part computes it (the C-th singular value of the centred means,
+    rounding noise, within 1e-12 of the largest); NC4 and the ranks exactly."""
+    rng = np.random.default_rng(5)
+    n, p, C = 3 * 2**18 // 64 + 101, 64, 5
+    y = np.arange(n) % C
+    H = (rng.standard_normal((n, p)) + 2 * rng.standard_normal((C, p))[y] + 4).astype(dtype)
+    W, b = rng.standard_normal((C, p)), rng.standard_normal(C)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nc_metrics(H, y, W, b).as_dict()
+        torch.set_num_threads(3)
+        calls = []
+        side_by_side = _threads.side_by_side
+        monkeypatch.setattr(
+            "ufm.metrics.side_by_side",
+            lambda work, parts: calls.append(len(parts)) or side_by_side(work, parts),
+        )
+        split = nc_metrics(H, y, W, b).as_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert max(calls) == 3  # the batches were really split
+    for key, value in one.items():
+        if value is None or isinstance(value, int):
+            assert split[key] == value, key
+        else:
+            # atol for the rounding-noise C-th singular value of the centred means (rank C - 1)
+            atol = 1e-12 * np.max(np.abs(value))
+            np.testing.assert_allclose(split[key], value, rtol=1e-12, atol=atol, err_msg=key)
