@@ -574,9 +574,9 @@ class NCAccumulator:
         block = _rows_per(self.p, _BLOCK_ELEMENTS)
         if X.device.type == "cpu" and X.shape[0] >= block:
             k = self._basis_t.shape[0]
-            out = torch.empty(k, block, dtype=X.dtype)
 
-            def run(layout: _layouts.Layout) -> None:
+            def run(layout: _layouts.Layout) -> None:  # only while the key is being timed
+                out = torch.empty(k, block, dtype=X.dtype)
                 layout(out, self._basis_t, self._basis, self._centred(X[:block], 0))
 
             key = (str(X.dtype), self.p, k, block)
