@@ -84,7 +84,8 @@ def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype):
     """nc_metrics with the batch rows split over 3 parts and on one thread: every measure agrees to
     float64 summation order (1e-12 relative), float32 products too since each product entry is one
     block's own dot product whichever part computes it (the C-th singular value of the centred means,
-    rounding noise, within 1e-12 of the largest); NC4 and the ranks exactly."""
+    rounding noise, within 1e-12 of the largest); NC4 and the ranks exactly; NC1 also against the
+    p x p formula in NumPy float64."""
     rng = np.random.default_rng(5)
     n, p, C = 3 * 2**18 // 64 + 101, 64, 5
     y = np.arange(n) % C
@@ -105,6 +106,12 @@ def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype):
     finally:
         torch.set_num_threads(threads)
     assert max(calls) == 3  # the batches were really split
+    # And both against NC1 = Tr(Sigma_W Sigma_B^+)/C typed out in NumPy float64 on the same values.
+    H64 = H.astype(np.float64)
+    mu = np.stack([H64[y == c].mean(axis=0) for c in range(C)])
+    D, M = H64 - mu[y], mu - H64.mean(axis=0)
+    nc1 = np.trace(D.T @ D / n @ np.linalg.pinv(M.T @ M / C, rcond=1e-8, hermitian=True)) / C
+    assert split["nc1"] == pytest.approx(nc1, rel=1e-9 if dtype == np.float64 else 1e-5)
     for key, value in one.items():
         if value is None or isinstance(value, int):
             assert split[key] == value, key

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from . import _layouts
+from ._blocks import block_slices
 from ._threads import one_torch_thread, row_parts, side_by_side
 from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
 from .geometry import frame_distance
@@ -328,8 +329,8 @@ class NCAccumulator:
     on the GPU, and never reads a value back inside :meth:`update` (bad values are reported at the end
     of the pass, naming the first bad batch). Float32 features keep float32 products, float64 sums
     (docs/theory.md §17.9); everything else is float64. On a CPU a batch's class sums and product run
-    in ``torch.get_num_threads()`` row parts side by side, one torch thread each (§17.10). The result equals the one-shot
-    :func:`nc_metrics` up to summation order (about 1e-13 relative).
+    in ``torch.get_num_threads()`` row parts side by side, one torch thread each (§17.10). The result
+    equals the one-shot :func:`nc_metrics` up to summation order (about 1e-13 relative).
 
     Parameters
     ----------
@@ -599,8 +600,7 @@ class NCAccumulator:
             return torch.mm(self._basis_t, self._centred(X, 0).T, out=G_t)
 
         def part_product(part: slice, i: int) -> None:
-            for rows in _row_chunks(part.stop - part.start, self.p, _BLOCK_ELEMENTS):
-                rows = slice(part.start + rows.start, part.start + rows.stop)
+            for rows in block_slices(part.start, part.stop, _rows_per(self.p, _BLOCK_ELEMENTS)):
                 product(G_t[:, rows], self._basis_t, self._basis, self._centred(X[rows], i))
 
         side_by_side(part_product, parts)
