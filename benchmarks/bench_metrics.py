@@ -176,7 +176,7 @@ def _row(n: int, p: int, C: int, dtype: str, device: str, repeats: int) -> None:
     t["peer"], nc1_peer = _best_time(lambda: _peer_nc1(Ht, yt, C), device, 1)
     if device == "cpu":
         # Not right after NumPy's products: their BLAS threads spin for ~0.1 s after each call and take
-        # a core from the metrics' row parts, a cost of that order (measured with --pools), not ufm's.
+        # a core from the metrics' row parts. That case, slower than before the parts, is --pools'.
         t["lib numpy"], _ = _best_time(lambda: nc_metrics(H, y, W, b), device, repeats)
     else:
         t["pass numpy"] = t["wide numpy"] = t["lib numpy"] = float("nan")
