@@ -65,9 +65,8 @@ def simplex_etf(
 
 @functools.lru_cache(maxsize=64)
 def _canonical_simplex(C: int) -> np.ndarray:
-    """The simplex ETF's C unit rows in R^{C-1} (C, C-1), read-only: made once per C, since every
-    nc_metrics call measures two distances from it and a build takes an SVD of a C x C matrix (0.95 ms
-    at C = 100)."""
+    """The simplex ETF's C unit rows in R^{C-1} (C, C-1), read-only: made once per C, since a build
+    takes an SVD of a C x C matrix (0.95 ms at C = 100)."""
     # Orthonormal basis of 1^perp in R^C: the last C-1 left singular vectors of the centring matrix.
     centring = np.eye(C) - 1.0 / C  # (C, C)
     basis = np.linalg.svd(centring)[0][:, : C - 1]  # (C, C-1), columns span 1^perp
@@ -106,6 +105,10 @@ def frame_distance(vectors: np.ndarray, frame: str = "simplex_etf") -> float:
     over Q with orthonormal rows is the orthogonal Procrustes problem. d = 0 exactly when V is a
     scaled, rotated copy of the frame; d <= 2 always. Since the ETF's symmetry group permutes its
     vertices, the labelling of the rows does not matter.
+
+    No frame is built: F F^T is (I - 11^T/C)/(C-1) for the ETF and I/C for the orthogonal frame, so
+    ||F^T V||_* = ||(I - 11^T/C) V||_* / sqrt(C-1) (the rows less their mean) or ||V||_* / sqrt(C)
+    (docs/theory.md §1): one singular-value computation of V, (C, p).
     """
     V = check_finite("vectors", vectors)
     if V.ndim != 2:
@@ -119,8 +122,8 @@ def frame_distance(vectors: np.ndarray, frame: str = "simplex_etf") -> float:
     norm = np.linalg.norm(V)
     if norm == 0:
         raise ValueError("vectors are all zero: the distance to a frame is undefined")
-    F = (_canonical_simplex(C) if k == C - 1 else np.eye(C)) / np.sqrt(C)  # (C, k), unit Frobenius norm
-    nuclear = np.linalg.svd(F.T @ V, compute_uv=False).sum() / norm
+    seen = V - V.mean(axis=0) if k == C - 1 else V  # (C, p): ||F^T V||_* = ||seen||_* / sqrt(k)
+    nuclear = np.linalg.svd(seen, compute_uv=False).sum() / (np.sqrt(k) * norm)
     return float(np.sqrt(max(2.0 - 2.0 * nuclear, 0.0)))
 
 
