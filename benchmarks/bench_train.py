@@ -35,7 +35,9 @@ from ufm.networks import build_network
 from ufm.training import SCHEDULES, TrainConfig, train
 
 
-def _bare_loop(config: TrainConfig, data, device: torch.device, forwards: bool = False) -> tuple[float, float]:
+def _bare_loop(
+    config: TrainConfig, data, device: torch.device, forwards: bool = False
+) -> tuple[float, float]:
     """The steps of ``train`` with nothing else (``forwards``: and the measurement's forward passes
     after every epoch); returns the wall and CPU times."""
     t0, c0 = time.perf_counter(), time.process_time()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ufm import _threads, nc_metrics
+from ufm import NCAccumulator, _threads, nc_metrics
 
 
 @pytest.mark.parametrize(
@@ -79,22 +79,25 @@ def test_a_forked_child_measures_with_a_pool_of_its_own():
     assert queue.get(timeout=5) == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("stats_in_parts", [True, False])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype):
+def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype, stats_in_parts):
     """nc_metrics with the batch rows split over 3 parts and on one thread: every measure agrees to
     float64 summation order (1e-12 relative), float32 products too since each product entry is one
     block's own dot product whichever part computes it (the C-th singular value of the centred means,
     rounding noise, within 1e-12 of the largest); NC4 and the ranks exactly; NC1 also against the
-    p x p formula in NumPy float64."""
+    p x p formula in NumPy float64. Pass 2's statistics (with the outputs' moments) summed in the
+    parts and merged, or summed over the whole batch after the product."""
     rng = np.random.default_rng(5)
     n, p, C = 3 * 2**18 // 64 + 101, 64, 5
     y = np.arange(n) % C
     H = (rng.standard_normal((n, p)) + 2 * rng.standard_normal((C, p))[y] + 4).astype(dtype)
     W, b = rng.standard_normal((C, p)), rng.standard_normal(C)
+    outputs = H @ W.T + b + 0.1 * rng.standard_normal((n, C))  # (n, C): for eps and the SQI spread
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = nc_metrics(H, y, W, b).as_dict()
+        one = nc_metrics(H, y, W, b, outputs=outputs).as_dict()
         torch.set_num_threads(3)
         calls = []
         side_by_side = _threads.side_by_side
@@ -102,10 +105,19 @@ def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype):
             "ufm.metrics.side_by_side",
             lambda work, parts: calls.append(len(parts)) or side_by_side(work, parts),
         )
-        split = nc_metrics(H, y, W, b).as_dict()
+        monkeypatch.setattr("ufm.metrics._PART_STATS_ELEMENTS", 0 if stats_in_parts else 2**62)
+        columns = []
+        part_stats = NCAccumulator._part_stats
+        monkeypatch.setattr(
+            NCAccumulator,
+            "_part_stats",
+            lambda self, G_t, *rest: columns.append(G_t.shape[1]) or part_stats(self, G_t, *rest),
+        )
+        split = nc_metrics(H, y, W, b, outputs=outputs).as_dict()
     finally:
         torch.set_num_threads(threads)
     assert max(calls) == 3  # the batches were really split
+    assert (max(columns) < n) == stats_in_parts  # and so were pass 2's statistics, or not
     # And both against NC1 = Tr(Sigma_W Sigma_B^+)/C typed out in NumPy float64 on the same values.
     H64 = H.astype(np.float64)
     mu = np.stack([H64[y == c].mean(axis=0) for c in range(C)])

@@ -31,7 +31,7 @@ import os
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,6 +60,15 @@ _PASS1_CHUNK_ELEMENTS = 2**23
 # (1 MiB in float32), which stay in the CPU's L2 cache between the cast and its use: memory traffic stays
 # that of reading the features once per pass. Pass 2's product runs in such blocks for float64 too.
 _BLOCK_ELEMENTS = 2**18
+
+# Pass 2's statistics run inside the row parts when a part's product has at least this many entries
+# ((r + C) x its rows; NCAccumulator._update_projected), else on the calling thread after the product.
+# Float32 features, two threads, best of 5 alternating (2026-12-04, AMD EPYC VM), NumPy / torch input,
+# in the parts against on the calling thread: (50k, 512, 10), 39k entries a part, 79.5 / 69.5 against
+# 68.9 / 66.3 ms; (50k, 2048, 100), 102k entries, 948 / 923 against 964 / 979 ms; (20k, 2048, 1000),
+# 1.0M entries (best of 2), 5.77 / 5.11 against 6.19 / 6.35 s, where the C x r nearest-mean product
+# has a quarter of the multiply-adds of the features' own (in float64).
+_PART_STATS_ELEMENTS = 2**16
 
 # Feature dtypes measured in float32 (the big products); everything else is measured in float64.
 _FLOAT32_WORK = (torch.float16, torch.bfloat16, torch.float32)
@@ -293,6 +302,31 @@ def _frame_distances(coords: np.ndarray, p: int, frames: Sequence[str]) -> list[
     return [frame_distance(coords, f) if p >= (C - 1 if f == "simplex_etf" else C) else None for f in frames]
 
 
+class _BatchMoments(NamedTuple):
+    """A batch of values: its count, its sum, and its sum of squared deviations about its own mean."""
+
+    count: int
+    total: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, count: int, total: torch.Tensor, m2_about: Callable[[torch.Tensor], torch.Tensor]
+    ) -> _BatchMoments:
+        """From ``count`` values with sum ``total``; ``m2_about(m)`` = sum (x - m)^2."""
+        return cls(count, total, m2_about(total / count) if count else total)
+
+
+class _PartStats(NamedTuple):
+    """Pass 2's sums over the examples of one row part of a batch (0-d tensors on the device)."""
+
+    bad_products: torch.Tensor  # bool: a non-finite product entry
+    nc1_sum: torch.Tensor  # sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2
+    disagree: torch.Tensor | None  # int64: examples whose classifier and nearest mean disagree
+    correct: _BatchMoments | None  # the correct-class outputs
+    wrong: _BatchMoments | None  # the wrong-class outputs
+
+
 class _Moments:
     """Count, mean and sum of squared deviations of a stream of values (Chan et al.'s parallel update).
 
@@ -304,12 +338,12 @@ class _Moments:
         self.mean = torch.zeros((), device=device, dtype=dtype)
         self.m2 = torch.zeros((), device=device, dtype=dtype)
 
-    def add(self, count: int, total: torch.Tensor, m2_about: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Merge a batch of ``count`` values with sum ``total``; ``m2_about(m)`` = sum (x - m)^2."""
+    def merge(self, batch: _BatchMoments) -> None:
+        """Merge a batch's count, sum and sum of squared deviations about its own mean."""
+        count, total, m2_b = batch
         if count == 0:
             return
         mean_b = total / count
-        m2_b = m2_about(mean_b)
         n = self.count + count
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (count / n)
@@ -532,42 +566,72 @@ class NCAccumulator:
         self._batch = 0
 
     def _update_projected(self, X: torch.Tensor, y: torch.Tensor, outputs: Any, parts: list[slice]) -> None:
-        """Add a batch's NC1, NC4 and output moments from its product G_t = :meth:`_project` (r + C, b).
+        """Add a batch's NC1, NC4 and output moments from its product G_t (r + C, b), :meth:`_project_parts`.
 
-        Everything here works on (k, b) arrays, one column per example: the product comes out in that
-        layout, and reductions over a column's k entries then run along contiguous rows. These some 30
-        small torch calls run on the calling thread: split across the row parts' threads they took
-        longer, not shorter (float32 (50k, 512, 10), best of 12 alternating: 52-57 ms on one thread
-        against 66-78 ms in parts, each call's hand-off of Python's lock costing more than its work).
+        The statistics (:meth:`_part_stats`) work on (k, b) arrays, one column per example: the product
+        comes out in that layout, and reductions over a column's k entries then run along contiguous
+        rows. They are some 30 small torch calls. On a CPU they run inside the row parts, after each
+        part's product, when a part holds at least ``_PART_STATS_ELEMENTS`` product entries; below
+        that, on the calling thread after the product, since each call's hand-off of Python's lock
+        then costs more than its work (float32 (50k, 512, 10), best of 12 alternating: 52-57 ms on one
+        thread against 66-78 ms in parts, 2026-12-03).
         """
-        G_t = self._project(X, self._product_layout(X), parts)
-        r, C, b = self._r, self.C, G_t.shape[1]
-        self._faults.note("products", _non_finite(G_t), self._batch)
-        # The product's rows times 2^-e and 2^e_W (exact) are U^T (h - m) / 2^e and W (h - m), in float64.
-        Pc = torch.add(self._minus_u_G, G_t[:r], alpha=_pow2(-self._e))  # (r, b) = U^T (h - mu_G) / 2^e
-        # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
-        # (The sign of Z is immaterial; gather reads Q_t[:, y] faster than indexing.)
-        Z = self._Q_t.gather(1, y.expand(r, b)).sub_(Pc)  # (r, b)
-        self._nc1_sum += (_row_sum_squares(Z) / self._s2).sum()
         out_t = None
         if outputs is not None:
-            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (b, C))
+            out = check_shape("outputs", _as_tensor("outputs", outputs, self._device), (X.shape[0], self.C))
             self._faults.note("outputs", _non_finite(out), self._batch)
             out_t = out.T
         if self._outputs_given is None:
             self._outputs_given = out_t is not None
         elif self._outputs_given != (out_t is not None):
             raise ValueError("outputs were given for some batches of the second pass but not for others")
+        k = self._basis_t.shape[0]
+        G_t = torch.empty(k, X.shape[0], dtype=X.dtype, device=X.device)
+
+        def part_stats(part: slice, i: int) -> _PartStats:
+            return self._part_stats(G_t[:, part], y[part], None if out_t is None else out_t[:, part])
+
+        if len(parts) > 1 and k * (parts[0].stop - parts[0].start) >= _PART_STATS_ELEMENTS:
+            product = self._product_layout(X)
+
+            def project_and_sum(part: slice, i: int) -> _PartStats:
+                self._project(X, G_t, product, part, i)
+                return part_stats(part, i)
+
+            stats = side_by_side(project_and_sum, parts)
+        else:
+            self._project_parts(X, G_t, parts)
+            stats = [part_stats(slice(None), 0)]
+        for st in stats:
+            self._faults.note("products", st.bad_products, self._batch)
+            self._nc1_sum += st.nc1_sum
+            if st.disagree is not None:
+                self._disagree += st.disagree
+                self._correct.merge(st.correct)
+                self._wrong.merge(st.wrong)
+        self._counts2 += torch.bincount(y, minlength=self.C)
+        self._n_pass2 += X.shape[0]
+
+    def _part_stats(self, G_t: torch.Tensor, y: torch.Tensor, out_t: torch.Tensor | None) -> _PartStats:
+        """Pass 2's sums over the examples of G_t (r + C, b), the product's columns, with their labels y
+        (b,) and outputs out_t (C, b) if given."""
+        r, b = self._r, G_t.shape[1]
+        # The product's rows times 2^-e and 2^e_W (exact) are U^T (h - m) / 2^e and W (h - m), in float64.
+        Pc = torch.add(self._minus_u_G, G_t[:r], alpha=_pow2(-self._e))  # (r, b) = U^T (h - mu_G) / 2^e
+        # NC1: 1/n sum_i ||S^-1 U^T (h_i - mu_{y_i})||^2, with U^T (mu_c - mu_G) = Q_c.
+        # (The sign of Z is immaterial; gather reads Q_t[:, y] faster than indexing.)
+        Z = self._Q_t.gather(1, y.expand(r, b)).sub_(Pc)  # (r, b)
+        nc1_sum = (_row_sum_squares(Z) / self._s2).sum()
         # (C, b): W h + b, or the outputs without W.
         logits_t = out_t if self._W is None else torch.add(self._bias_col, G_t[r:], alpha=_pow2(self._e_W))
-        if logits_t is not None:
-            # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
-            nearest = _first_argmax(torch.addmm(self._minus_half_q2, self._Q, Pc))  # (b,)
-            self._disagree += (_first_argmax(logits_t) != nearest).sum()
-            # eps and the SQI spread use the network's outputs when given, else W h + b.
-            self._add_output_moments(logits_t if out_t is None else out_t, y)
-        self._counts2 += torch.bincount(y, minlength=C)
-        self._n_pass2 += b
+        if logits_t is None:
+            return _PartStats(_non_finite(G_t), nc1_sum, None, None, None)
+        # argmin_c ||h - mu_c||^2 = argmax_c <Pc, Q_c> - ||Q_c||^2/2 (the part off span(M) is common).
+        nearest = _first_argmax(torch.addmm(self._minus_half_q2, self._Q, Pc))  # (b,)
+        disagree = (_first_argmax(logits_t) != nearest).sum()
+        # eps and the SQI spread use the network's outputs when given, else W h + b.
+        correct, wrong = _output_moments(logits_t if out_t is None else out_t, y)
+        return _PartStats(_non_finite(G_t), nc1_sum, disagree, correct, wrong)
 
     def _product_layout(self, X: torch.Tensor) -> _layouts.Layout:
         """The layout of pass 2's product for blocks like those of X (:mod:`ufm._layouts`), timed on the
@@ -585,27 +649,26 @@ class NCAccumulator:
             product = _layouts.faster_layout(key, product, _layouts.rows_first, run)
         return product
 
-    def _project(self, X: torch.Tensor, product: _layouts.Layout, parts: list[slice]) -> torch.Tensor:
-        """[U | W^T]^T (h - m) for the rows h of X, (r + C, b) in the features' dtype: the only O(b p)
-        work of pass 2.
+    def _project_parts(self, X: torch.Tensor, G_t: torch.Tensor, parts: list[slice]) -> None:
+        """G_t (r + C, b) = [U | W^T]^T (h - m) for the rows h of X, in the features' dtype: the only
+        O(b p) work of pass 2, the row ``parts`` side by side on a CPU (:meth:`update`); one product on a
+        GPU, whose kernels need no blocking. An overflow is not warned about: the non-finite result is
+        reported as a fault of the batch (:meth:`_update_projected`)."""
+        if X.device.type != "cpu":
+            torch.mm(self._basis_t, self._centred(X, 0).T, out=G_t)
+            return
+        product = self._product_layout(X)
+        side_by_side(lambda part, i: self._project(X, G_t, product, part, i), parts)
 
-        On the CPU it runs in row blocks that stay in cache, each centred (float32) and multiplied
-        there (float64 at (200k, 512), r + C = 19: blocks of 256-1024 rows 0.20-0.23 s, chunks of 16384
-        rows 0.29-0.30 s, load average 1.0), in the layout ``product`` (:meth:`_product_layout`), the
-        row ``parts`` side by side (:meth:`update`). An overflow is not warned about: the non-finite
-        result is reported as a fault of the batch (:meth:`_update_projected`).
-        """
-        k = self._basis_t.shape[0]
-        G_t = torch.empty(k, X.shape[0], dtype=X.dtype, device=X.device)
-        if X.device.type != "cpu":  # one product: a GPU's kernels need no blocking
-            return torch.mm(self._basis_t, self._centred(X, 0).T, out=G_t)
-
-        def part_product(part: slice, i: int) -> None:
-            for rows in block_slices(part.start, part.stop, _rows_per(self.p, _BLOCK_ELEMENTS)):
-                product(G_t[:, rows], self._basis_t, self._basis, self._centred(X[rows], i))
-
-        side_by_side(part_product, parts)
-        return G_t
+    def _project(
+        self, X: torch.Tensor, G_t: torch.Tensor, product: _layouts.Layout, part: slice, i: int
+    ) -> None:
+        """Row part ``part`` (number ``i``) of :meth:`_project_parts` on a CPU: in row blocks that stay in
+        cache, each centred (float32) and multiplied there (float64 at (200k, 512), r + C = 19: blocks
+        of 256-1024 rows 0.20-0.23 s, chunks of 16384 rows 0.29-0.30 s, load average 1.0), in the
+        layout ``product`` (:meth:`_product_layout`)."""
+        for rows in block_slices(part.start, part.stop, _rows_per(self.p, _BLOCK_ELEMENTS)):
+            product(G_t[:, rows], self._basis_t, self._basis, self._centred(X[rows], i))
 
     def _centred(self, X: torch.Tensor, part: int) -> torch.Tensor:
         """h - m for a block of float32 features (docs/theory.md §17.9), into row part ``part``'s scratch
@@ -615,19 +678,6 @@ class NCAccumulator:
         if X.device.type != "cpu":
             return X - self._shift
         return torch.sub(X, self._shift, out=self._buffer(self._centre_buffers, part, X.dtype)[: X.shape[0]])
-
-    def _add_output_moments(self, out_t: torch.Tensor, y: torch.Tensor) -> None:
-        """Merge the correct-class and wrong-class moments of outputs out_t (C, b), one column per example."""
-        # No boolean mask (its size would be read back from a GPU): the deviations of the correct-class
-        # slots are set to zero, where they add exactly nothing.
-        C, b = out_t.shape
-        idx = y[None, :]
-        correct = out_t.gather(0, idx)  # (1, b)
-        total = correct.sum()
-        self._correct.add(b, total, lambda m: _sum_squares(correct - m))
-        self._wrong.add(
-            b * (C - 1), out_t.sum() - total, lambda m: _sum_squares((out_t - m).scatter_(0, idx, 0.0))
-        )
 
     def result(self) -> NCMetrics:
         """The metrics, after both passes."""
@@ -674,6 +724,22 @@ def _row_blocks(X: torch.Tensor, dtype: torch.dtype) -> Iterable[slice]:
     if X.dtype == dtype or X.device.type != "cpu":
         return (slice(None),)
     return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+
+
+def _output_moments(out_t: torch.Tensor, y: torch.Tensor) -> tuple[_BatchMoments, _BatchMoments]:
+    """The correct-class and wrong-class moments of outputs out_t (C, b), one column per example."""
+    # No boolean mask (its size would be read back from a GPU): the deviations of the correct-class
+    # slots are set to zero, where they add exactly nothing.
+    C, b = out_t.shape
+    idx = y[None, :]
+    correct = out_t.gather(0, idx)  # (1, b)
+    total = correct.sum()
+    return (
+        _BatchMoments.of(b, total, lambda m: _sum_squares(correct - m)),
+        _BatchMoments.of(
+            b * (C - 1), out_t.sum() - total, lambda m: _sum_squares((out_t - m).scatter_(0, idx, 0.0))
+        ),
+    )
 
 
 def _first_argmax(T: torch.Tensor) -> torch.Tensor:
