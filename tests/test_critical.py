@@ -65,10 +65,13 @@ def test_hessian_vector_products_match_finite_differences_of_the_gradient(kw):
         assert np.linalg.norm(exact - fd) <= 1e-7 * np.linalg.norm(fd)
 
 
+@pytest.mark.parametrize("method", ["lanczos", "dense"])
 @pytest.mark.parametrize("kw", VARIANTS[:4])
-def test_lanczos_extremes_match_a_dense_hessian(kw):
-    """lambda_min and max |lambda| by eigsh against eigvalsh of the dense FD Hessian, at a random
-    (non-stationary) point and at an L-BFGS end point."""
+def test_hessian_extremes_match_a_dense_fd_hessian(kw, method, monkeypatch):
+    """lambda_min and max |lambda| by eigsh (Lanczos) and from the Hessian formed by products
+    (dense, at most HESSIAN_DENSE_MAX parameters) against eigvalsh of the dense FD Hessian of the
+    NumPy gradient, at a random (non-stationary) point and at an L-BFGS end point."""
+    monkeypatch.setattr("ufm.critical.HESSIAN_DENSE_MAX", 0 if method == "lanczos" else 10**9)
     problem = _problem(**kw)
     start = UFMParams.random(problem, 4, rng=3)
     for params in (start, minimize_loss(problem, 4, n_starts=1, start=start, classify=False).params):
@@ -76,6 +79,7 @@ def test_lanczos_extremes_match_a_dense_hessian(kw):
         eig = np.linalg.eigvalsh(_dense_hessian(problem, params))
         assert cp.hessian_min_eig == pytest.approx(eig[0], abs=1e-7)
         assert cp.hessian_max_abs_eig == pytest.approx(np.abs(eig).max(), rel=1e-7)
+        assert (cp.hvp_count == params.ravel().size) == (method == "dense")
 
 
 def test_zero_is_a_saddle_with_the_typed_hessian():

@@ -7,8 +7,9 @@ A flow, a descent or L-BFGS ends somewhere; this module says what that end point
   outputs carry no class: the class-mean outputs W_L mu_c all vanish), "simplex_etf",
   "orthogonal_frame", or "other" (with its rank);
 * its **gradient norm** ||grad L|| (the exact gradient of ``ufm.model``);
-* the **extreme Hessian eigenvalues**, by Lanczos (``scipy.sparse.linalg.eigsh``) on Hessian-vector
-  products that torch autograd computes exactly (double backward of ``ufm.model.torch_loss``);
+* the **extreme Hessian eigenvalues**, from Hessian-vector products that torch autograd computes
+  exactly (double backward of ``ufm.model.torch_loss``): by eigvalsh of the Hessian formed from them
+  up to HESSIAN_DENSE_MAX parameters, else by Lanczos (``scipy.sparse.linalg.eigsh``);
 * its **kind**, one of ``CRITICAL_POINTS``: "not_stationary", "minimum", "saddle", or "stationary"
   (stationary, Hessian not computed).
 
@@ -70,6 +71,10 @@ HESSIAN_RTOL = 1e-6
 LANCZOS_TOL = 1e-10
 LANCZOS_NCV = 40
 HESSIAN_MAX_HVP = 20_000
+# Up to this many parameters the Hessian is formed instead, one product per column, and its spectrum
+# taken by eigvalsh: exact to rounding in a bounded n products, where Lanczos at a minimum's cluster of
+# flat directions can spend thousands (docs/theory.md §13.7).
+HESSIAN_DENSE_MAX = 500
 # Above this many parameters the Hessian is skipped by default (``classify_point(hessian=None)``):
 # each product costs about two gradients, and Lanczos may need thousands of them near a saddle.
 HESSIAN_MAX_PARAMS = 50_000
@@ -86,7 +91,7 @@ class CriticalPoint:
     etf_distance, orth_distance : ``frame_distance`` of W from the simplex ETF and the orthogonal
         frame (relative to ||W||_F); None where the frame does not fit in R^p or W = 0.
     loss : L at the point; grad_norm : ||grad L||_2.
-    hessian_min_eig : smallest Hessian eigenvalue (Lanczos), or None when not computed.
+    hessian_min_eig : smallest Hessian eigenvalue (formed Hessian or Lanczos), or None when not computed.
     hessian_max_abs_eig : largest |eigenvalue| rho, the scale of the tolerance; None when not computed.
     hvp_count : Hessian-vector products spent.
     critical_point : one of CRITICAL_POINTS.
@@ -168,6 +173,20 @@ def hessian_operator(problem: UFMProblem, params: UFMParams) -> Callable[[np.nda
         return hv.detach().numpy().copy()
 
     return hvp
+
+
+def _dense_extremes(hvp: Callable[[np.ndarray], np.ndarray], n: int, count: list[int]) -> tuple[float, float]:
+    """(lambda_min, rho = max |lambda|) of a symmetric n x n operator from its matrix, formed column by
+    column (n products, counted in ``count[0]``) and symmetrized against rounding, by eigvalsh."""
+    H = np.empty((n, n))
+    unit = np.zeros(n)
+    for i in range(n):
+        unit[i] = 1.0
+        H[:, i] = hvp(unit)
+        unit[i] = 0.0
+    count[0] += n
+    eig = np.linalg.eigvalsh((H + H.T) / 2)
+    return float(eig[0]), float(max(-eig[0], eig[-1]))
 
 
 def _lanczos_extremes(
@@ -257,7 +276,8 @@ def classify_point(
     else:
         try:
             with one_torch_thread():
-                lam_min, rho = _lanczos_extremes(hessian_operator(problem, params), n, count)
+                extremes = _dense_extremes if n <= HESSIAN_DENSE_MAX else _lanczos_extremes
+                lam_min, rho = extremes(hessian_operator(problem, params), n, count)
         except ArpackNoConvergence:
             note = f"Lanczos did not converge within {HESSIAN_MAX_HVP} Hessian-vector products"
     if grad_norm > grad_tol:
