@@ -219,9 +219,11 @@ def test_version():
 
 
 def test_closed_pipe_ends_quietly():
-    """``ufm prove --latex | head -1``: the reader closes the pipe before the ~90 kB of output (more
-    than a pipe buffers) are written; no traceback, status 1 (output cut short)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ufm", "prove", "--latex", "--wide"], stdout=subprocess.PIPE,
+    """``ufm prove --latex ... | head -1``: the reader closes the pipe before the ~80 kB of output
+    (more than a pipe buffers) are written; no traceback, status 1 (output cut short). The ETF proof
+    200 times over makes that much output in about 4.5 s (every proof once: about 24 s)."""
+    names = ["etf"] * 200
+    proc = subprocess.Popen([sys.executable, "-m", "ufm", "prove", "--latex", "--wide", *names], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
     assert proc.stdout.readline().startswith(b"proof")
     proc.stdout.close()

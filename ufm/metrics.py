@@ -314,7 +314,7 @@ class _BatchMoments(NamedTuple):
         cls, count: int, total: torch.Tensor, m2_about: Callable[[torch.Tensor], torch.Tensor]
     ) -> _BatchMoments:
         """From ``count`` values with sum ``total``; ``m2_about(m)`` = sum (x - m)^2."""
-        return cls(count, total, m2_about(total / count) if count else total)
+        return cls(count, total, m2_about(total / count) if count else torch.zeros_like(total))
 
 
 class _PartStats(NamedTuple):
