@@ -117,8 +117,13 @@ def test_label_smoothing_closed_form_matches_lbfgs(C, N, a, bias, where):
     assert -1e-12 <= rel <= 1e-8, rel
 
 
-def test_cli_json_lists_every_proof(capsys):
+def test_cli_json_lists_every_proof(capsys, monkeypatch, results):
+    """``ufm prove --json`` with the defaults renders every proof's result: the module's run of the
+    suite stands in for the CLI's (the same call, which is checked), so the suite runs once."""
+    calls = []
+    monkeypatch.setattr("ufm.proofs.run_proofs", lambda *args, **kw: calls.append((args, kw)) or results)
     assert main(["prove", "--json"]) == 0
+    assert calls == [((None,), dict(module=None, numeric_points=3, seed=0))]
     rows = json.loads(capsys.readouterr().out)
     assert [row["key"] for row in rows] == list(PROOFS)
     for row in rows:
