@@ -22,6 +22,7 @@ dense output over the whole run, the stationarity and target stopping rules, bud
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ __all__ = [
 
 # LSODA takes only a dense Jacobian: 4000 parameters is a 128 MB matrix, beyond that refuse.
 DENSE_JAC_MAX = 4000
-# Below |z| = 0.02 the phi-functions lose digits to cancellation; their Taylor series to z^4 is exact
-# there to ~1e-12 relative (next term z^5/720).
+# Below |z| = 0.02 phi_2's closed form loses digits to cancellation (2 eps/|z| relative); the Taylor
+# series to z^6 is exact there to rounding (next terms 0.02^7/8! = 3e-17 and 0.02^7/9! = 4e-18).
 _PHI_SERIES = 0.02
 # A step shorter than this fraction of t is rounding noise: the integration is stuck.
 _MIN_REL_STEP = 1e-13
@@ -243,13 +244,26 @@ def _scipy_method(name: str, order: int | tuple[int, int], jacobian: str | None 
 
 
 def _phi12(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """phi_1(z) = (e^z - 1)/z and phi_2(z) = (e^z - 1 - z)/z^2 elementwise, by series near 0."""
-    small = np.abs(z) < _PHI_SERIES
-    zs = np.where(small, 1.0, z)  # avoid 0/0 in the branch not taken
-    em1 = np.expm1(zs)
-    phi1 = np.where(small, 1 + z / 2 + z**2 / 6 + z**3 / 24 + z**4 / 120, em1 / zs)
-    phi2 = np.where(small, 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720, (em1 - zs) / zs**2)
-    return phi1, phi2
+    """phi_1(z) = (e^z - 1)/z and phi_2(z) = (e^z - 1 - z)/z^2 elementwise, by series near 0.
+
+    z holds one entry per run of Lambda (a handful), so it is walked in Python floats: 5.0 us a call
+    against 48 us for the formulas as NumPy expressions, on four entries (once every ETD2 trial step;
+    best of 20,000 calls, 2026-12-04)."""
+    phi1, phi2 = [], []
+    for x in z.tolist():
+        if abs(x) < _PHI_SERIES:  # sum_k x^k/(k+1)! and sum_k x^k/(k+2)!, k <= 6, by Horner
+            phi1.append(
+                1 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x / 5040)))))
+            )
+            phi2.append(
+                1 / 2
+                + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320)))))
+            )
+        else:
+            em1 = math.expm1(x)
+            phi1.append(em1 / x)
+            phi2.append((em1 - x) / (x * x))
+    return np.array(phi1), np.array(phi2)
 
 
 def _blocks(linear: np.ndarray) -> tuple[list[slice], np.ndarray]:
