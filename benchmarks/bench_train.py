@@ -65,7 +65,8 @@ def _bare_loop(
         sched.step()
         if forwards:
             with torch.no_grad():
-                model(x), model(x_test)
+                model(x)
+                model(x_test)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0

@@ -124,6 +124,16 @@ def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype, stats_in_part
     D, M = H64 - mu[y], mu - H64.mean(axis=0)
     nc1 = np.trace(D.T @ D / n @ np.linalg.pinv(M.T @ M / C, rcond=1e-8, hermitian=True)) / C
     assert split["nc1"] == pytest.approx(nc1, rel=1e-9 if dtype == np.float64 else 1e-5)
+    # The outputs' moments and NC4, merged over the parts, against NumPy on the whole batch.
+    correct = outputs[np.arange(n), y]
+    wrong = np.where(np.arange(C) == y[:, None], np.nan, outputs)  # (n, C), the correct slots blanked
+    eps = 1.0 - correct.mean()
+    assert split["eps"] == pytest.approx(eps, rel=1e-12)
+    assert split["sqi_correct_std"] == pytest.approx(correct.std(), rel=1e-10)
+    assert split["sqi_spread"] == pytest.approx(np.sqrt(np.nanmean((wrong - eps / (C - 1)) ** 2)), rel=1e-10)
+    nearest = np.argmin(((H64[:, None, :] - mu[None]) ** 2).sum(axis=2), axis=1)
+    nc4 = np.mean(np.argmax(H64 @ W.T + b, axis=1) != nearest)
+    assert abs(split["nc4"] - nc4) <= (0.0 if dtype == np.float64 else 2.0 / n)  # float32: near-ties
     for key, value in one.items():
         if value is None or isinstance(value, int):
             assert split[key] == value, key
