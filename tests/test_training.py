@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ufm import training
 from ufm.cli import main
 from ufm.datasets import load_dataset
 from ufm.experiments.weight_decay import format_theory_table, weight_decay_experiment
@@ -525,3 +526,66 @@ def test_cli_measure_and_svd_flags(capsys):
     assert (shown["measure_every"], shown["svd_every"]) == (5, 10)
     assert main(["train", "--svd-every", "0", "--show-defaults"]) == 2
     assert "svd_every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_measuring_beside_the_training_writes_what_measuring_in_line_writes(
+    tmp_path, data, monkeypatch, weight_norm
+):
+    """Measurements on a second thread (while the next epoch trains) give the same history, bit for
+    bit, the same history.csv, singular_values.csv and checkpoints as measurements in line."""
+    cfg = TrainConfig(**(TINY | dict(epochs=5, checkpoint_every=2, weight_norm=weight_norm)))
+    runs = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(training, "_overlap_possible", lambda overlap=overlap: overlap)
+        runs[overlap] = train(cfg, out=tmp_path / str(overlap), progress=False, dataset=data)
+    for key, column in runs[False].history.items():
+        np.testing.assert_array_equal(runs[True].history[key], column, err_msg=key)
+    assert runs[True].history["epoch"].tolist() == [0, 1, 2, 3, 4, 5]
+    for name in ("history.csv", "singular_values.csv", "final.json"):
+        a, b = ((tmp_path / str(o) / name).read_text() for o in (False, True))
+        assert a == b or name == "final.json" and json.loads(a) == json.loads(b), name
+    a, b = (torch.load(tmp_path / str(o) / "checkpoint.pt", weights_only=True) for o in (False, True))
+    assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_measurement_stops_the_run_before_anything_after_it_is_written(
+    tmp_path, data, monkeypatch, overlap
+):
+    """A measurement that fails at epoch 3 (as when the classifier's ReLUs die) ends the run with its
+    epoch named; history.csv holds epochs 0-2 and the checkpoint is epoch 2's, measured in line or
+    beside the training (where the error surfaces after epoch 4 has trained, before it is kept)."""
+    measure = training._measure
+
+    def failing(model, data, config, epoch, svd):
+        if epoch == 3:
+            raise ValueError(f"cannot measure the network after epoch {epoch}: the class means are equal")
+        return measure(model, data, config, epoch, svd)
+
+    monkeypatch.setattr(training, "_overlap_possible", lambda: overlap)
+    monkeypatch.setattr(training, "_measure", failing)
+    cfg = TrainConfig(**(TINY | dict(epochs=6, checkpoint_every=2)))
+    with pytest.raises(ValueError, match="after epoch 3"):
+        train(cfg, out=tmp_path, progress=False, dataset=data)
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_interrupted_run_keeps_every_measurement_taken(tmp_path, data, monkeypatch, overlap):
+    """Ctrl-C in epoch 4: the measurement of epoch 3, pending on the second thread, is still written."""
+    run_epoch = training._run_epoch
+
+    def interrupted(state, *args, **kwargs):
+        if state.epoch == 3:
+            raise KeyboardInterrupt
+        return run_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_overlap_possible", lambda: overlap)
+    monkeypatch.setattr(training, "_run_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**(TINY | dict(epochs=6))), out=tmp_path, progress=False, dataset=data)
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]

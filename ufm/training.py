@@ -41,9 +41,13 @@ The poster's experiment built on :func:`train` (the same run with and without we
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -893,52 +897,112 @@ def _divergence_message(epoch: int, step: int, value: float, config: TrainConfig
     )
 
 
-def _record(
-    state: _TrainState,
-    data: _Tensors,
-    config: TrainConfig,
-    out: Path | None,
-    lr: float,
-    refined: bool = False,
-) -> dict:
-    """Measure after ``state.epoch``, which trained at learning rate ``lr`` (``refined``: then had its
-    last layer refined, :func:`refine`); append to the history."""
-    row = {"epoch": state.epoch, "step": state.nsteps, "lr": lr, "refined": int(refined)}
-    svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
-    layers = config.svd_layer_numbers
+def _measure(model: HomogeneousNet, data: _Tensors, config: TrainConfig, epoch: int, svd: bool):
+    """The measures of one record (``measure_network``) and, with ``svd``, the singular values of the
+    layers in ``config.svd_layers`` (None for the others); (row, spectra or None)."""
     spectra = None
     if svd:
-        weights = enumerate(state.model.weights(), start=1)
-        spectra = [_singular_values(W, exact=False) if k in layers else None for k, W in weights]
+        weights = enumerate(model.weights(), start=1)
+        spectra = [
+            _singular_values(W, exact=False) if k in config.svd_layer_numbers else None for k, W in weights
+        ]
     try:
-        row |= measure_network(
-            state.model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd,
+        row = measure_network(
+            model, data.x_train, data.y_train, data.x_test, data.y_test, config.wd,
             loss=config.data_loss, singular_values=svd, spectra=spectra,
         )  # fmt: skip
     except EqualClassMeans as err:
         # Every class maps to the same features, as when every ReLU feeding the classifier is
         # inactive on every example (dead), e.g. after too large a step.
         raise ValueError(
-            f"cannot measure the network after epoch {state.epoch}: {err}; the ReLUs feeding the classifier "
+            f"cannot measure the network after epoch {epoch}: {err}; the ReLUs feeding the classifier "
             f"are likely dead (inactive on every example): lower --lr (now {config.lr:g}) or --wd (now "
             f"{config.wd:g}), or try another --seed"
         ) from None
     except ValueError as err:
-        raise ValueError(f"cannot measure the network after epoch {state.epoch}: {err}") from None
-    state.history.append(row)
-    if spectra is not None:
-        state.spectra.append(
-            {
-                "epoch": state.epoch,
-                "refined": int(refined),
-                "values": [[] if s is None else s.tolist() for s in spectra],
-            }
-        )
-    if out is not None:
-        state.history_csv.write(out / HISTORY, state.history)
+        raise ValueError(f"cannot measure the network after epoch {epoch}: {err}") from None
+    return row, spectra
+
+
+def _overlap_possible() -> bool:
+    """Whether measurements can run beside the training: torch on one thread (its thread count is
+    global, so a second thread must not change it) and a second CPU core to run them on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() == 1 and cores >= 2
+
+
+class _Recorder:
+    """The run's measurements, appended to its history (and written to ``out``) in epoch order.
+
+    Each is taken on a copy of the network made right after its epoch, so its row is the same
+    wherever it runs. With ``overlap`` it runs on a second thread while the next epoch trains
+    (docs/theory.md §18): one measurement at most is pending, and ``wait`` collects it, as the
+    run does before every checkpoint, refinement and the end, so what is on disk is what a run
+    measuring in line would have written. Its errors are raised when it is collected."""
+
+    def __init__(
+        self, state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, overlap: bool
+    ):
+        self._state, self._data, self._config, self._out = state, data, config, out
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ufm-measure") if overlap else None
+        self._copy: HomogeneousNet | None = None
+        self._pending: tuple[Future, dict] | None = None
+
+    def submit(self, lr: float, refined: bool = False) -> None:
+        """Measure the network after ``state.epoch``, which trained at learning rate ``lr``
+        (``refined``: then had its last layer refined, :func:`refine`)."""
+        self._collect()
+        state, config = self._state, self._config
+        header = {"epoch": state.epoch, "step": state.nsteps, "lr": lr, "refined": int(refined)}
+        svd = state.epoch % config.svd_every == 0 or state.epoch == config.epochs
+        if self._pool is None:
+            self._append(header, *_measure(state.model, self._data, config, state.epoch, svd))
+            return
+        if self._copy is None:
+            self._copy = copy.deepcopy(state.model)
+        else:
+            self._copy.load_state_dict(state.model.state_dict())
+        future = self._pool.submit(_measure, self._copy, self._data, config, state.epoch, svd)
+        self._pending = (future, header)
+
+    def record(self, lr: float, refined: bool = False) -> dict:
+        """``submit`` and ``wait``: the row of this measurement."""
+        self.submit(lr, refined)
+        return self.wait()
+
+    def wait(self) -> dict:
+        """Append (and write) the pending measurement, if any; the history's last row."""
+        self._collect()
+        return self._state.history[-1]
+
+    def _collect(self) -> None:
+        if self._pending is not None:
+            future, header = self._pending
+            self._pending = None
+            self._append(header, *future.result())
+
+    def close(self, *, keep: bool = True) -> None:
+        """Stop the thread; ``keep``: after collecting the pending measurement (if it fails, the
+        error that ended the run is the one reported)."""
+        if keep and self._pending is not None:
+            with contextlib.suppress(Exception):
+                self._collect()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _append(self, header: dict, row: dict, spectra: list | None) -> None:
+        state, out = self._state, self._out
+        state.history.append(header | row)
         if spectra is not None:
-            _append_spectra(out / SINGULAR_VALUES, state.spectra[-1:])
-    return row
+            values = [[] if s is None else s.tolist() for s in spectra]
+            state.spectra.append({"epoch": header["epoch"], "refined": header["refined"], "values": values})
+        if out is not None:
+            state.history_csv.write(out / HISTORY, state.history)
+            if spectra is not None:
+                _append_spectra(out / SINGULAR_VALUES, state.spectra[-1:])
 
 
 def _spectra_lines(spectra: list[dict]) -> str:
@@ -1078,6 +1142,54 @@ def refine(model: HomogeneousNet, data: _Tensors, config: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _epochs(
+    state: _TrainState,
+    data: _Tensors,
+    config: TrainConfig,
+    recorder: _Recorder,
+    checkpoint: _Checkpoint,
+    stop_after_epoch: int | None,
+    progress: bool,
+) -> tuple[int, str, int]:
+    """The SGD epochs of :func:`train` after ``state.epoch``, measured and checkpointed as ``config``
+    says; (status, message, the last epoch asked for). Every measurement is collected on return."""
+    from ._progress import progress_bar
+
+    if state.epoch == 0 and not state.history:
+        recorder.record(lr=state.lr)
+    model, n = state.model, data.y_train.shape[0]
+    reference_loss = state.history[0]["train_loss"]
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    status, message = 0, f"finished {config.epochs} epochs"
+    bar = progress_bar(range(state.epoch + 1, last_epoch + 1), enabled=progress, desc="train", unit="epoch")
+    for epoch in bar:
+        model.train()
+        noise = _SGDNoise(len(model.layers)) if epoch == config.epochs else None  # the last epoch's
+        order = _epoch_order(state, config, n).to(data.y_train.device)
+        diverged = _run_epoch(state, data, config, order, reference_loss, noise)
+        if diverged is not None:
+            status = 1
+            message = _divergence_message(epoch, diverged.step, diverged.loss, config, checkpoint.kept())
+            break
+        lr_used = state.lr
+        state.scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
+        state.epoch = epoch
+        if noise is not None:
+            state.noise = noise.result()
+        if epoch % config.measure_every == 0 or epoch == config.epochs:
+            recorder.submit(lr=lr_used)
+            row = state.history[-1]  # the last one collected
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3g}", acc=f"{row['train_acc']:.3f}", nc1=f"{row['nc1']:.3g}"
+            )
+        if checkpoint.path is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
+            recorder.wait()  # the checkpoint holds the history up to its epoch
+            checkpoint.save(state, config)
+    bar.close()
+    recorder.wait()
+    return status, message, last_epoch
+
+
 def train(
     config: TrainConfig,
     *,
@@ -1113,8 +1225,6 @@ def train(
     -------
     TrainResult
     """
-    from ._progress import progress_bar
-
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     if out is None and resume:
@@ -1135,46 +1245,25 @@ def train(
         write_json(out / CONFIG, config.as_dict())
         _write_spectra(out / SINGULAR_VALUES, state.spectra)  # a resume drops epochs after the checkpoint
 
-    if state.epoch == 0 and not state.history:
-        _record(state, data, config, out, lr=state.lr)
-    model, n = state.model, data.y_train.shape[0]
-    reference_loss = state.history[0]["train_loss"]
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
-    status, message = 0, f"finished {config.epochs} epochs{note}"
-    bar = progress_bar(range(state.epoch + 1, last_epoch + 1), enabled=progress, desc="train", unit="epoch")
-    for epoch in bar:
-        model.train()
-        noise = _SGDNoise(len(model.layers)) if epoch == config.epochs else None  # the last epoch's
-        order = _epoch_order(state, config, n).to(device)
-        diverged = _run_epoch(state, data, config, order, reference_loss, noise)
-        if diverged is not None:
-            status = 1
-            message = _divergence_message(epoch, diverged.step, diverged.loss, config, checkpoint.kept())
-            break
-        lr_used = state.lr
-        state.scheduler.step()  # before the checkpoint, so a resumed run starts at the next epoch's rate
-        state.epoch = epoch
-        if noise is not None:
-            state.noise = noise.result()
-        if epoch % config.measure_every == 0 or epoch == config.epochs:
-            row = _record(state, data, config, out, lr=lr_used)
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3g}", acc=f"{row['train_acc']:.3f}", nc1=f"{row['nc1']:.3g}"
-            )
-        if out is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
-            checkpoint.save(state, config)
-    bar.close()
-    success = status == 0 and last_epoch == config.epochs
-    if status == 0 and last_epoch < config.epochs:
-        message = f"stopped after epoch {last_epoch} of {config.epochs}; continue with resume"
-    elif success and config.refine_to is not None:
-        hidden_residual = refine(model, data, config)
-        residual = _record(state, data, config, out, lr=0.0, refined=True)["stationarity_residual"]
-        success = residual < config.refine_to
-        message += (
-            f"; last layer refined to stationarity_residual {residual:.1e} (hidden layers' relative "
-            f"gradient {hidden_residual:.1e}, not refined)"
+    recorder = _Recorder(state, data, config, out, overlap=_overlap_possible())
+    try:
+        status, message, last_epoch = _epochs(
+            state, data, config, recorder, checkpoint, stop_after_epoch, progress
         )
-        if not success:
-            message += f"; above --refine-to {config.refine_to:g}: the float32 weights limit it"
+        success = status == 0 and last_epoch == config.epochs
+        message = message + note if status == 0 else message
+        if status == 0 and last_epoch < config.epochs:
+            message = f"stopped after epoch {last_epoch} of {config.epochs}; continue with resume"
+        elif success and config.refine_to is not None:
+            hidden_residual = refine(state.model, data, config)
+            residual = recorder.record(lr=0.0, refined=True)["stationarity_residual"]
+            success = residual < config.refine_to
+            message += (
+                f"; last layer refined to stationarity_residual {residual:.1e} (hidden layers' relative "
+                f"gradient {hidden_residual:.1e}, not refined)"
+            )
+            if not success:
+                message += f"; above --refine-to {config.refine_to:g}: the float32 weights limit it"
+    finally:
+        recorder.close()
     return _result(config, state, status, message, success, out, t0)
