@@ -11,6 +11,12 @@ final.json) and measures every K epochs (``measure_every``; the SVD-based ranks 
 measured epochs; ``svd_layers`` the layers whose singular values are taken). Targets (issue 19):
 measuring every epoch within 1.5x of the bare loop, every 10th within 1.1x.
 
+With torch on one thread and a second core free, ``train`` measures on a copy of the network on a
+second thread while the next epoch trains (docs/theory.md §18); the "in line" row measures between
+the epochs, as it does with more torch threads (``ufm train`` from the shell runs torch on every
+core unless ``OMP_NUM_THREADS=1``). The two write the same rows: the overlap lowers the wall time,
+not the CPU time.
+
 One warm-up round is run and discarded (first calls pay for torch's lazy initialization). Then each
 round times the bare loop and every configuration once, interleaved; the table shows the best-of ratio
 min(train) / min(bare) of wall times, the per-round ratios (median, min..max: the spread on a busy
@@ -24,12 +30,15 @@ Usage: python benchmarks/bench_train.py [--epochs 50] [--rounds 5] [--threads 1]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
+from ufm import training
 from ufm.datasets import load_dataset
 from ufm.networks import build_network
 from ufm.training import SCHEDULES, TrainConfig, train
@@ -72,9 +81,15 @@ def _bare_loop(
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def _train(config: TrainConfig, data) -> tuple[float, float]:
-    """``ufm train --out DIR`` of ``config`` into a fresh directory; returns the wall and CPU times."""
-    with tempfile.TemporaryDirectory() as out:
+def _train(config: TrainConfig, data, in_line: bool = False) -> tuple[float, float]:
+    """``ufm train --out DIR`` of ``config`` into a fresh directory (``in_line``: measuring between
+    the epochs even where it could run beside them); returns the wall and CPU times."""
+    policy = (
+        mock.patch.object(training, "_overlap_possible", lambda: False)
+        if in_line
+        else contextlib.nullcontext()
+    )
+    with tempfile.TemporaryDirectory() as out, policy:
         t0, c0 = time.perf_counter(), time.process_time()
         train(config, out=out, dataset=data, progress=False)
         return time.perf_counter() - t0, time.process_time() - c0
@@ -91,13 +106,14 @@ def main() -> None:
     base = TrainConfig(epochs=args.epochs, device=args.device)
     data = load_dataset(base.dataset, per_class=base.per_class, test_per_class=base.test_per_class)
     device = torch.device(args.device)
-    runs = {
-        "measure every epoch": dict(measure_every=1),
-        "measure every epoch, SVD every 10th": dict(measure_every=1, svd_every=10),
-        "measure every epoch, SVD of W_L only": dict(measure_every=1, svd_layers="last"),
-        "measure every 10th epoch": dict(measure_every=10),
+    runs = {  # name: (configuration, measuring in line)
+        "measure every epoch": (dict(measure_every=1), False),
+        "measure every epoch, in line": (dict(measure_every=1), True),
+        "measure every epoch, SVD every 10th": (dict(measure_every=1, svd_every=10), False),
+        "measure every epoch, SVD of W_L only": (dict(measure_every=1, svd_layers="last"), False),
+        "measure every 10th epoch": (dict(measure_every=10), False),
     }
-    configs = {name: TrainConfig(**(base.as_dict() | kw)) for name, kw in runs.items()}
+    configs = {name: (TrainConfig(**(base.as_dict() | kw)), in_line) for name, (kw, in_line) in runs.items()}
     warm = TrainConfig(**(base.as_dict() | dict(epochs=3)))
     _bare_loop(warm, data, device), _train(warm, data)
     bare: list[tuple[float, float]] = []  # (wall, CPU) per round
@@ -106,8 +122,8 @@ def main() -> None:
     for _ in range(args.rounds):
         bare.append(_bare_loop(base, data, device))
         times[floor].append(_bare_loop(base, data, device, forwards=True))
-        for name, config in configs.items():
-            times[name].append(_train(config, data))
+        for name, (config, in_line) in configs.items():
+            times[name].append(_train(config, data, in_line))
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"# ufm train --out DIR vs a bare loop: {args.epochs} epochs of {base.per_class} x {data.C} "

@@ -26,6 +26,11 @@ beside the measured values:
 * W_L^c = eps/(lambda (C-1)) (mu_c - mu_G)                          (NC3; scale fitted by least squares)
 * cos(W_L^c, W_L^c') = -1/(C-1)                                      (NC2 equiangularity)
 
+With torch on one thread and a second CPU core free (``torch.set_num_threads(1)`` or
+``OMP_NUM_THREADS=1``), each measurement is taken on a copy of the network on a second thread while
+the next epoch trains; rows, files and checkpoints are those of measuring between the epochs
+(docs/theory.md §18, "Measuring beside the training").
+
 During the last epoch the weights and the outputs on a fixed probe set are tracked step by step: their
 fluctuation across those late steps is the SGD noise of the journal paper (:class:`_SGDNoise`).
 
