@@ -589,3 +589,24 @@ def test_an_interrupted_run_keeps_every_measurement_taken(tmp_path, data, monkey
         train(TrainConfig(**(TINY | dict(epochs=6))), out=tmp_path, progress=False, dataset=data)
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+
+
+def test_measurements_beside_the_training_run_on_one_torch_thread(data, monkeypatch):
+    """The second thread measures on one torch thread, as a run on one thread measures in line,
+    whatever count the caller's thread has; the caller's own count is left as it was."""
+    measure, seen = training._measure, []
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return measure(*args)
+
+    monkeypatch.setattr(training, "_overlap_possible", lambda: True)
+    monkeypatch.setattr(training, "_measure", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(TrainConfig(**(TINY | dict(epochs=3))), progress=False, dataset=data)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1, 1, 1]

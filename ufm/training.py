@@ -930,8 +930,9 @@ def _measure(model: HomogeneousNet, data: _Tensors, config: TrainConfig, epoch: 
 
 
 def _overlap_possible() -> bool:
-    """Whether measurements can run beside the training: torch on one thread (its thread count is
-    global, so a second thread must not change it) and a second CPU core to run them on."""
+    """Whether measurements can run beside the training: torch on one thread, so that a measurement
+    on a second thread, on one torch thread too, computes what it would in line (``nc_metrics``
+    cuts its work into one part per torch thread, §17.10), and a second CPU core to run it on."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -952,7 +953,13 @@ class _Recorder:
         self, state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, overlap: bool
     ):
         self._state, self._data, self._config, self._out = state, data, config, out
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ufm-measure") if overlap else None
+        # A new thread takes torch's thread count of the moment; it is fixed here, whatever happens
+        # to the caller's count later.
+        self._pool = (
+            ThreadPoolExecutor(1, "ufm-measure", initializer=torch.set_num_threads, initargs=(1,))
+            if overlap
+            else None
+        )
         self._copy: HomogeneousNet | None = None
         self._pending: tuple[Future, dict] | None = None
 
