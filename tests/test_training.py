@@ -535,7 +535,15 @@ def test_measuring_beside_the_training_writes_what_measuring_in_line_writes(
     """Measurements on a second thread (while the next epoch trains) give the same history, bit for
     bit, the same history.csv, singular_values.csv and checkpoints as measurements in line."""
     cfg = TrainConfig(**(TINY | dict(epochs=5, checkpoint_every=2, weight_norm=weight_norm)))
-    runs = {}
+    runs, checkpoints = {}, {False: [], True: []}  # every checkpoint as it was written
+    atomic_write = training.atomic_write
+
+    def keeping(path, write):
+        atomic_write(path, write)
+        if path.name == "checkpoint.pt":
+            checkpoints[path.parent.name == "True"].append(torch.load(path, weights_only=True))
+
+    monkeypatch.setattr(training, "atomic_write", keeping)
     for overlap in (False, True):
         monkeypatch.setattr(training, "_overlap_possible", lambda overlap=overlap: overlap)
         runs[overlap] = train(cfg, out=tmp_path / str(overlap), progress=False, dataset=data)
@@ -545,8 +553,16 @@ def test_measuring_beside_the_training_writes_what_measuring_in_line_writes(
     for name in ("history.csv", "singular_values.csv", "final.json"):
         a, b = ((tmp_path / str(o) / name).read_text() for o in (False, True))
         assert a == b or name == "final.json" and json.loads(a) == json.loads(b), name
-    a, b = (torch.load(tmp_path / str(o) / "checkpoint.pt", weights_only=True) for o in (False, True))
-    assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [c["epoch"] for c in checkpoints[True]] == [c["epoch"] for c in checkpoints[False]] == [2, 4, 5]
+    for a, b in zip(*checkpoints.values()):
+        assert a["history"] == b["history"] and a["nsteps"] == b["nsteps"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert torch.equal(a["shuffle"], b["shuffle"])
+        momenta = (
+            torch.cat([s["momentum_buffer"].flatten() for s in c["optimizer"]["state"].values()])
+            for c in (a, b)
+        )
+        assert torch.equal(*momenta)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -586,9 +602,37 @@ def test_an_interrupted_run_keeps_every_measurement_taken(tmp_path, data, monkey
     monkeypatch.setattr(training, "_overlap_possible", lambda: overlap)
     monkeypatch.setattr(training, "_run_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**(TINY | dict(epochs=6))), out=tmp_path, progress=False, dataset=data)
+        train(
+            TrainConfig(**(TINY | dict(epochs=6, checkpoint_every=3))),
+            out=tmp_path,
+            progress=False,
+            dataset=data,
+        )
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # epoch 3's, written after its row
+    assert saved["epoch"] == 3 and len(training._saved_list(saved["history"])[0]) == 4
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_diverged_run_names_the_checkpoint_it_keeps(tmp_path, data, monkeypatch, overlap):
+    """Epoch 5 diverges: the checkpoint of epoch 4 (written after its measurement, which may still be
+    pending on the second thread when epoch 5 ends) is on disk and named in the message."""
+    run_epoch = training._run_epoch
+
+    def diverging(state, *args, **kwargs):
+        if state.epoch == 4:
+            return training._Divergence(state.nsteps + 1, math.inf)
+        return run_epoch(state, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_overlap_possible", lambda: overlap)
+    monkeypatch.setattr(training, "_run_epoch", diverging)
+    cfg = TrainConfig(**(TINY | dict(epochs=6, checkpoint_every=2)))
+    result = train(cfg, out=tmp_path, progress=False, dataset=data)
+    assert result.status == 1 and "diverged in epoch 5" in result.message
+    assert "epoch 4) is kept" in result.message
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 4 and len(training._saved_list(saved["history"])[0]) == 5
 
 
 def test_measurements_beside_the_training_run_on_one_torch_thread(data, monkeypatch):

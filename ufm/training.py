@@ -52,6 +52,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -738,22 +739,33 @@ class _Checkpoint:
         state.noise = saved["noise"]
         self.saved_epoch = saved["epoch"]
 
-    def save(self, state: _TrainState, config: TrainConfig) -> None:
-        saved = {  # the keys of CHECKPOINT_KEYS
-            "identity": _identity(config),
-            "epoch": state.epoch,
-            "nsteps": state.nsteps,
-            "history": state.history_json.parts(state.history),
-            "noise": state.noise,
-            "spectra": state.spectra_json.parts(state.spectra),
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "shuffle": state.shuffle.get_state(),
-        }
-        # atomic: a crash never leaves half a file, a full disk no temporary file
-        atomic_write(self.path, lambda tmp: torch.save(saved, tmp))
-        self.saved_epoch = state.epoch
+    def writer(self, state: _TrainState, config: TrainConfig) -> Callable[[], None]:
+        """A function that writes the checkpoint of ``state`` as it is now, with the history and the
+        spectra as they are when it is called: a copy of the training state, so that it can be
+        written after the next epoch has changed it (:meth:`_Recorder.after`)."""
+        saved = copy.deepcopy(
+            {  # the keys of CHECKPOINT_KEYS but the history and the spectra
+                "identity": _identity(config),
+                "epoch": state.epoch,
+                "nsteps": state.nsteps,
+                "noise": state.noise,
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "shuffle": state.shuffle.get_state(),
+            }
+        )
+
+        def write() -> None:
+            lists = {
+                "history": state.history_json.parts(state.history),
+                "spectra": state.spectra_json.parts(state.spectra),
+            }
+            # atomic: a crash never leaves half a file, a full disk no temporary file
+            atomic_write(self.path, lambda tmp: torch.save(saved | lists, tmp))
+            self.saved_epoch = saved["epoch"]
+
+        return write
 
     def kept(self) -> str:
         """What divergence leaves on disk, for the message."""
@@ -837,11 +849,12 @@ def _run_epoch(
     data: _Tensors,
     config: TrainConfig,
     order: torch.Tensor,
-    reference_loss: float,
+    reference_loss: Callable[[], float],
     noise: _SGDNoise | None = None,
 ) -> _Divergence | None:
     """SGD steps over the mini-batches of ``order`` (n,), on its device, each step added to ``noise``
-    when given; returns the first mini-batch whose loss diverged, or None.
+    when given; returns the first mini-batch whose loss diverged (against ``reference_loss()``, asked
+    for at the end of the epoch: the first epoch runs while epoch 0 is measured), or None.
 
     The mini-batch losses stay on the device and are read back once, at the end of the epoch: a GPU
     never waits for the host inside the epoch. Steps after a diverged one are still taken, on weights
@@ -857,8 +870,9 @@ def _run_epoch(
         state.nsteps += 1
         if noise is not None:
             noise.add(model, data.x_probe)
+    reference = reference_loss()
     for j, value in enumerate(torch.stack(losses).tolist()):  # batch_size <= n: one step at least
-        if _diverged(value, reference_loss):
+        if _diverged(value, reference):
             return _Divergence(first_step + j, value)
     return None
 
@@ -945,9 +959,10 @@ class _Recorder:
 
     Each is taken on a copy of the network made right after its epoch, so its row is the same
     wherever it runs. With ``overlap`` it runs on a second thread while the next epoch trains
-    (docs/theory.md §18): one measurement at most is pending, and ``wait`` collects it, as the
-    run does before every checkpoint, refinement and the end, so what is on disk is what a run
-    measuring in line would have written. Its errors are raised when it is collected."""
+    (docs/theory.md §18): one measurement at most is pending; it is collected by the next one and
+    by ``wait``, as the run does before a refinement and at the end, and a checkpoint of its epoch
+    is written after it (``after``), so what is on disk is what a run measuring in line would have
+    written. Its errors are raised when it is collected, before anything after it is written."""
 
     def __init__(
         self, state: _TrainState, data: _Tensors, config: TrainConfig, out: Path | None, overlap: bool
@@ -962,6 +977,7 @@ class _Recorder:
         )
         self._copy: HomogeneousNet | None = None
         self._pending: tuple[Future, dict] | None = None
+        self._then: list[Callable[[], None]] = []  # to run once the pending measurement is appended
 
     def submit(self, lr: float, refined: bool = False) -> None:
         """Measure the network after ``state.epoch``, which trained at learning rate ``lr``
@@ -985,16 +1001,33 @@ class _Recorder:
         self.submit(lr, refined)
         return self.wait()
 
+    def first(self) -> dict:
+        """The history's first row (the measurement of epoch 0), collected if it is pending."""
+        if len(self._state.history) == 0:
+            self._collect()
+        return self._state.history[0]
+
     def wait(self) -> dict:
         """Append (and write) the pending measurement, if any; the history's last row."""
         self._collect()
         return self._state.history[-1]
 
+    def after(self, then: Callable[[], None]) -> None:
+        """Run ``then`` (on this thread) once the pending measurement is appended, now if none is;
+        not at all if it fails."""
+        if self._pending is None:
+            then()
+        else:
+            self._then.append(then)
+
     def _collect(self) -> None:
         if self._pending is not None:
             future, header = self._pending
-            self._pending = None
+            self._pending, then = None, self._then
+            self._then = []
             self._append(header, *future.result())
+            for fn in then:
+                fn()
 
     def close(self, *, keep: bool = True) -> None:
         """Stop the thread; ``keep``: after collecting the pending measurement (if it fails, the
@@ -1168,9 +1201,12 @@ def _epochs(
     from ._progress import progress_bar
 
     if state.epoch == 0 and not state.history:
-        recorder.record(lr=state.lr)
+        recorder.submit(lr=state.lr)
     model, n = state.model, data.y_train.shape[0]
-    reference_loss = state.history[0]["train_loss"]
+
+    def reference_loss() -> float:
+        return recorder.first()["train_loss"]
+
     last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     status, message = 0, f"finished {config.epochs} epochs"
     bar = progress_bar(range(state.epoch + 1, last_epoch + 1), enabled=progress, desc="train", unit="epoch")
@@ -1181,6 +1217,7 @@ def _epochs(
         diverged = _run_epoch(state, data, config, order, reference_loss, noise)
         if diverged is not None:
             status = 1
+            recorder.wait()  # and the checkpoint after it, which the message names
             message = _divergence_message(epoch, diverged.step, diverged.loss, config, checkpoint.kept())
             break
         lr_used = state.lr
@@ -1195,8 +1232,7 @@ def _epochs(
                 loss=f"{row['train_loss']:.3g}", acc=f"{row['train_acc']:.3f}", nc1=f"{row['nc1']:.3g}"
             )
         if checkpoint.path is not None and (epoch % config.checkpoint_every == 0 or epoch == last_epoch):
-            recorder.wait()  # the checkpoint holds the history up to its epoch
-            checkpoint.save(state, config)
+            recorder.after(checkpoint.writer(state, config))  # it holds the history up to its epoch
     bar.close()
     recorder.wait()
     return status, message, last_epoch

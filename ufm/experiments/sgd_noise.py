@@ -238,7 +238,7 @@ def _continue(
     for epoch in range(1, burn_in + window + 1):
         noise = _SGDNoise(len(model.layers), tracker=lambda: _EpochMoments(m)) if epoch > burn_in else None
         batches = _epoch_order(state, config, n).to(start.device)
-        if _run_epoch(state, start.data, config, batches, start.reference_loss, noise) is not None:
+        if _run_epoch(state, start.data, config, batches, lambda: start.reference_loss, noise) is not None:
             raise ValueError(
                 f"SGD diverged continuing {start.run} at lr={lr:g}, batch size {batch_size} ({order} order) "
                 f"in epoch {epoch}; lower the sweep's learning rates"
