@@ -1029,10 +1029,11 @@ class _Recorder:
             for fn in then:
                 fn()
 
-    def close(self, *, keep: bool = True) -> None:
-        """Stop the thread; ``keep``: after collecting the pending measurement (if it fails, the
-        error that ended the run is the one reported)."""
-        if keep and self._pending is not None:
+    def close(self) -> None:
+        """Collect the pending measurement, as a run ending on an error or an interruption keeps every
+        measurement taken (if it fails, the error that ended the run is the one reported); stop the
+        thread."""
+        if self._pending is not None:
             with contextlib.suppress(Exception):
                 self._collect()
         if self._pool is not None:
