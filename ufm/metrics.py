@@ -56,10 +56,17 @@ _CHUNK_ELEMENTS = 2**21
 # ~0.2 ms (its checks and its hand-off to the row parts' threads), 13 times per pass at (50k, 512).
 _PASS1_CHUNK_ELEMENTS = 2**23
 
-# Float32 features are cast (pass 1) or centred (pass 2) in row blocks of about this many entries
-# (1 MiB in float32), which stay in the CPU's L2 cache between the cast and its use: memory traffic stays
-# that of reading the features once per pass. Pass 2's product runs in such blocks for float64 too.
+# Float32 features are cast (pass 1) or centred (pass 2) in row blocks that stay in the CPU's L2 cache
+# between the cast and its use: memory traffic stays that of reading the features once per pass.
+# Pass 2 centres float32 in blocks of _BLOCK_ELEMENTS entries (1 MiB), and its product runs in such
+# blocks for float64 too (half as many entries made float64 (50k, 2048, 100) 6-7% slower: 846 against
+# 795 ms). Pass 1's cast writes float64, so its blocks hold half as many entries, 1 MiB of float64 too:
+# float32 nc_metrics, one thread, best of 5 alternating in one process (best of 3 at p = 2048), torch /
+# NumPy input, 2^17 against 2^18 entries: (50k, 512, 10) 57.6 / 57.8 against 61.8 / 61.5 ms, (200k,
+# 512, 10) 223 / 218 against 235 / 245 ms, (50k, 2048, 100) 619 / 624 against 629 / 640 ms (2^16:
+# between the two; Intel Xeon VM, 2 MiB of L2 a core, 2026-12-06).
 _BLOCK_ELEMENTS = 2**18
+_CAST_BLOCK_ELEMENTS = 2**17
 
 # Pass 2's statistics run inside the row parts when a part's product has at least this many entries
 # ((r + C) x its rows; NCAccumulator._update_projected), else on the calling thread after the product.
@@ -485,17 +492,21 @@ class NCAccumulator:
     def _cast(self, X: torch.Tensor, part: int) -> torch.Tensor:
         """A block of features in the accumulators' dtype: itself, or cast. On the CPU the cast goes into
         a buffer kept for each row part rather than a fresh float64 block each time (pass 1's loop over
-        float32 (50k, 512) features, blocks of 512 rows: 27.5 against 30.2 ms, best of 7, one thread)."""
+        float32 (50k, 512) features, blocks of 512 rows: 27.5 against 30.2 ms, best of 7, one thread),
+        of ``_CAST_BLOCK_ELEMENTS`` entries."""
         if X.dtype == self._dtype:
             return X
         if X.device.type != "cpu":
             return X.to(self._dtype)
-        return self._buffer(self._cast_buffers, part, self._dtype)[: X.shape[0]].copy_(X)
+        buffer = self._buffer(self._cast_buffers, part, self._dtype, _CAST_BLOCK_ELEMENTS)
+        return buffer[: X.shape[0]].copy_(X)
 
-    def _buffer(self, buffers: dict[int, torch.Tensor], part: int, dtype: torch.dtype) -> torch.Tensor:
-        """Row part ``part``'s scratch block (rows of a _BLOCK_ELEMENTS block, p) in ``dtype``, made once."""
+    def _buffer(
+        self, buffers: dict[int, torch.Tensor], part: int, dtype: torch.dtype, elements: int
+    ) -> torch.Tensor:
+        """Row part ``part``'s scratch block (rows of an ``elements`` block, p) in ``dtype``, made once."""
         if part not in buffers:
-            buffers[part] = torch.empty(_rows_per(self.p, _BLOCK_ELEMENTS), self.p, dtype=dtype)
+            buffers[part] = torch.empty(_rows_per(self.p, elements), self.p, dtype=dtype)
         return buffers[part]
 
     def end_first_pass(self) -> None:
@@ -677,7 +688,8 @@ class NCAccumulator:
             return X
         if X.device.type != "cpu":
             return X - self._shift
-        return torch.sub(X, self._shift, out=self._buffer(self._centre_buffers, part, X.dtype)[: X.shape[0]])
+        buffer = self._buffer(self._centre_buffers, part, X.dtype, _BLOCK_ELEMENTS)
+        return torch.sub(X, self._shift, out=buffer[: X.shape[0]])
 
     def result(self) -> NCMetrics:
         """The metrics, after both passes."""
@@ -723,7 +735,7 @@ def _row_blocks(X: torch.Tensor, dtype: torch.dtype) -> Iterable[slice]:
     CPU, or on a GPU (whose memory bandwidth makes a whole-batch cast cheap)."""
     if X.dtype == dtype or X.device.type != "cpu":
         return (slice(None),)
-    return _row_chunks(X.shape[0], X.shape[1], _BLOCK_ELEMENTS)
+    return _row_chunks(X.shape[0], X.shape[1], _CAST_BLOCK_ELEMENTS)
 
 
 def _output_moments(out_t: torch.Tensor, y: torch.Tensor) -> tuple[_BatchMoments, _BatchMoments]:
