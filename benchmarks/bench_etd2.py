@@ -26,9 +26,11 @@ The targets T (C, n) are the problem's (cached on it before any of these), as fo
 gradient.
 
 Usage: python benchmarks/bench_etd2.py [--evals 200] [--runs 3] [--repeats 2]
-BLAS runs on one thread unless OMP_NUM_THREADS / OPENBLAS_NUM_THREADS say otherwise: on the shared
-2-core machine, with the default two threads, the first row had not finished after 15 minutes
-(2026-12-02); with one, two tables took 2 minutes.
+BLAS runs on one thread unless OMP_NUM_THREADS / OPENBLAS_NUM_THREADS say otherwise, for steadier
+ratios on a shared machine. With two threads on the shared 2-core machine the first row had not
+finished after 15 minutes (2026-12-02): the library's axpys woke SciPy's OpenBLAS pool beside NumPy's
+(docs/theory.md §13.3, "Thread pools"). Since that was fixed (2026-12-06, Intel Xeon VM, 2 cores)
+one table with two threads takes 1 min 55 s, and two with one thread about 3.5 minutes.
 Each table is printed --repeats times, so the spread on a busy machine can be read off. The baseline
 is bimodal: its fresh (p, n) arrays page-fault on some calls and not on others (3.7 against 9.0 ms
 at C = 10 in two tables of one run, 2026-12-02, load average 1.6-2.0), which moves every ratio of

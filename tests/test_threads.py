@@ -1,6 +1,7 @@
 """Row parts side by side (ufm._threads): the split covers the rows in whole blocks, the parts' results
 come back in order with their exceptions, each part runs on one torch thread, a forked child gets a
-pool of its own, and nc_metrics gives the same answer on one thread as in parts."""
+pool of its own, and nc_metrics gives the same answer on one thread as in parts. And the flows' axpy
+(ufm._blocks.add_scaled) never wakes SciPy's BLAS pool beside NumPy's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ufm import NCAccumulator, _threads, nc_metrics
+from ufm import NCAccumulator, _blocks, _threads, nc_metrics
 
 
 @pytest.mark.parametrize(
@@ -141,3 +142,28 @@ def test_nc_metrics_in_parts_equals_one_thread(monkeypatch, dtype, stats_in_part
             # atol for the rounding-noise C-th singular value of the centred means (rank C - 1)
             atol = 1e-12 * np.max(np.abs(value))
             np.testing.assert_allclose(split[key], value, rtol=1e-12, atol=atol, err_msg=key)
+
+
+# OpenBLAS runs an axpy of at most this many entries on the calling thread (interface/axpy.c:
+# "if (n <= 10000) nthreads = 1"); SciPy's wheels bring their own OpenBLAS, with a pool of its own.
+OPENBLAS_AXPY_SINGLE_THREAD = 10_000
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_add_scaled_in_single_threaded_blas_calls(monkeypatch, contiguous):
+    """add_scaled(y, a, x) on NumPy float64 gives y + a x (to the last bit a fused multiply-add may move:
+    within 2 eps (|y| + |a x|) an entry), in SciPy daxpy calls that together cover every entry once, none
+    longer than OpenBLAS's single-thread limit, so SciPy's pool is never woken beside NumPy's (with the
+    default threads on 2 cores one ETD2 evaluation took 276 ms instead of 10, docs/theory.md §13.3).
+    A strided y goes through f2py's copy and is written back."""
+    sizes = []
+    daxpy = _blocks._daxpy()
+    monkeypatch.setattr(_blocks, "_daxpy", lambda: lambda x, y, a: sizes.append(x.size) or daxpy(x, y, a=a))
+    rng = np.random.default_rng(3)
+    n, a = 3 * OPENBLAS_AXPY_SINGLE_THREAD + 7, -0.37
+    x = rng.standard_normal(n)
+    y = rng.standard_normal(n) if contiguous else rng.standard_normal((n, 2))[:, 1]
+    expected, bound = y + a * x, 2 * np.finfo(float).eps * (np.abs(y) + np.abs(a * x))
+    _blocks.add_scaled(y, a, x)
+    assert np.all(np.abs(y - expected) <= bound)
+    assert sum(sizes) == n and max(sizes) <= OPENBLAS_AXPY_SINGLE_THREAD
