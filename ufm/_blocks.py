@@ -34,9 +34,9 @@ def add_scaled(y: Any, a: float, x: Any) -> None:
     can differ from ``y + a * x`` in the last bit), in calls of at most ``AXPY_CHUNK`` entries; on
     torch ``add_`` with ``alpha``. SciPy's ``daxpy`` runs on SciPy's own OpenBLAS, whose thread pool
     is not NumPy's: a longer call woke that pool beside NumPy's, whose threads were still spinning
-    after the gradient's products, and with the default threads on 2 cores an ETD2 evaluation at (C,
-    N, p) = (10, 1600, 64) took 276 ms instead of 10 (docs/theory.md §13.3). OpenBLAS runs an axpy of
-    at most 10,000 entries on the calling thread (``interface/axpy.c``)."""
+    after the gradient's products: with the default threads on 2 cores an ETD2 evaluation at (C, N,
+    p) = (10, 1600, 64) took 276-282 ms instead of 10-12 (docs/theory.md §13.3). OpenBLAS runs an
+    axpy of at most 10,000 entries on the calling thread (``interface/axpy.c``)."""
     if not isinstance(y, np.ndarray):
         y.add_(x, alpha=a)
         return
