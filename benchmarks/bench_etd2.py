@@ -30,7 +30,7 @@ BLAS runs on one thread unless OMP_NUM_THREADS / OPENBLAS_NUM_THREADS say otherw
 ratios on a shared machine. With two threads on the shared 2-core machine the first row had not
 finished after 15 minutes (2026-12-02): the library's axpys woke SciPy's OpenBLAS pool beside NumPy's
 (docs/theory.md §13.3, "Thread pools"). Since that was fixed (2026-12-06, Intel Xeon VM, 2 cores)
-one table with two threads takes 1 min 55 s, and two with one thread about 3.5 minutes.
+one table with two threads takes 1 min 55 s, and two with one thread 3.7-4.3 minutes.
 Each table is printed --repeats times, so the spread on a busy machine can be read off. The baseline
 is bimodal: its fresh (p, n) arrays page-fault on some calls and not on others (3.7 against 9.0 ms
 at C = 10 in two tables of one run, 2026-12-02, load average 1.6-2.0), which moves every ratio of

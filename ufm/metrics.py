@@ -64,7 +64,7 @@ _PASS1_CHUNK_ELEMENTS = 2**23
 # float32 nc_metrics, one thread, best of 5 alternating in one process (best of 3 at p = 2048), torch /
 # NumPy input, 2^17 against 2^18 entries: (50k, 512, 10) 57.6 / 57.8 against 61.8 / 61.5 ms, (200k,
 # 512, 10) 223 / 218 against 235 / 245 ms, (50k, 2048, 100) 619 / 624 against 629 / 640 ms (2^16:
-# between the two; Intel Xeon VM, 2 MiB of L2 a core, 2026-12-06).
+# 58.1 / 57.9, 231 / 230 and 613 / 611 ms; Intel Xeon VM, 2 MiB of L2 a core, 2026-12-06).
 _BLOCK_ELEMENTS = 2**18
 _CAST_BLOCK_ELEMENTS = 2**17
 
