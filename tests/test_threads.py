@@ -1,18 +1,21 @@
 """Row parts side by side (ufm._threads): the split covers the rows in whole blocks, the parts' results
 come back in order with their exceptions, each part runs on one torch thread, a forked child gets a
 pool of its own, and nc_metrics gives the same answer on one thread as in parts. And the flows' axpy
-(ufm._blocks.add_scaled) never wakes SciPy's BLAS pool beside NumPy's."""
+(ufm._blocks.add_scaled) never wakes SciPy's BLAS pool beside NumPy's, and L-BFGS-B runs SciPy's BLAS
+on one thread (ufm._threads.scipy_blas_on_one_thread)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import multiprocessing
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ufm import NCAccumulator, _blocks, _threads, nc_metrics
+from ufm import NCAccumulator, UFMProblem, _blocks, _threads, nc_metrics, optimize
 
 
 @pytest.mark.parametrize(
@@ -167,3 +170,66 @@ def test_add_scaled_in_single_threaded_blas_calls(monkeypatch, contiguous):
     _blocks.add_scaled(y, a, x)
     assert np.all(np.abs(y - expected) <= bound)
     assert sum(sizes) == n and max(sizes) <= OPENBLAS_AXPY_SINGLE_THREAD
+
+
+def _scipy_wheel_blas() -> set[str]:
+    """Real paths of the shared libraries SciPy's installed distribution lists in its RECORD."""
+    files = importlib.metadata.files("scipy") or []
+    suffixes = (".so", ".dylib", ".dll")
+    return {str(Path(f.locate()).resolve()) for f in files if any(s in f.name for s in suffixes)}
+
+
+def _blas_threads() -> dict[str, int]:
+    """{real path: thread count} of every BLAS library loaded, as threadpoolctl reads them."""
+    from threadpoolctl import threadpool_info
+
+    return {
+        str(Path(i["filepath"]).resolve()): i["num_threads"]
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    }
+
+
+@pytest.fixture
+def scipy_blas_on_two_threads():
+    """SciPy's wheel's own BLAS on two threads (so that a limit to one shows); its path and the counts."""
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS)
+    from threadpoolctl import threadpool_limits
+
+    own = _scipy_wheel_blas() & set(_blas_threads())
+    if not own:
+        pytest.skip("SciPy links no BLAS of its own here (one pool, shared with NumPy): nothing to limit")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if any(before[path] < 2 for path in own):
+            pytest.skip("SciPy's BLAS cannot run two threads on this machine")
+        yield own, before
+
+
+def test_scipy_blas_on_one_thread_limits_only_scipys_own(scipy_blas_on_two_threads):
+    """Inside the context the BLAS that SciPy's wheel installs (its RECORD) runs one thread and every
+    other BLAS (NumPy's) keeps its count; on exit every count is back."""
+    own, before = scipy_blas_on_two_threads
+    with _threads.scipy_blas_on_one_thread():
+        inside = _blas_threads()
+    assert {path: inside[path] for path in own} == {path: 1 for path in own}
+    assert {p: n for p, n in inside.items() if p not in own} == {
+        p: n for p, n in before.items() if p not in own
+    }
+    assert _blas_threads() == before
+
+
+def test_minimize_loss_runs_lbfgs_with_scipys_blas_on_one_thread(monkeypatch, scipy_blas_on_two_threads):
+    """Every gradient L-BFGS-B asks for sees SciPy's BLAS on one thread (there its vector work and
+    NumPy's products do not compete: 2.6x faster per evaluation at 64k parameters, bench_lbfgs.py),
+    and the end point's gradient after the run sees it restored."""
+    own, before = scipy_blas_on_two_threads
+    seen = []
+    real = optimize.loss_and_grad
+    monkeypatch.setattr(
+        optimize, "loss_and_grad", lambda *a: seen.append({p: _blas_threads()[p] for p in own}) or real(*a)
+    )
+    optimize.minimize_loss(UFMProblem(3, 2, 1e-2, 1e-2), 4, n_starts=1, classify=False)
+    assert len(seen) > 2
+    assert all(counts == {p: 1 for p in own} for counts in seen[:-1])
+    assert seen[-1] == {p: before[p] for p in own}

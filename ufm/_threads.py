@@ -1,10 +1,12 @@
 """Threads for CPU work: one torch thread for small computations on a shared CPU (training's SVDs,
-critical's Hessians), and row parts of a big computation run side by side on our own threads
-(``nc_metrics``' passes, docs/theory.md §17.10)."""
+critical's Hessians), row parts of a big computation run side by side on our own threads
+(``nc_metrics``' passes, docs/theory.md §17.10), and SciPy's own BLAS on one thread beside NumPy's
+(L-BFGS-B, docs/theory.md §13.3)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -29,6 +31,45 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def scipy_blas_on_one_thread():
+    """Run the enclosed SciPy work with the BLAS that SciPy's wheel brings on one thread.
+
+    SciPy's wheels bundle an OpenBLAS of their own beside NumPy's, each with its own pool of threads,
+    and a pool that has just worked keeps its threads spinning (docs/theory.md §13.3). L-BFGS-B's
+    vector operations run on SciPy's; the gradients between them on NumPy's. With both pools on the
+    2-core Intel Xeon VM (2026-12-06, ``benchmarks/bench_lbfgs.py``), an evaluation of
+    ``minimize_loss`` at (C, N, p) = (10, 100, 64) took 27.0 ms, its gradient 3.5 ms (0.3 ms alone);
+    with SciPy's on one thread 10.4 ms. At 1.0M parameters, (10, 1600, 64): 268 against 193 ms.
+    Only libraries installed inside SciPy's own package are limited: where SciPy links the BLAS
+    NumPy uses (conda, Linux distributions) there is one pool, left as it is. The counts are
+    restored on exit.
+    """
+    limited = _scipy_own_blas()
+    if limited is None:
+        yield
+        return
+    with limited.limit(limits=1):
+        yield
+
+
+@functools.cache
+def _scipy_own_blas() -> Any:
+    """A ``threadpoolctl.ThreadpoolController`` of the BLAS libraries loaded from SciPy's installed
+    package (``scipy/`` or its wheel's ``scipy.libs/``), or None where there are none."""
+    import scipy
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, so that it is found)
+    from threadpoolctl import ThreadpoolController
+
+    package = os.path.realpath(os.path.dirname(scipy.__file__))
+    roots = (os.path.join(package, ""), os.path.join(package + ".libs", ""))
+    controller = ThreadpoolController().select(user_api="blas")
+    own = [
+        lib.filepath for lib in controller.lib_controllers if os.path.realpath(lib.filepath).startswith(roots)
+    ]
+    return controller.select(filepath=own) if own else None
 
 
 def row_parts(n: int, block_rows: int, parts: int) -> list[slice]:

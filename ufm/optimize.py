@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
+from ._threads import scipy_blas_on_one_thread
 from ._validation import check_positive_int
 from .critical import CriticalPoint, classify_point
 from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
@@ -110,10 +111,11 @@ def minimize_loss(
             value, grad = loss_and_grad(problem, UFMParams.unravel(like, theta))
             return value, grad.ravel()
 
-        res = minimize(
-            fun, x0.ravel(), jac=True, method="L-BFGS-B",
-            options={"ftol": FTOL, "gtol": GTOL, "maxiter": MAXITER, "maxfun": 2 * MAXITER, "maxcor": 30},
-        )  # fmt: skip
+        with scipy_blas_on_one_thread():  # L-BFGS-B's vector work beside NumPy's gradients
+            res = minimize(
+                fun, x0.ravel(), jac=True, method="L-BFGS-B",
+                options={"ftol": FTOL, "gtol": GTOL, "maxiter": MAXITER, "maxfun": 2 * MAXITER, "maxcor": 30},
+            )  # fmt: skip
         nfev += res.nfev
         runs.append((res.fun, res, x0))
     losses = np.array([r[0] for r in runs])
