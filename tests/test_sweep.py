@@ -41,6 +41,32 @@ def toy_check(settings: dict) -> None:
         raise ValueError("x is NaN")
 
 
+def threads_run(settings: dict) -> dict:
+    """The thread counts a worker's libraries run on: torch's, and the most of any BLAS or OpenMP
+    pool loaded (threadpoolctl's reading), after a NumPy product has started NumPy's pool."""
+    import numpy as np
+    import torch
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 64)) @ np.ones((64, 64))
+    return {"torch": torch.get_num_threads(), "pools": max(i["num_threads"] for i in threadpool_info())}
+
+
+def test_local_workers_share_the_cores(monkeypatch, tmp_path):
+    """Two local workers on a machine of k >= 2 cores run every library on k // 2 threads each, not
+    k (with both on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s, docs/theory.md §13.3)."""
+    from ufm._threads import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("one core: every pool has one thread anyway")
+    monkeypatch.setitem(RUNNERS, "threads", Runner(threads_run, {"i": ((int,), 0)}, lambda settings: None))
+    config = {"kind": "threads", "grid": {"i": [0, 1, 2, 3]}, "out": str(tmp_path / "threads.csv")}
+    res = run_sweep(config, workers=2, progress=False)
+    rows = read_table(res.table)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert {(r["torch"], r["pools"]) for r in rows} == {(usable_cores() // 2, usable_cores() // 2)}
+
+
 @pytest.fixture
 def toy(monkeypatch, tmp_path):
     """Register the toy runner as kind "toy"; returns a config factory and a call counter."""

@@ -1,13 +1,14 @@
 """Threads for CPU work: one torch thread for small computations on a shared CPU (training's SVDs,
 critical's Hessians), row parts of a big computation run side by side on our own threads
-(``nc_metrics``' passes, docs/theory.md §17.10), and SciPy's own BLAS on one thread beside NumPy's
-(L-BFGS-B, docs/theory.md §13.3)."""
+(``nc_metrics``' passes, docs/theory.md §17.10), SciPy's own BLAS on one thread beside NumPy's
+(L-BFGS-B), and a sweep worker's pools on its share of the cores (docs/theory.md §13.3)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,29 @@ def _scipy_own_blas() -> Any:
         lib.filepath for lib in controller.lib_controllers if os.path.realpath(lib.filepath).startswith(roots)
     ]
     return controller.select(filepath=own) if own else None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def limit_process_threads(threads: int) -> None:
+    """Run every thread pool of this process on ``threads`` threads from now on: BLAS and OpenMP
+    already loaded (NumPy's, SciPy's; through ``threadpoolctl``), torch's, and those of libraries
+    loaded later (their environment variables). For a worker process of a local sweep, beside
+    others on the same cores: each worker's libraries start one thread a core, and with two
+    workers on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s (docs/theory.md §13.3)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def row_parts(n: int, block_rows: int, parts: int) -> list[slice]:

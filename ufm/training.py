@@ -50,7 +50,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 
 from . import closed_form
-from ._threads import one_torch_thread
+from ._threads import one_torch_thread, usable_cores
 from ._validation import (
     EqualClassMeans,
     check_choice,
@@ -947,11 +946,7 @@ def _overlap_possible() -> bool:
     """Whether measurements can run beside the training: torch on one thread, so that a measurement
     on a second thread, on one torch thread too, computes what it would in line (``nc_metrics``
     cuts its work into one part per torch thread, §17.10), and a second CPU core to run it on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() == 1 and cores >= 2
+    return torch.get_num_threads() == 1 and usable_cores() >= 2
 
 
 class _Recorder:

@@ -39,7 +39,9 @@ A flow run's integrator settings follow the library's numerical policy: ``method
 budgets (a run that spends its budget is an "ok" row with ``flow_status`` 3 or 4).
 
 Execution: a local :class:`concurrent.futures.ProcessPoolExecutor` (processes from a fork server, which
-are safe with torch), or with ``scheduler="tcp://HOST:8786"`` a Dask distributed cluster. On an HPC batch
+are safe with torch; each runs its libraries' thread pools on its share of the cores, cores // workers
+threads, as Dask's nanny runs its workers' on one), or with ``scheduler="tcp://HOST:8786"`` a Dask
+distributed cluster. On an HPC batch
 system start the cluster with ``dask-jobqueue``, e.g.::
 
     from dask_jobqueue import SLURMCluster
@@ -74,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from .._threads import limit_process_threads, usable_cores
 from .._validation import check_choice, check_positive_int
 from ..dynamics import DEFAULT_METHOD, METHODS, gradient_flow
 from ..model import UFMProblem
@@ -702,9 +705,11 @@ def _worker_context():
     return ctx
 
 
-def _init_worker(sweep_pid: int) -> None:
-    """Start of every local worker: ignore SIGINT (the sweep stops its workers itself; a Ctrl-C
-    reaches the whole process group) and exit when the sweep that started it is gone."""
+def _init_worker(sweep_pid: int, threads: int) -> None:
+    """Start of every local worker: its libraries' thread pools on ``threads`` threads (its share of
+    the cores, ``ufm._threads.limit_process_threads``), ignore SIGINT (the sweep stops its workers
+    itself; a Ctrl-C reaches the whole process group) and exit when the sweep that started it is gone."""
+    limit_process_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ppid = os.getppid()
 
@@ -747,7 +752,7 @@ def _run_pool(
         max_workers=plan.workers,
         mp_context=_worker_context(),
         initializer=_init_worker,
-        initargs=(os.getpid(),),
+        initargs=(os.getpid(), max(1, usable_cores() // plan.workers)),
     )
     pending = (i for i in todo if still_todo(i))
     running: dict[Any, int] = {}
