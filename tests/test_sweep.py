@@ -48,13 +48,17 @@ def threads_run(settings: dict) -> dict:
     import torch
     from threadpoolctl import threadpool_info
 
+    from ufm.training import _overlap_possible
+
     np.ones((64, 64)) @ np.ones((64, 64))
-    return {"torch": torch.get_num_threads(), "pools": max(i["num_threads"] for i in threadpool_info())}
+    pools = max(i["num_threads"] for i in threadpool_info())
+    return {"torch": torch.get_num_threads(), "pools": pools, "overlap": _overlap_possible()}
 
 
 def test_local_workers_share_the_cores(monkeypatch, tmp_path):
     """Two local workers on a machine of k >= 2 cores run every library on k // 2 threads each, not
-    k (with both on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s, docs/theory.md §13.3)."""
+    k (with both on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s, docs/theory.md §13.3);
+    and training measures in line, not on a second thread that would take another worker's core."""
     from ufm._threads import usable_cores
 
     if usable_cores() < 2:
@@ -64,7 +68,8 @@ def test_local_workers_share_the_cores(monkeypatch, tmp_path):
     res = run_sweep(config, workers=2, progress=False)
     rows = read_table(res.table)
     assert [r["status"] for r in rows] == ["ok"] * 4
-    assert {(r["torch"], r["pools"]) for r in rows} == {(usable_cores() // 2, usable_cores() // 2)}
+    share = usable_cores() // 2
+    assert {(r["torch"], r["pools"], r["overlap"]) for r in rows} == {(share, share, False)}
 
 
 @pytest.fixture

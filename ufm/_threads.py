@@ -73,12 +73,18 @@ def _scipy_own_blas() -> Any:
     return controller.select(filepath=own) if own else None
 
 
+# This process's share of the cores when it is one of several workers on them (limit_process_threads).
+_share: int | None = None
+
+
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity where the OS tells it, else all)."""
+    """The CPU cores this process may run on: its affinity where the OS tells it (else all), at most
+    its share as a sweep worker (:func:`limit_process_threads`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return cores if _share is None else min(cores, _share)
 
 
 def limit_process_threads(threads: int) -> None:
@@ -86,7 +92,11 @@ def limit_process_threads(threads: int) -> None:
     already loaded (NumPy's, SciPy's; through ``threadpoolctl``), torch's, and those of libraries
     loaded later (their environment variables). For a worker process of a local sweep, beside
     others on the same cores: each worker's libraries start one thread a core, and with two
-    workers on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s (docs/theory.md §13.3)."""
+    workers on 2 cores a flow run took 1.7-17 s instead of 0.4-0.6 s (docs/theory.md §13.3). The
+    share also bounds :func:`usable_cores`, so that training measures in line rather than on a
+    core another worker runs on."""
+    global _share
+    _share = threads
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     from threadpoolctl import threadpool_limits
