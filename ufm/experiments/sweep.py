@@ -41,8 +41,7 @@ budgets (a run that spends its budget is an "ok" row with ``flow_status`` 3 or 4
 Execution: a local :class:`concurrent.futures.ProcessPoolExecutor` (processes from a fork server, which
 are safe with torch; each runs its libraries' thread pools on its share of the cores, cores // workers
 threads, as Dask's nanny runs its workers' on one), or with ``scheduler="tcp://HOST:8786"`` a Dask
-distributed cluster. On an HPC batch
-system start the cluster with ``dask-jobqueue``, e.g.::
+distributed cluster. On an HPC batch system start the cluster with ``dask-jobqueue``, e.g.::
 
     from dask_jobqueue import SLURMCluster
     cluster = SLURMCluster(cores=4, memory="16GB", walltime="02:00:00")
