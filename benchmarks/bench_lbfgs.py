@@ -30,8 +30,8 @@ from ufm.model import loss_and_grad
 SIZES = [(10, 100, 64), (10, 400, 64), (10, 1600, 64)]
 
 
-def _timed_run(problem: UFMProblem, p: int, limited: bool) -> tuple[float, float, int]:
-    """(ms per evaluation, ms per gradient inside the run, evaluations) of one minimize_loss call."""
+def _timed_run(problem: UFMProblem, p: int, limited: bool) -> tuple[float, float]:
+    """(ms per evaluation, ms per gradient inside the run) of one minimize_loss call."""
     inside = [0.0]
 
     def timed_loss_and_grad(*args, **kwargs):
@@ -52,7 +52,7 @@ def _timed_run(problem: UFMProblem, p: int, limited: bool) -> tuple[float, float
         optimize.loss_and_grad, optimize.scipy_blas_on_one_thread = saved
     # nfev counts L-BFGS-B's evaluations; minimize_loss adds one for the end point's gradient norm.
     calls = res.nfev + 1
-    return 1e3 * total / calls, 1e3 * inside[0] / calls, res.nfev
+    return 1e3 * total / calls, 1e3 * inside[0] / calls
 
 
 def main() -> None:
@@ -75,12 +75,12 @@ def main() -> None:
     for C, N, p in SIZES:
         problem = UFMProblem(C, N, 5e-4, 5e-4)
         x = UFMParams.random(problem, p, rng=np.random.default_rng(0))
-        alone = min(_best_gradient(problem, x) for _ in range(3))
+        alone = min(_gradient_ms(problem, x) for _ in range(3))
         runs = {True: [], False: []}
         for _ in range(args.rounds):
             for limited in (False, True):
                 runs[limited].append(_timed_run(problem, p, limited))
-        both, one = (min(runs[limited]) for limited in (False, True))
+        both, one = (min(runs[limited]) for limited in (False, True))  # the fastest run of each
         print(
             f"{C:>4} {N:>5} {p:>4} {x.ravel().size:>8} | {both[0]:>10.1f} {both[1]:>6.1f} |"
             f" {one[0]:>10.1f} {one[1]:>6.1f} | {alone:>6.1f} | {one[0] / both[0]:>6.2f}",
@@ -88,7 +88,8 @@ def main() -> None:
         )
 
 
-def _best_gradient(problem: UFMProblem, x: UFMParams) -> float:
+def _gradient_ms(problem: UFMProblem, x: UFMParams) -> float:
+    """One gradient's wall time, ms."""
     t0 = time.perf_counter()
     loss_and_grad(problem, x)
     return 1e3 * (time.perf_counter() - t0)
