@@ -16,11 +16,14 @@ in one process on the same state:
 and prints each per evaluation over ``gradient`` (target, issue 19: ETD2 under 1.2x), with the memory
 at the peak, in copies of the state (tracemalloc, NumPy's allocations; target: under 6):
 
-* ETD2 mem   ETD2 stepping as the driver does (the Evaluator with the field's ``field_into``), from a
-             fresh copy of the start, including the field's scratch (made at the first evaluation);
+* ETD2 mem   ETD2 stepping as the driver does (the Evaluator with the field's ``field_into``, and
+             ``overwrite_y0``), from a fresh copy of the start, including the field's scratch (made at
+             the first evaluation);
 * field mem  one evaluation of the field of a fresh system, with its input copy and its scratch;
-* flow mem   a whole ``gradient_flow`` call of 40 evaluations, from the start parameters: besides the
-             stepping, the system's own start state and its diagonal Lambda (one state each).
+* flow mem   a whole ``gradient_flow`` call of 40 evaluations, from the start parameters, with
+             ``n_records=2``: records at 0, at t = 0.01 (interpolated: that state and the field
+             there, two states for the moment) and at the end;
+* ends mem   the same call with records at 0 and at the end only (``t_eval=[0.0]``).
 
 The targets T (C, n) are the problem's (cached on it before any of these), as for the hand-written
 gradient.
@@ -108,13 +111,16 @@ def _peak_states(fn, nbytes: int) -> float:
     return peak / nbytes
 
 
-def _states_held(problem: UFMProblem, start: UFMParams, steps: int) -> tuple[float, float, float]:
-    """(ETD2 stepping as the driver does, one field evaluation, a whole flow): peak memory in states,
-    each on a fresh system (so the field's scratch, made at its first evaluation, is traced)."""
+def _states_held(problem: UFMProblem, start: UFMParams, steps: int) -> tuple[float, float, float, float]:
+    """(ETD2 stepping as the driver does, one field evaluation, a whole flow, one without an
+    interpolated record): peak memory in states, each on a fresh system (so the field's scratch, made
+    at its first evaluation, is traced)."""
 
     def stepping(system):
         fun = Evaluator(system.field, into=system.field_into)
-        solver = ETD2(fun, system.y0.copy(), 1e6, rtol=1e-5, atol=1e-7, linear=system.linear)
+        solver = ETD2(
+            fun, system.y0.copy(), 1e6, rtol=1e-5, atol=1e-7, linear=system.linear, overwrite_y0=True
+        )
         for _ in range(steps):
             fun(solver.y)  # the driver's check of the accepted state
             solver.step()
@@ -126,7 +132,8 @@ def _states_held(problem: UFMProblem, start: UFMParams, steps: int) -> tuple[flo
     field = _peak_states(lambda: system.field(system.y0.copy()), nbytes)
     run = dict(method="ETD2", tol=0.0, max_nfev=40, metrics=False, n_records=2, classify=False)
     flow = _peak_states(lambda: gradient_flow(problem, start, **run), nbytes)
-    return held, field, flow
+    ends = _peak_states(lambda: gradient_flow(problem, start, t_eval=[0.0], **run), nbytes)
+    return held, field, flow, ends
 
 
 def _row(C: int, N: int, p: int, evals: int, runs: int) -> str:
@@ -143,11 +150,11 @@ def _row(C: int, N: int, p: int, evals: int, runs: int) -> str:
     t_etd2 = _best_per_eval(lambda: gradient_flow(problem, start, **run), runs)
     steps = dict(lr=0.5, n_steps=evals, metrics=False, record_every=10**9, classify=False)
     t_gd = _best_per_eval(lambda: gradient_descent(problem, start, **steps), runs)
-    held, field, flow = _states_held(problem, start, steps=15)
+    held, field, flow, ends = _states_held(problem, start, steps=15)
     return (
         f"{C:>4} {N:>5} {p:>4} | {t_grad * 1e3:>8.3f} | {t_buf / t_grad:>8.2f} {t_field / t_grad:>6.2f}"
         f" {t_etd2 / t_grad:>6.2f} {t_gd / t_grad:>6.2f} {t_etd2 / t_gd:>8.2f} | {held:>8.1f} {field:>9.1f}"
-        f" {flow:>8.1f}"
+        f" {flow:>8.1f} {ends:>8.1f}"
     )
 
 
@@ -159,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     head = (
         f"{'C':>4} {'N':>5} {'p':>4} | {'grad ms':>8} | {'buffered':>8} {'field':>6} {'ETD2':>6} {'GD':>6}"
-        f" {'ETD2/GD':>8} | {'ETD2 mem':>8} {'field mem':>9} {'flow mem':>8}"
+        f" {'ETD2/GD':>8} | {'ETD2 mem':>8} {'field mem':>9} {'flow mem':>8} {'ends mem':>8}"
     )
     for k in range(args.repeats):
         print(f"# table {k + 1}: time per evaluation over the hand-written gradient; peak memory in states")

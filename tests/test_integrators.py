@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ufm.closed_form import ufm_optimum
-from ufm.dynamics import METHODS, gradient_flow
+from ufm.dynamics import METHODS, gradient_flow, linear_part
 from ufm.dynamics.flow import _gradient_system, _System, integrate
-from ufm.dynamics.integrators import ACCURATE_METHOD, DEFAULT_METHOD, Evaluator, _phi12
+from ufm.dynamics.integrators import ACCURATE_METHOD, DEFAULT_METHOD, ETD2, Diagonal, Evaluator, _phi12
 from ufm.model import UFMParams, UFMProblem, loss_and_grad
 
 T = 2.0  # horizon of the order tests: the flow still moves fast there (||grad L|| ~ 0.3)
@@ -231,9 +231,11 @@ def test_etd2_through_the_driver_holds_under_five_states_when_c_n_exceeds_the_st
 def test_a_flows_memory_does_not_grow_with_its_records():
     """Records are measured as the run passes their times, not kept as states (docs/theory.md §13.3):
     60 requested records (28 reached in 150 evaluations, most of them interpolated) peak within 1.5
-    states of 2 records (tracemalloc, in states of the flat parameters; measured here 7.4 and 8.3,
-    2026-12-03; when every record's state was kept, 37 records at (10, 1600, 64) took 43.2 states
-    against 9.3 for 2)."""
+    states of 2 records (tracemalloc, in states of the flat parameters; measured here 6.4 and 6.3,
+    2026-12-06; 7.4 and 8.3 while Lambda was a vector and y0 was kept; when every record's state was
+    kept, 37 records at (10, 1600, 64) took 43.2 states against 9.3 for 2). Without an interpolated
+    record a whole call peaks under 5.5 states (measured 5.17; 6.2 before): ETD2's four arrays, the
+    start state among them, and the scratch of the field and of the final record."""
     import tracemalloc
 
     problem = UFMProblem(4, 500, 5e-4, 5e-4)
@@ -250,6 +252,70 @@ def test_a_flows_memory_does_not_grow_with_its_records():
     (few, n_few), (many, n_many) = peak(2), peak(60)
     assert n_few <= 3 and n_many >= 20
     assert many - few < 1.5
+    tracemalloc.start()
+    gradient_flow(problem, start, method="ETD2", tol=0.0, max_nfev=150, t_eval=[0.0], metrics=False,
+                  classify=False)  # fmt: skip
+    ends_only = tracemalloc.get_traced_memory()[1] / start.ravel().nbytes
+    tracemalloc.stop()
+    assert ends_only < 5.5
+
+
+def test_diagonal_keeps_lambda_as_its_runs():
+    """Lambda as runs (``Diagonal``): the vector of ``linear_part`` equals the decays typed out block by
+    block, equal neighbours share a run and empty blocks vanish, and a vector given instead (the
+    contract allows it) comes back entry for entry."""
+    problem = UFMProblem(3, 4, 0.02, 0.05, lam_b=0.3)
+    x = UFMParams.random(problem, 5, rng=0)
+    typed = np.concatenate([np.full(5 * 12, -0.05), np.full(3 * 5, -0.02), np.full(3, -(0.3 + 1.0))])
+    lam = linear_part(problem, x)
+    np.testing.assert_array_equal(np.asarray(lam), typed)
+    assert lam.size == typed.size and len(lam.runs) == 3
+    merged = Diagonal.of([(2, -1.0), (0, 5.0), (3, -1.0), (1, 0.0)])
+    assert merged.runs == (slice(0, 5), slice(5, 6))
+    np.testing.assert_array_equal(merged.levels, [-1.0, 0.0])
+    vector = np.repeat([0.5, -2.0, 0.5, 0.0], [3, 1, 2, 4])
+    back = Diagonal.coerce(vector)
+    np.testing.assert_array_equal(np.asarray(back), vector)
+    assert len(back.runs) == 4
+
+
+def test_etd2_reusing_y0_takes_the_same_steps():
+    """``overwrite_y0`` (what the driver passes for its own start state) reuses y0's memory as a later
+    trial stage, and changes nothing else: the same states bit for bit after 12 steps; without it y0
+    is never written."""
+    problem = UFMProblem(4, 30, 5e-3, 5e-3)
+    system = _gradient_system(problem, UFMParams.random(problem, 8, rng=1))
+
+    def run(y0, overwrite):
+        fun = Evaluator(system.field, into=system.field_into)
+        solver = ETD2(fun, y0, 1e6, rtol=1e-5, atol=1e-7, linear=system.linear, overwrite_y0=overwrite)
+        for _ in range(12):
+            fun(solver.y)
+            assert solver.step() is None
+        return solver.y
+
+    kept, given = system.y0.copy(), system.y0.copy()
+    a, b = run(kept, False), run(given, True)
+    np.testing.assert_array_equal(kept, system.y0)
+    assert not np.array_equal(given, system.y0)  # its memory was reused
+    np.testing.assert_array_equal(a, b)
+
+
+def test_records_are_the_same_with_and_without_dense_output():
+    """A record interpolated without dense output (``dense(keep=False)``: ETD2 goes on reusing the
+    step's arrays) equals the same run's record with them kept for the dense output, bit for bit, and
+    the dense output at the record times gives the recorded losses (to 1e-12 relative)."""
+    problem = UFMProblem(3, 20, 0.01, 0.01)
+    start = UFMParams.random(problem, 6, rng=2)
+    kw = dict(method="ETD2", t_max=50.0, tol=0.0, n_records=25, metrics=False, classify=False)
+    plain, dense = gradient_flow(problem, start, **kw), gradient_flow(problem, start, dense_output=True, **kw)
+    assert plain.t.size == 25  # 0, 23 log-spaced times, t_max
+    np.testing.assert_array_equal(plain.t, dense.t)
+    np.testing.assert_array_equal(plain.loss, dense.loss)
+    from ufm.model import loss
+
+    at = [loss(problem, UFMParams.unravel(start, dense.sol(t))) for t in plain.t[1:-1]]
+    np.testing.assert_allclose(at, plain.loss[1:-1], rtol=1e-12)
 
 
 def test_phi_functions_match_high_precision():

@@ -40,7 +40,8 @@ import numpy as np
 from .._progress import progress_bar
 from .._validation import check_nonneg, check_positive_int
 from ..model import GradientWork, UFMParams, UFMProblem, check_params, loss_and_grad
-from .flow import FlowResult, _stack_records, _System, end_point, integrate, linear_part, record_state
+from .flow import FlowResult, _stack_records, _System, decay_parts, end_point, integrate, record_state
+from .integrators import Diagonal
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,10 @@ def _normalized_system(problem: UFMProblem, start: UFMParams) -> _System:
         return out
 
     # Weight decay acts on rho_k alone (rho' = -<V, G_data> - lam_k rho); it cancels out of V'.
-    full_lin = linear_part(problem, start)
-    n_w = sum(W.size for W in start.Ws)
-    lin = np.concatenate(
-        [full_lin[:nH], -np.asarray(problem.lam_layers), np.zeros(n_w), full_lin[nH + n_w :]]
+    decays = decay_parts(problem, nH, start.Ws, start.b)
+    lin = Diagonal.of(
+        [decays[0], *((1, -lam) for lam in problem.lam_layers), (sum(W.size for W in start.Ws), 0.0)]
+        + decays[1 + L :]
     )
     y0 = np.concatenate(
         [start.H.ravel(), norms, *[V.ravel() for V in Vs0]] + ([start.b] if start.b is not None else [])

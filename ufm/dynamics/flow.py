@@ -54,7 +54,7 @@ from ..model import (
     outputs,
     torch_loss,
 )
-from .integrators import METHODS, Evaluator, FlowDiverged, Integrator, default_method
+from .integrators import METHODS, Diagonal, Evaluator, FlowDiverged, Integrator, default_method
 from .moments import (
     UNAVAILABLE,
     MomentState,
@@ -138,8 +138,10 @@ class _System:
     """A flow on a flat state y: the vector field and how to read the state as UFM parameters.
 
     ``field(y) -> (loss, dy/dt, stationarity)`` in NumPy; ``stationarity`` is the norm the stopping
-    rule compares with ``tol`` (||grad L|| for gradient flow). ``linear`` is the diagonal Lambda of the
-    module docstring. ``torch_field`` (optional) is the same triple on torch tensors of any device.
+    rule compares with ``tol`` (||grad L|| for gradient flow). ``y0`` is the start state, the run's
+    own: a system serves one run, and the driver lets the integrator reuse y0's memory once it has
+    stepped past it. ``linear`` is the diagonal Lambda of the module docstring, as its runs.
+    ``torch_field`` (optional) is the same triple on torch tensors of any device.
     ``extra(y)`` adds flow-specific scalars to the record. ``to_flat(y)`` (optional) maps the state to
     ``UFMParams.ravel`` order when the state is in other coordinates, so that dense output is in it.
     ``stationarity_is_grad_norm`` lets the records reuse the stationarity as ||grad L||.
@@ -155,7 +157,7 @@ class _System:
     y0: np.ndarray
     field: Callable[[np.ndarray], tuple[float, np.ndarray, float]]
     to_params: Callable[[np.ndarray], Any]
-    linear: np.ndarray
+    linear: Diagonal | np.ndarray
     torch_field: Callable[[Any], tuple[Any, Any, Any]] | None = None
     extra: Callable[[np.ndarray], dict[str, float]] | None = None
     to_flat: Callable[[np.ndarray], np.ndarray] | None = None
@@ -166,16 +168,26 @@ class _System:
     field_into: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, float]] | None = None
 
 
-def linear_part(problem: UFMProblem, like: UFMParams) -> np.ndarray:
-    """Diagonal Lambda (flat, ``ravel`` order) of the exact split -grad L = Lambda theta + R(theta).
+def linear_part(problem: UFMProblem, like: UFMParams) -> Diagonal:
+    """Diagonal Lambda (flat, ``ravel`` order) of the exact split -grad L = Lambda theta + R(theta),
+    as its runs (``np.asarray`` gives the vector).
 
     Weight decays on H and on each W_k, and on b: lam_b plus the loss's constant bias curvature.
     """
-    parts = [np.full(like.H.size, problem.lam_h)]
-    parts += [np.full(Wk.size, lam) for lam, Wk in zip(problem.lam_layers, like.Ws)]
-    if like.b is not None:
-        parts.append(np.full(like.b.size, problem.lam_b + problem.loss.bias_curvature))
-    return -np.concatenate(parts)
+    return Diagonal.of(decay_parts(problem, like.H.size, like.Ws, like.b))
+
+
+def decay_parts(
+    problem: UFMProblem, features: int, Ws: Sequence[np.ndarray], b: np.ndarray | None
+) -> list[tuple[int, float]]:
+    """(size, entry of Lambda) pairs of the features (``features`` entries: H, or the class means of a
+    moment state), of each W_k and of b (if any), in ``ravel`` order: the decays, on b plus the loss's
+    constant bias curvature."""
+    parts = [(features, -problem.lam_h)]
+    parts += [(Wk.size, -lam) for lam, Wk in zip(problem.lam_layers, Ws)]
+    if b is not None:
+        parts.append((b.size, -(problem.lam_b + problem.loss.bias_curvature)))
+    return parts
 
 
 class _FlatCoordinates:
@@ -391,16 +403,11 @@ class _MomentMeanOutput:
         return dy
 
 
-def moment_linear_part(problem: UFMProblem, like: MomentState) -> np.ndarray:
+def moment_linear_part(problem: UFMProblem, like: MomentState) -> Diagonal:
     """Diagonal Lambda (``MomentState.ravel`` order, the factor L in the slot of S) of the exact split of
     the moment flow: lam_h on M and on L, lam_k on W_k, lam_b + 1 on b (the square loss's bias
     curvature) (docs/theory.md §11)."""
-    parts = [np.full(like.M.size, problem.lam_h)]
-    parts += [np.full(Wk.size, lam) for lam, Wk in zip(problem.lam_layers, like.Ws)]
-    if like.b is not None:
-        parts.append(np.full(like.b.size, problem.lam_b + problem.loss.bias_curvature))
-    parts.append(np.full(like.S.size, problem.lam_h))
-    return -np.concatenate(parts)
+    return Diagonal.of([*decay_parts(problem, like.M.size, like.Ws, like.b), (like.S.size, -problem.lam_h)])
 
 
 def moment_tolerance_scale(problem: UFMProblem, like: MomentState) -> tuple[np.ndarray, np.ndarray]:
@@ -736,7 +743,7 @@ class _Run:
         if solver.t_old is None:
             self.seg_t.append(t)
         wanted = self.next_record < self.t_eval.size and self.t_eval[self.next_record] < t
-        interp = solver.dense() if solver.t_old is not None and (dense or wanted) else None
+        interp = solver.dense(keep=dense) if solver.t_old is not None and (dense or wanted) else None
         if dense and interp is not None:
             self.segments.append(interp)
             self.seg_t.append(t)
@@ -841,7 +848,9 @@ def integrate(
         raise ValueError(f"the start: {err.cause}; scale it down") from None
     if system.tolerance_scale is not None:
         atol, rtol = atol * system.tolerance_scale[0], rtol * system.tolerance_scale[1]
-    solver = cls(fun, system.y0, t_max, rtol=rtol, atol=atol, linear=system.linear, device=device)
+    solver = cls(
+        fun, system.y0, t_max, rtol=rtol, atol=atol, linear=system.linear, device=device, overwrite_y0=True
+    )
     bar = _Progress(progress, f"flow {method}", tol=tol, t_max=t_max, max_nfev=budget_nfev,
                     max_seconds=budget_seconds)  # fmt: skip
     t_start = time.perf_counter()

@@ -3,12 +3,16 @@
 Every integrator integrates y' = F(y) = Lambda y + R(y) from t = 0 to ``t_bound``, where Lambda is the
 diagonal linear part of the exact split (docs/theory.md §13.1). The contract, shared by all:
 
-* ``Integrator(fun, y0, t_bound, rtol=, atol=, linear=, device=, first_step=, max_step=)`` with
-  ``fun(y) -> (loss, F(y), stationarity)`` an :class:`Evaluator`; rtol and atol are floats or arrays
-  of one tolerance per entry of y;
+* ``Integrator(fun, y0, t_bound, rtol=, atol=, linear=, device=, first_step=, max_step=,
+  overwrite_y0=)`` with ``fun(y) -> (loss, F(y), stationarity)`` an :class:`Evaluator`; rtol and atol
+  are floats or arrays of one tolerance per entry of y; ``linear`` is Lambda, a :class:`Diagonal` (or
+  its vector); ``overwrite_y0`` lets the method reuse y0's memory once it has stepped past it (the
+  driver's own start state; else y0 is only read);
 * ``step()`` takes one accepted step and returns None, or a message when the method failed;
 * ``t``, ``t_old``, ``y``: the state after the last accepted step; ``host(a)`` reads an array back;
-* ``dense()``: a ``scipy.integrate.DenseOutput`` over the last step [t_old, t], on the host;
+* ``dense(keep=True)``: a ``scipy.integrate.DenseOutput`` over the last step [t_old, t], on the host;
+  ``keep=False`` promises that the caller drops it before the next step (a record's interpolation),
+  so the method may go on reusing the arrays it holds;
 * class attributes ``order`` (the stated order; a (lowest, highest) pair for variable-order methods)
   and ``default_tolerances(tol)``, the library's numerical policy for that method.
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,7 +39,7 @@ from scipy.integrate import DenseOutput
 from .._blocks import BLOCK, add_scaled, block_slices
 
 __all__ = [
-    "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
+    "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "Diagonal", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
     "StepController", "default_method", "etd2_step",
 ]  # fmt: skip
 
@@ -50,6 +54,53 @@ _TINY = 1e-300
 # Arrays an Evaluator keeps for reuse: ETD2 hands back two per step (F at the last state, and the
 # remainder R(u) - R(y) of its trial) and takes two (F at the trial stage, F at the accepted state).
 _MAX_SPARE = 2
+
+
+@dataclass(frozen=True)
+class Diagonal:
+    """A diagonal matrix that is constant on runs of consecutive entries, ``levels[k]`` on the entries
+    ``runs[k]``: the form of Lambda, constant on each parameter block (docs/theory.md §13.1). It is kept
+    as its runs, not as a vector of the state's size (one state less in memory, §13.3);
+    ``np.asarray(diagonal)`` gives the vector."""
+
+    runs: tuple[slice, ...]
+    levels: np.ndarray  # (len(runs),)
+
+    @classmethod
+    def of(cls, parts: Iterable[tuple[int, float]]) -> Diagonal:
+        """From (size, value) pairs in the state's order; neighbours of equal value share one run."""
+        runs: list[slice] = []
+        levels: list[float] = []
+        stop = 0
+        for size, value in parts:
+            if size == 0:
+                continue
+            if levels and levels[-1] == value:
+                runs[-1] = slice(runs[-1].start, stop + size)
+            else:
+                runs.append(slice(stop, stop + size))
+                levels.append(float(value))
+            stop += size
+        return cls(tuple(runs), np.array(levels))
+
+    @classmethod
+    def coerce(cls, linear: Diagonal | np.ndarray) -> Diagonal:
+        """``linear`` itself, or the runs of a diagonal given as its vector."""
+        if isinstance(linear, Diagonal):
+            return linear
+        vector = np.asarray(linear, dtype=float).ravel()
+        cuts = [0, *(np.flatnonzero(np.diff(vector)) + 1).tolist(), vector.size]
+        return cls.of((j - i, vector[i]) for i, j in zip(cuts[:-1], cuts[1:]))
+
+    @property
+    def size(self) -> int:
+        return self.runs[-1].stop if self.runs else 0
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        vector = np.empty(self.size, dtype=float if dtype is None else dtype)
+        for run, level in zip(self.runs, self.levels):
+            vector[run] = level
+        return vector
 
 
 class FlowDiverged(ArithmeticError):
@@ -134,7 +185,8 @@ class Integrator(ABC):
     @abstractmethod
     def __init__(
         self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
-        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+        linear: Diagonal | np.ndarray, device: str = "cpu", first_step: float | None = None,
+        max_step: float = np.inf, overwrite_y0: bool = False,
     ): ...  # fmt: skip
 
     @property
@@ -146,8 +198,9 @@ class Integrator(ABC):
         """Take one accepted step; None on success, else why the method failed."""
 
     @abstractmethod
-    def dense(self) -> DenseOutput:
-        """Interpolant of the state (host arrays) over the last step [t_old, t]."""
+    def dense(self, keep: bool = True) -> DenseOutput:
+        """Interpolant of the state (host arrays) over the last step [t_old, t] (``keep``: module
+        docstring)."""
 
     def host(self, a: Any) -> np.ndarray:
         return np.asarray(a, dtype=float)
@@ -182,9 +235,10 @@ class ScipyIntegrator(Integrator):
 
     def __init__(
         self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
-        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+        linear: Diagonal | np.ndarray, device: str = "cpu", first_step: float | None = None,
+        max_step: float = np.inf, overwrite_y0: bool = False,
     ):  # fmt: skip
-        self.check_device(device)
+        self.check_device(device)  # overwrite_y0 changes nothing: SciPy's solvers copy y0
         kw: dict[str, Any] = {}
         if self.jacobian == "dense":
             if y0.size > DENSE_JAC_MAX:
@@ -192,10 +246,10 @@ class ScipyIntegrator(Integrator):
                     f"{self.name} needs a dense Jacobian; {y0.size} parameters exceed DENSE_JAC_MAX = "
                     f"{DENSE_JAC_MAX}: use BDF or Radau (sparse approximate Jacobian), DOP853 or ETD2"
                 )
-            dense_jac = np.diag(linear)
+            dense_jac = np.diag(np.asarray(linear))
             kw["jac"] = lambda t, y: dense_jac
         elif self.jacobian == "sparse":
-            kw["jac"] = sparse.diags(linear, format="csc")
+            kw["jac"] = sparse.diags(np.asarray(linear), format="csc")
         if first_step is not None:
             kw["first_step"] = first_step
         per_entry = self.scalar_rtol and np.ndim(rtol) > 0
@@ -222,8 +276,8 @@ class ScipyIntegrator(Integrator):
         message = self._solver.step()
         return f"{self.name} failed: {message}" if self._solver.status == "failed" else None
 
-    def dense(self) -> DenseOutput:
-        return self._solver.dense_output()
+    def dense(self, keep: bool = True) -> DenseOutput:
+        return self._solver.dense_output()  # SciPy's own arrays: keep changes nothing
 
     @classmethod
     def default_tolerances(cls, tol: float) -> tuple[float, float]:
@@ -264,13 +318,6 @@ def _phi12(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             phi1.append(em1 / x)
             phi2.append((em1 - x) / (x * x))
     return np.array(phi1), np.array(phi2)
-
-
-def _blocks(linear: np.ndarray) -> tuple[list[slice], np.ndarray]:
-    """The runs of equal entries of the diagonal Lambda: (slices, their values). Lambda is constant
-    on each parameter block, so a handful of runs cover the state."""
-    cuts = [0, *(np.flatnonzero(np.diff(linear)) + 1).tolist(), linear.size]
-    return [slice(i, j) for i, j in zip(cuts[:-1], cuts[1:])], linear[cuts[:-1]]
 
 
 @dataclass(frozen=True)
@@ -458,12 +505,14 @@ class ETD2(Integrator):
 
     def __init__(
         self, fun: Evaluator, y0: np.ndarray, t_bound: float, *, rtol: float, atol: float,
-        linear: np.ndarray, device: str = "cpu", first_step: float | None = None, max_step: float = np.inf,
+        linear: Diagonal | np.ndarray, device: str = "cpu", first_step: float | None = None,
+        max_step: float = np.inf, overwrite_y0: bool = False,
     ):  # fmt: skip
         self.fun, self.t_bound = fun, float(t_bound)
-        self.runs, self.levels = _blocks(linear)
+        diagonal = Diagonal.coerce(linear)
+        self.runs, self.levels = list(diagonal.runs), diagonal.levels
         if device == "cpu":  # NumPy on the host: no tensor round trips around the analytic gradient
-            self.xp, self._y = np, y0  # never written to: y0 is the caller's
+            self.xp, self._y = np, y0  # written to only with overwrite_y0
         else:
             import torch
 
@@ -479,9 +528,9 @@ class ETD2(Integrator):
         self.h = first_step
         self.t, self.t_old = 0.0, None
         self._old: tuple[Any, Any, bool] | None = None  # (y, f, whether to reuse them) at t_old
-        # Whether self._y (and F there) may be reused once stale: not y0 (the caller's), and not an
-        # array lent to an interpolant (dense).
-        self._owned = False
+        # Whether self._y (and F there) may be reused once stale: not y0 unless the caller gives it up
+        # (a device copy is ETD2's own), and not an array lent to an interpolant (dense).
+        self._owned = overwrite_y0 or self.xp is not np
         self._scratch: Any = None  # a state-sized array to write the next trial stage into
         self._block = BLOCK if device == "cpu" else None  # on a device, whole runs: fewer kernels
 
@@ -528,11 +577,13 @@ class ETD2(Integrator):
         self.h = self.control.accepted(h, err, trial.rho)
         return None
 
-    def dense(self) -> DenseOutput:
-        """The interpolant holds the step's four arrays, which are then never reused by later steps."""
+    def dense(self, keep: bool = True) -> DenseOutput:
+        """The interpolant holds the step's four arrays; kept (``keep``), they are never reused by later
+        steps."""
         y_old, f_old, _ = self._old
         f = self.fun(self._y)[1]
-        self._old, self._owned = (y_old, f_old, False), False
+        if keep:
+            self._old, self._owned = (y_old, f_old, False), False
         ends = [self.host(a) for a in (y_old, f_old, self._y, f)]
         return _HermiteOutput(self.t_old, ends[0], ends[1], self.t, ends[2], ends[3])
 
