@@ -21,8 +21,8 @@ at the peak, in copies of the state (tracemalloc, NumPy's allocations; target: u
              the first evaluation);
 * field mem  one evaluation of the field of a fresh system, with its input copy and its scratch;
 * flow mem   a whole ``gradient_flow`` call of 40 evaluations, from the start parameters, with
-             ``n_records=2``: records at 0, at t = 0.01 (interpolated: that state and the field
-             there, two states for the moment) and at the end;
+             ``n_records=2``: records at 0, at t = 0.01 (interpolated: that state, one more for the
+             moment, and the scratch of its loss and ||grad L||) and at the end;
 * ends mem   the same call with records at 0 and at the end only (``t_eval=[0.0]``).
 
 The targets T (C, n) are the problem's (cached on it before any of these), as for the hand-written

@@ -6,7 +6,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ufm.model import UFMParams, UFMProblem, check_params, loss, loss_and_grad, outputs, torch_loss
+from ufm.model import (
+    UFMParams,
+    UFMProblem,
+    check_params,
+    loss,
+    loss_and_grad,
+    loss_and_grad_norm,
+    outputs,
+    torch_loss,
+)
 
 VARIANTS = [
     dict(loss="mse", depth=1),
@@ -156,3 +165,35 @@ def test_gradient_over_column_blocks_into_a_buffer_matches_autograd(kw, monkeypa
     np.testing.assert_allclose(out, reference, rtol=1e-11, atol=1e-14)
     loss_and_grad(problem, params, out=out, work=work, negate=True)
     np.testing.assert_allclose(out, -reference, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "kw", VARIANTS + [dict(loss="ce", label_smoothing=0.2), dict(loss="mse", counts=(3, 1, 2, 6))]
+)
+def test_gradient_norm_over_column_blocks_matches_autograd(kw, monkeypatch):
+    """loss_and_grad_norm, which forms dL/dH one block of columns at a time in scratch (blocks of 5,
+    5 and 2 of the n = 12 columns, the scratch stale from another point), gives the loss and the norm
+    of torch autograd's whole gradient, to 1e-13 and 1e-12 relative."""
+    import ufm.model as model
+
+    kw = dict(kw)
+    counts = kw.pop("counts", 3)
+    depth = kw.get("depth", 1)
+    rows = 4 + (depth * 5 if depth > 1 else 0) + 2 * 5  # C + L p + the two feature blocks
+    monkeypatch.setattr(model, "SCRATCH_MIN", 5 * rows)
+    monkeypatch.setattr(model, "SCRATCH_SHARE", 0.0)
+    problem = UFMProblem(4, counts, tuple(0.01 * (k + 1) for k in range(depth)), 0.03, lam_b=0.05, **kw)
+    params = UFMParams.random(problem, 5, rng=5)
+    work = model.GradientWork(problem, params, feature_blocks=True)
+    assert [c.stop - c.start for c in work.blocks] == [5, 5, 2]
+    loss_and_grad_norm(problem, UFMParams.random(problem, 5, rng=6), work=work)
+    value, norm = loss_and_grad_norm(problem, params, work=work)
+    tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in params.arrays()]
+    b = tensors[1 + depth] if problem.bias else None
+    t_loss = torch_loss(problem, tensors[0], tensors[1 : 1 + depth], b)
+    t_loss.backward()
+    reference = np.sqrt(sum(float((t.grad**2).sum()) for t in tensors))
+    assert value == pytest.approx(t_loss.item(), rel=1e-13)
+    assert norm == pytest.approx(reference, rel=1e-12)
+    with pytest.raises(ValueError, match="feature_blocks=True"):
+        loss_and_grad_norm(problem, params, work=model.GradientWork(problem, params))

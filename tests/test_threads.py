@@ -225,10 +225,16 @@ def test_minimize_loss_runs_lbfgs_with_scipys_blas_on_one_thread(monkeypatch, sc
     and the end point's gradient after the run sees it restored."""
     own, before = scipy_blas_on_two_threads
     seen = []
-    real = optimize.loss_and_grad
-    monkeypatch.setattr(
-        optimize, "loss_and_grad", lambda *a: seen.append({p: _blas_threads()[p] for p in own}) or real(*a)
-    )
+
+    def spy(real):
+        def call(*args):
+            seen.append({p: _blas_threads()[p] for p in own})
+            return real(*args)
+
+        return call
+
+    for name in ("loss_and_grad", "loss_and_grad_norm"):  # the steps' gradients; the end point's norm
+        monkeypatch.setattr(optimize, name, spy(getattr(optimize, name)))
     optimize.minimize_loss(UFMProblem(3, 2, 1e-2, 1e-2), 4, n_starts=1, classify=False)
     assert len(seen) > 2
     assert all(counts == {p: 1 for p in own} for counts in seen[:-1])

@@ -18,7 +18,7 @@ Here, as in the math, H is (p, n): columns are examples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -39,7 +39,7 @@ from .params import UFMParams
 
 __all__ = [
     "ACTIVATIONS", "GradientWork", "LOSSES", "UFMParams", "UFMProblem", "check_params", "last_features", "loss",
-    "loss_and_grad", "outputs", "torch_loss",
+    "loss_and_grad", "loss_and_grad_norm", "outputs", "torch_loss",
 ]  # fmt: skip
 
 ACTIVATIONS = ("linear", "relu")
@@ -242,16 +242,19 @@ class GradientWork:
     temporaries would be allocated (and page-faulted) on each call. Holds the outputs f (C, B), which
     the loss overwrites with dL/df, and at depth L > 1 L hidden buffers (p, B): the layer outputs,
     which the backward pass reuses for dL/dz (docs/theory.md §13.3). B is ``cols``' block width.
+    With ``feature_blocks`` it also holds two (p, B) blocks for ``loss_and_grad_norm``, counted in the
+    same share of H's size, so B is smaller.
     """
 
-    def __init__(self, problem: UFMProblem, like: UFMParams):
+    def __init__(self, problem: UFMProblem, like: UFMParams, *, feature_blocks: bool = False):
         p, n = like.H.shape
         L = problem.depth
-        rows = problem.C + (L * p if L > 1 else 0)
+        rows = problem.C + (L * p if L > 1 else 0) + (2 * p if feature_blocks else 0)
         width = max(1, min(n, int(max(SCRATCH_SHARE * like.H.size, SCRATCH_MIN)) // rows))
         self.blocks = [slice(i, min(i + width, n)) for i in range(0, n, width)]
         self._f = np.empty((problem.C, width))
         self._z = [np.empty((p, width)) for _ in range(L if L > 1 else 0)]
+        self._h = (np.empty((p, width)), np.empty((p, width))) if feature_blocks else None
 
     def outputs(self, width: int) -> np.ndarray:
         """(C, width) buffer for the outputs of a block."""
@@ -260,6 +263,13 @@ class GradientWork:
     def hidden(self, k: int, width: int) -> np.ndarray:
         """(p, width) buffer k: the output of hidden layer k + 1 (k < L - 1), or the spare (k = L - 1)."""
         return self._z[k][:, :width]
+
+    def feature_blocks(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two (p, width) buffers for one block of dL/dH and its decay (``loss_and_grad_norm``); held
+        with ``feature_blocks=True``, which counts them in the scratch's share, so blocks narrow."""
+        if self._h is None:
+            raise ValueError("loss_and_grad_norm needs GradientWork(problem, params, feature_blocks=True)")
+        return self._h[0][:, :width], self._h[1][:, :width]
 
 
 def _into(total: np.ndarray, part: np.ndarray, first: bool) -> None:
@@ -299,30 +309,76 @@ def loss_and_grad(
     work = GradientWork(problem, params) if work is None else work
     size = sum(a.size for a in params.arrays())
     grad = UFMParams.unravel(params, np.empty(size) if out is None else out)
+    value = _backward(problem, params, grad.Ws, grad.b, work, negate, lambda cols: grad.H[:, cols])
+    sign = -1.0 if negate else 1.0
+    add_scaled(grad.H.reshape(-1), sign * problem.lam_h, params.H.reshape(-1))
+    return value, grad
+
+
+def loss_and_grad_norm(
+    problem: UFMProblem, params: UFMParams, *, work: GradientWork | None = None
+) -> tuple[float, float]:
+    """Loss and ||grad L||_2 (all parameters), without the gradient in memory: its H part, the size of
+    H, is formed one block of columns at a time in scratch (``GradientWork.feature_blocks``), where its
+    decay is added and its squared norm taken, so the call holds no state-sized array (a flow's records
+    at interpolated times, docs/theory.md §13.3). The same sums as ``loss_and_grad``'s gradient up to
+    the order of summation."""
+    work = GradientWork(problem, params, feature_blocks=True) if work is None else work
+    dWs = [np.empty_like(Wk) for Wk in params.Ws]
+    db = None if params.b is None else np.empty_like(params.b)
+    sq_h = 0.0
+
+    def h_block(cols: slice) -> np.ndarray:
+        return work.feature_blocks(cols.stop - cols.start)[0]
+
+    def h_done(cols: slice, block: np.ndarray) -> None:
+        nonlocal sq_h
+        scratch = np.multiply(params.H[:, cols], problem.lam_h, out=work.feature_blocks(block.shape[1])[1])
+        block += scratch
+        sq_h += _sq(block)
+
+    value = _backward(problem, params, dWs, db, work, False, h_block, h_done)
+    return value, (sq_h + sum(_sq(a) for a in [*dWs] + ([] if db is None else [db]))) ** 0.5
+
+
+def _backward(
+    problem: UFMProblem,
+    params: UFMParams,
+    dWs: Sequence[np.ndarray],
+    db: np.ndarray | None,
+    work: GradientWork,
+    negate: bool,
+    h_block: Callable[[slice], np.ndarray],
+    h_done: Callable[[slice, np.ndarray], None] | None = None,
+) -> float:
+    """The loss, with the gradient (its negative with ``negate``) written into ``dWs`` and ``db``
+    (the shapes of ``params.Ws`` and ``params.b``), decays included, and the data term's dL/dH of each
+    block of columns ``cols`` into ``h_block(cols)`` (p, B), then handed to ``h_done(cols, block)``
+    when given: the caller adds H's decay."""
     depth, relu, n = problem.depth, problem.activation == "relu", problem.n
     value = _penalty(problem, params)
     for i, cols in enumerate(work.blocks):
         zs, f = _forward(problem, params, cols, work)
         value += problem.loss.value_and_grad_into(f, problem.T[:, cols], n, negate)  # f is now dL/df
-        if grad.b is not None:
-            _into(grad.b, f.sum(axis=1), i == 0)
+        if db is not None:
+            _into(db, f.sum(axis=1), i == 0)
         dz = f
         # Backward through W_L, then the hidden layers: z_k = s(W_k z_{k-1}). dL/dz_k goes into the
         # buffer of z_{k+1}, free once its ReLU mask is read (the spare buffer for k = L - 1).
         for k in range(depth - 1, -1, -1):
             if k < depth - 1 and relu:
                 np.multiply(dz, zs[k + 1] > 0, out=dz)  # ReLU'(W_k z_{k-1}) = 1 where the output is positive
-            _into(grad.Ws[k], dz @ zs[k].T, i == 0)
-            below = grad.H[:, cols] if k == 0 else work.hidden(k, f.shape[1])
+            _into(dWs[k], dz @ zs[k].T, i == 0)
+            below = h_block(cols) if k == 0 else work.hidden(k, f.shape[1])
             dz = np.matmul(params.Ws[k].T, dz, out=below)
+        if h_done is not None:
+            h_done(cols, dz)
     sign = -1.0 if negate else 1.0
-    for lam, dW, Wk in zip(problem.lam_layers, grad.Ws, params.Ws):
+    for lam, dW, Wk in zip(problem.lam_layers, dWs, params.Ws):
         dW += (sign * lam) * Wk
-    if grad.b is not None:
-        db = grad.b
+    if db is not None:
         db += (sign * problem.lam_b) * params.b
-    add_scaled(grad.H.reshape(-1), sign * problem.lam_h, params.H.reshape(-1))
-    return value, grad
+    return value
 
 
 def torch_loss(problem: UFMProblem, H: Any, Ws: Any, b: Any = None) -> Any:

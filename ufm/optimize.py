@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 from ._threads import scipy_blas_on_one_thread
 from ._validation import check_positive_int
 from .critical import CriticalPoint, classify_point
-from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad
+from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad, loss_and_grad_norm
 
 # L-BFGS stops on a relative decrease below FTOL or a projected gradient below GTOL. These are far
 # below the 1e-8 relative loss agreement we claim, so the closed form is tested, not the stopping rule.
@@ -126,7 +126,7 @@ def minimize_loss(
     )
     best_loss, best, like = runs[int(np.argmin(losses))]
     params = UFMParams.unravel(like, best.x)
-    grad_norm = float(np.linalg.norm(loss_and_grad(problem, params)[1].ravel()))
+    grad_norm = loss_and_grad_norm(problem, params)[1]
     return MinimizeResult(
         params, float(best_loss), losses, grad_norm, nfev, bool(best.success), str(best.message), ends
     )

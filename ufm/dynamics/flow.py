@@ -51,6 +51,7 @@ from ..model import (
     last_features,
     loss,
     loss_and_grad,
+    loss_and_grad_norm,
     outputs,
     torch_loss,
 )
@@ -151,6 +152,8 @@ class _System:
     not count as the full flow's do (the moment flow). ``field_into(y, out)``
     (optional) is ``field`` writing dy/dt into the state-sized ``out`` (and returning it), so that an
     integrator can hand the arrays it is done with back for the next evaluations (``Evaluator``).
+    ``loss_and_stationarity(y)`` (optional) is ``field``'s loss and stationarity without dy/dt, for the
+    records at interpolated states: no state-sized array beside y (docs/theory.md §13.3).
     """
 
     problem: UFMProblem
@@ -166,6 +169,7 @@ class _System:
     unavailable: dict[str, str] = field(default_factory=dict)
     tolerance_scale: tuple[np.ndarray, np.ndarray] | None = None
     field_into: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, float]] | None = None
+    loss_and_stationarity: Callable[[np.ndarray], tuple[float, float]] | None = None
 
 
 def linear_part(problem: UFMProblem, like: UFMParams) -> Diagonal:
@@ -312,6 +316,12 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
     def field_np(y: np.ndarray) -> tuple[float, np.ndarray, float]:
         return field_into(y, np.empty_like(y))
 
+    def loss_and_stationarity(y: np.ndarray) -> tuple[float, float]:
+        # Its scratch is made for each record, not kept: at least 2^16 entries (SCRATCH_MIN), which is
+        # a state of its own on a small flow, and records are rare beside evaluations.
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            return loss_and_grad_norm(problem, coords.params(start, y))
+
     field_flat = _torch_gradient_field(problem, start)
 
     def field_torch(y: Any) -> tuple[Any, Any, Any]:
@@ -329,6 +339,7 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         y0=y0,
         field=field_np,
         field_into=field_into,
+        loss_and_stationarity=loss_and_stationarity,
         to_params=functools.partial(_params_copy, start, coords),
         linear=linear_part(problem, start),
         torch_field=field_torch,
@@ -753,6 +764,7 @@ class _Run:
             y = solver.host(solver.y) if at_state else interp(te)
             self.ts.append(te)
             self.records.append(self.measure(y, evaluated if at_state else None))
+            del y  # before the next record's state is made
             self.next_record += 1
 
     def finish(self, t: float, y: np.ndarray) -> None:
@@ -777,9 +789,7 @@ def _measure(system: _System, metrics: bool, y: np.ndarray, evaluated: tuple[flo
     else:
         rec = system.record(y) if system.record is not None else record_state(system.problem, params)
     rec["grad_norm"] = (
-        stat
-        if system.stationarity_is_grad_norm
-        else float(np.linalg.norm(loss_and_grad(system.problem, params)[1].ravel()))
+        stat if system.stationarity_is_grad_norm else loss_and_grad_norm(system.problem, params)[1]
     )
     rec["stationarity"] = stat
     if system.extra is not None:
@@ -788,7 +798,10 @@ def _measure(system: _System, metrics: bool, y: np.ndarray, evaluated: tuple[flo
 
 
 def _loss_and_stationarity(system: _System, y: np.ndarray) -> tuple[float, float]:
-    """The field's loss and stationarity at y; its dy/dt (a state-sized array) is dropped at once."""
+    """The field's loss and stationarity at y: the system's ``loss_and_stationarity`` (no state-sized
+    array), else the field's, whose dy/dt (a state-sized array) is dropped at once."""
+    if system.loss_and_stationarity is not None:
+        return system.loss_and_stationarity(y)
     value, _, stat = system.field(y)
     return value, stat
 
