@@ -304,10 +304,14 @@ def test_records_are_the_same_with_and_without_dense_output():
     """A record interpolated without dense output (``dense(keep=False)``: ETD2 goes on reusing the
     step's arrays) equals the same run's record with them kept for the dense output, bit for bit, and
     the dense output at the record times gives the recorded losses and ||grad L|| (to 1e-12 and 1e-10
-    relative; the reference gradient is ``loss_and_grad``'s whole array)."""
+    relative; the reference gradient is ``loss_and_grad``'s whole array) and the recorded measures
+    (measured on views of the state, ``params_view``) as ``record_state`` gives them on parameters of
+    their own (to 1e-10)."""
+    from ufm.dynamics import record_state
+
     problem = UFMProblem(3, 20, 0.01, 0.01)
     start = UFMParams.random(problem, 6, rng=2)
-    kw = dict(method="ETD2", t_max=50.0, tol=0.0, n_records=25, metrics=False, classify=False)
+    kw = dict(method="ETD2", t_max=50.0, tol=0.0, n_records=25, metrics=True, classify=False)
     plain, dense = gradient_flow(problem, start, **kw), gradient_flow(problem, start, dense_output=True, **kw)
     assert plain.t.size == 25  # 0, 23 log-spaced times, t_max
     np.testing.assert_array_equal(plain.t, dense.t)
@@ -318,6 +322,11 @@ def test_records_are_the_same_with_and_without_dense_output():
     np.testing.assert_allclose([loss(problem, x) for x in at], plain.loss[1:-1], rtol=1e-12)
     norms = [np.linalg.norm(loss_and_grad(problem, x)[1].ravel()) for x in at]
     np.testing.assert_allclose(norms, plain.metrics["grad_norm"][1:-1], rtol=1e-10)
+    own = [
+        record_state(problem, UFMParams(x.H.copy(), tuple(W.copy() for W in x.Ws), x.b.copy())) for x in at
+    ]
+    for key in ("nc1", "nc2_equinorm", "nc3", "eps", "norm_h_sq"):
+        np.testing.assert_allclose([r[key] for r in own], plain.metrics[key][1:-1], rtol=1e-10, err_msg=key)
 
 
 def test_phi_functions_match_high_precision():

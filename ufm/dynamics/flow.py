@@ -154,6 +154,8 @@ class _System:
     integrator can hand the arrays it is done with back for the next evaluations (``Evaluator``).
     ``loss_and_stationarity(y)`` (optional) is ``field``'s loss and stationarity without dy/dt, for the
     records at interpolated states: no state-sized array beside y (docs/theory.md §13.3).
+    ``params_view(y)`` (optional) is ``to_params`` without the copy (views of y where the coordinates
+    allow), for a record's measures, which read it at once.
     """
 
     problem: UFMProblem
@@ -170,6 +172,7 @@ class _System:
     tolerance_scale: tuple[np.ndarray, np.ndarray] | None = None
     field_into: Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, float]] | None = None
     loss_and_stationarity: Callable[[np.ndarray], tuple[float, float]] | None = None
+    params_view: Callable[[np.ndarray], Any] | None = None
 
 
 def linear_part(problem: UFMProblem, like: UFMParams) -> Diagonal:
@@ -341,6 +344,7 @@ def _gradient_system(problem: UFMProblem, start: UFMParams) -> _System:
         field_into=field_into,
         loss_and_stationarity=loss_and_stationarity,
         to_params=functools.partial(_params_copy, start, coords),
+        params_view=functools.partial(coords.params, start),
         linear=linear_part(problem, start),
         torch_field=field_torch,
         to_flat=None if isinstance(coords, _FlatCoordinates) else coords.to_flat,
@@ -781,9 +785,9 @@ def _measure(system: _System, metrics: bool, y: np.ndarray, evaluated: tuple[flo
     """The record of the host state y: the loss, the measures (``metrics``), ||grad L|| and the
     stationarity; ``evaluated`` is the field's (loss, stat) at y when at hand (else evaluated here)."""
     value, stat = _loss_and_stationarity(system, y) if evaluated is None else evaluated
-    # The parameters (a copy of the state) only where a measure needs them, and once.
+    # The parameters (views of y, else a copy of the state) only where a measure needs them, and once.
     needs_params = (metrics and system.record is None) or not system.stationarity_is_grad_norm
-    params = system.to_params(y) if needs_params else None
+    params = (system.params_view or system.to_params)(y) if needs_params else None
     if not metrics:
         rec = {"loss": value}
     else:
