@@ -321,8 +321,9 @@ def loss_and_grad_norm(
     """Loss and ||grad L||_2 (all parameters), without the gradient in memory: its H part, the size of
     H, is formed one block of columns at a time in scratch (``GradientWork.feature_blocks``), where its
     decay is added and its squared norm taken, so the call holds no state-sized array (a flow's records
-    at interpolated times, docs/theory.md §13.3). The same sums as ``loss_and_grad``'s gradient up to
-    the order of summation."""
+    at interpolated times, docs/theory.md §13.3). The decay is added to each block before it is
+    squared, so there is no cancellation near a stationary point; the result equals the norm of
+    ``loss_and_grad``'s gradient to rounding."""
     work = GradientWork(problem, params, feature_blocks=True) if work is None else work
     dWs = [np.empty_like(Wk) for Wk in params.Ws]
     db = None if params.b is None else np.empty_like(params.b)
@@ -338,7 +339,7 @@ def loss_and_grad_norm(
         sq_h += _sq(block)
 
     value = _backward(problem, params, dWs, db, work, False, h_block, h_done)
-    return value, (sq_h + sum(_sq(a) for a in [*dWs] + ([] if db is None else [db]))) ** 0.5
+    return value, (sq_h + sum(map(_sq, dWs)) + (0.0 if db is None else _sq(db))) ** 0.5
 
 
 def _backward(
