@@ -264,7 +264,7 @@ class GradientWork:
         """(p, width) buffer k: the output of hidden layer k + 1 (k < L - 1), or the spare (k = L - 1)."""
         return self._z[k][:, :width]
 
-    def feature_blocks(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def dh_blocks(self, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Two (p, width) buffers for one block of dL/dH and its decay (``loss_and_grad_norm``); held
         with ``feature_blocks=True``, which counts them in the scratch's share, so blocks narrow."""
         if self._h is None:
@@ -319,7 +319,7 @@ def loss_and_grad_norm(
     problem: UFMProblem, params: UFMParams, *, work: GradientWork | None = None
 ) -> tuple[float, float]:
     """Loss and ||grad L||_2 (all parameters), without the gradient in memory: its H part, the size of
-    H, is formed one block of columns at a time in scratch (``GradientWork.feature_blocks``), where its
+    H, is formed one block of columns at a time in scratch (``GradientWork.dh_blocks``), where its
     decay is added and its squared norm taken, so the call holds no state-sized array (a flow's records
     at interpolated times, docs/theory.md §13.3). The decay is added to each block before it is
     squared, so there is no cancellation near a stationary point; the result equals the norm of
@@ -330,11 +330,11 @@ def loss_and_grad_norm(
     sq_h = 0.0
 
     def h_block(cols: slice) -> np.ndarray:
-        return work.feature_blocks(cols.stop - cols.start)[0]
+        return work.dh_blocks(cols.stop - cols.start)[0]
 
     def h_done(cols: slice, block: np.ndarray) -> None:
         nonlocal sq_h
-        scratch = np.multiply(params.H[:, cols], problem.lam_h, out=work.feature_blocks(block.shape[1])[1])
+        scratch = np.multiply(params.H[:, cols], problem.lam_h, out=work.dh_blocks(block.shape[1])[1])
         block += scratch
         sq_h += _sq(block)
 
