@@ -269,6 +269,8 @@ def test_diagonal_keeps_lambda_as_its_runs():
     lam = linear_part(problem, x)
     np.testing.assert_array_equal(np.asarray(lam), typed)
     assert lam.size == typed.size and len(lam.runs) == 3
+    with pytest.raises(ValueError, match="holds runs"):
+        np.asarray(lam, copy=False)
     merged = Diagonal.of([(2, -1.0), (0, 5.0), (3, -1.0), (1, 0.0)])
     assert merged.runs == (slice(0, 5), slice(5, 6))
     np.testing.assert_array_equal(merged.levels, [-1.0, 0.0])

@@ -97,6 +97,8 @@ class Diagonal:
         return self.runs[-1].stop if self.runs else 0
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:  # NumPy 2's protocol: there is no vector to share without making one
+            raise ValueError("a Diagonal holds runs, not a vector: np.asarray(diagonal) makes the vector")
         vector = np.empty(self.size, dtype=float if dtype is None else dtype)
         for run, level in zip(self.runs, self.levels):
             vector[run] = level
