@@ -460,3 +460,82 @@ def test_reproduce_replaces_its_directory_whole(tmp_path):
         sorted(f.name for f in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "run 2"
     )
     assert sorted(f.name for f in tmp_path.iterdir()) == ["figures"]  # no partial or old directory left
+
+
+def test_reproduce_refuses_an_out_it_must_not_replace(tmp_path, monkeypatch):
+    """The finished run replaces ``out`` whole, so ``out`` must be new, empty or an earlier run: a file, a
+    directory of other files and the current directory are refused before any part runs (before: the
+    user's file was renamed aside and a directory of their files deleted, after the whole run)."""
+    from ufm.experiments import reproduce as rep
+
+    def no_run():
+        raise AssertionError("a part ran before --out was checked")
+
+    monkeypatch.setattr(rep, "_staging", lambda out: no_run())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("mine")
+    (mine / "report.md").write_text("mine")  # one marker is not an earlier run
+    cases = {
+        notes: "is a file, not a directory",
+        mine: "holds files that are not an earlier run of ufm reproduce",
+        tmp_path: "is the current directory or holds it",
+    }
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for out, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            rep.reproduce(out, quick=True, progress=False)
+    assert notes.read_text() == "mine" and sorted(f.name for f in mine.iterdir()) == ["data.csv", "report.md"]
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "figures"
+    earlier.mkdir()
+    for name in rep.RUN_MARKERS:
+        (earlier / name).write_text("run 1")
+    (tmp_path / "empty").mkdir()
+    for fine in (earlier, tmp_path / "empty", tmp_path / "new" / "deeper"):
+        with pytest.raises(AssertionError, match="a part ran"):  # past the check
+            rep.reproduce(fine, quick=True, progress=False)
+    res = _ufm("reproduce", "--quick", "--out", str(notes))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"ufm reproduce: error: --out {notes} is a file"), res.stderr
+
+
+def test_flow_out_is_checked_before_the_flow_and_never_overwritten(tmp_path, monkeypatch, capsys):
+    """``ufm flow --out``: a file or an uncreatable path fails before the flow (whose work it would
+    lose), and a directory holding an earlier flow's files is refused unless ``--overwrite``."""
+    from ufm.cli import main
+    from ufm.experiments import compare
+
+    flow = ["flow", "-C", "3", "-N", "2", "-p", "4", "--lam-w", "0.02", "--lam-h", "0.02", "--json", "--out"]
+    compare_flow = compare.compare_flow
+    monkeypatch.setattr(compare, "compare_flow", lambda *a, **k: pytest.fail("the flow ran"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out, message in [
+        (notes, f"--out {notes} is a file, not a directory"),
+        (notes / "sub", f"cannot create the --out directory {notes / 'sub'}: Not a directory"),
+    ]:
+        assert main([*flow, str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"ufm flow: error: {message}")
+    monkeypatch.setattr(compare, "compare_flow", compare_flow)
+    out = tmp_path / "run"
+    assert main([*flow, str(out)]) == 0
+    first = (out / "trajectory.csv").read_text()
+    capsys.readouterr()
+    assert main([*flow, str(out), "--lam-h", "0.03"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds trajectory.csv, flow.png of an earlier run" in err and "--overwrite" in err
+    assert (out / "trajectory.csv").read_text() == first
+    assert main([*flow, str(out), "--lam-h", "0.03", "--overwrite"]) == 0
+    assert (out / "trajectory.csv").read_text() != first
+
+
+def test_train_out_that_is_a_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    res = _ufm(*TRAIN, "--out", str(notes))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and notes.read_text() == "mine"
+    assert f"--out {notes} is a file, not a directory" in res.stderr, res.stderr

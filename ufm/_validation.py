@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,3 +149,33 @@ def check_memory(what: str, nbytes: float, hint: str) -> None:
             f"{what} needs about {nbytes / 2**30:.3g} GiB, more than the {avail / 2**30:.3g} GiB of memory "
             f"available; {hint}"
         )
+
+
+def output_directory(path: str | os.PathLike[str], *, create: bool = True) -> Path:
+    """``path`` as the output directory of ``--out``, created with its parents unless ``create`` is
+    False. Checked before the work that fills it, so a bad path fails at once, not after the work: a
+    ValueError when it is a file, or cannot be created (the reason in the message)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {out} is a file, not a directory: name a directory (it is created if missing)"
+        )
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create the --out directory {out}: {err.strerror or err}") from None
+    return out
+
+
+def claim_outputs(path: str | os.PathLike[str], names: Iterable[str], *, overwrite: bool) -> Path:
+    """The output directory ``path`` (:func:`output_directory`) for the files ``names``: refused when it
+    already holds one of them, the result of an earlier run, unless ``overwrite`` (they are replaced)."""
+    out = output_directory(path, create=False)
+    found = [name for name in names if (out / name).exists()]
+    if found and not overwrite:
+        raise ValueError(
+            f"{out} already holds {', '.join(found)} of an earlier run: replace them with --overwrite, "
+            "or choose another --out"
+        )
+    return output_directory(out)

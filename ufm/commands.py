@@ -595,6 +595,9 @@ def _register_flow(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="directory for trajectory.csv and flow.png")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the trajectory.csv and flow.png already in --out"
+    )
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     p.set_defaults(run=_run_flow)
 
@@ -632,8 +635,11 @@ _FLOW_JSON_CLOSED_FORM = {
 def _run_flow(args: argparse.Namespace) -> int:
     import sys
 
+    from ._validation import claim_outputs
     from .experiments.compare import compare_flow
 
+    if args.out:  # before the flow, which a bad --out would otherwise lose
+        claim_outputs(args.out, FLOW_FILES, overwrite=args.overwrite)
     comparison = compare_flow(
         _problem(args), args.dim, seed=args.seed, method=args.method, t_max=args.t_max, tol=args.tol,
         rtol=args.rtol, atol=args.atol, max_nfev=args.max_nfev, max_seconds=args.max_seconds,
@@ -674,8 +680,13 @@ def _run_flow(args: argparse.Namespace) -> int:
     return 0 if r.success else 1
 
 
+# What ``ufm flow --out DIR`` writes.
+FLOW_FILES = ("trajectory.csv", "flow.png")
+
+
 def _write_flow_outputs(directory: str, r, opt) -> list[str]:
-    """trajectory.csv (t, loss, measures) and flow.png (measures and eps against t, closed form dashed)."""
+    """FLOW_FILES: trajectory.csv (t, loss, measures) and flow.png (measures and eps against t, closed
+    form dashed)."""
     from pathlib import Path
 
     from .experiments.plots import plot_flow_measures
@@ -684,6 +695,7 @@ def _write_flow_outputs(directory: str, r, opt) -> list[str]:
     d = Path(directory)
     columns = {"t": r.t, "loss": r.loss, **r.metrics}
     rows = [{k: float(v[i]) for k, v in columns.items()} for i in range(len(r.t))]
-    csv = write_csv(d / "trajectory.csv", rows)
-    png = plot_flow_measures(r.t, r.metrics, d / "flow.png", eps_closed_form=None if opt is None else opt.eps)
+    trajectory, figure = (d / name for name in FLOW_FILES)
+    csv = write_csv(trajectory, rows)
+    png = plot_flow_measures(r.t, r.metrics, figure, eps_closed_form=None if opt is None else opt.eps)
     return [str(csv), str(png)]

@@ -68,6 +68,7 @@ from ._validation import (
     check_label_smoothing,
     check_nonneg,
     check_positive_int,
+    output_directory,
 )
 from .collect import capture_activations
 from .datasets import Dataset, load_dataset
@@ -1113,6 +1114,7 @@ def _claim_directory(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Make ``out`` ready for a run: refuse one that holds a run (unless resuming or overwriting)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    output_directory(out, create=False)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume:
         if not overwrite:
@@ -1122,7 +1124,7 @@ def _claim_directory(out: Path, *, resume: bool, overwrite: bool) -> None:
             )
         for name in found:
             (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    output_directory(out)
 
 
 def _describe_run(out: Path) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._validation import output_directory
 from ..model import UFMProblem
 from ..tables import read_csv, write_csv
 from .collapse_time import collapse_time_section, run_collapse_time
@@ -304,6 +305,29 @@ bias (§8; x = lam). `reached`: the flow's end loss agrees with the closed form 
     return path
 
 
+# Files every run writes (the report and part 1's table): a directory holding them is an earlier run.
+RUN_MARKERS = ("report.md", "proofs.csv")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse, before the run, an ``out`` that the finished run must not replace (it replaces its
+    directory whole, :func:`_move_into_place`): a file, the current directory or one above it, or a
+    directory of other files than an earlier run's (no RUN_MARKERS)."""
+    output_directory(out, create=False)
+    here = Path.cwd()
+    if out.resolve() in (here, *here.parents):
+        raise ValueError(
+            f"--out {out} is the current directory or holds it, and the run replaces its output directory "
+            "whole: name a new directory below it"
+        )
+    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in RUN_MARKERS):
+        raise ValueError(
+            f"--out {out} holds files that are not an earlier run of ufm reproduce (it has no "
+            f"{' and '.join(RUN_MARKERS)}), and the run replaces its output directory whole: name a new "
+            "or empty directory, or move those files away"
+        )
+
+
 def _staging(out: Path) -> Path:
     """A fresh directory beside ``out`` for one run (``.NAME.partial-PID``): a run killed midway
     leaves it, never a half-updated ``out``."""
@@ -353,7 +377,9 @@ def reproduce(
     ----------
     out : output directory. The run is written into a fresh directory beside it and replaces ``out``
         as a whole when complete (files of an earlier run that this one does not write go with it), so
-        report.md never sits beside tables of another run.
+        report.md never sits beside tables of another run. So ``out`` must be new, empty or an earlier
+        run (holding RUN_MARKERS); anything else (a file, a directory of other files, the current
+        directory) is refused with a ValueError before the run starts.
     quick : smaller sizes and shorter training (58 s measured for ``ufm reproduce --quick`` on 2 idle
         CPU cores on 2026-12-02, 11 s of it the proofs, 8 s the network part; README).
     seed : seed of every random start and of the network's training.
@@ -365,6 +391,7 @@ def reproduce(
     from .weight_decay import weight_decay_experiment
 
     t0 = time.perf_counter()
+    _check_replaceable(Path(out))
     final, out = Path(out), _staging(Path(out))
     part = _PartLog(progress)
     with part("1/9 proofs (SymPy)"):
