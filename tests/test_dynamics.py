@@ -142,6 +142,11 @@ def test_overflowing_start_is_refused():
     x0 = UFMParams.random(problem, 2, rng=7)
     with pytest.raises(ValueError, match="start"):
         gradient_flow(problem, UFMParams(x0.H * 1e200, tuple(W * 1e200 for W in x0.Ws), x0.b))
+    # Decays of 1e300 overflow the gradient of an ordinary start: the message names them too.
+    with pytest.raises(
+        ValueError, match="^the start: .*overflow.*or the weight decays if they are that large"
+    ):
+        gradient_flow(UFMProblem(2, 1, 1e300, 1e300), x0)
 
 
 def test_bad_input():

@@ -862,7 +862,10 @@ def integrate(
         with np.errstate(over="raise", invalid="raise"):
             check(system.y0)
     except FlowDiverged as err:
-        raise ValueError(f"the start: {err.cause}; scale it down") from None
+        raise ValueError(
+            f"the start: {err.cause}: the loss or its gradient there leaves the floating-point range; "
+            "scale the start down, or the weight decays if they are that large"
+        ) from None
     if system.tolerance_scale is not None:
         atol, rtol = atol * system.tolerance_scale[0], rtol * system.tolerance_scale[1]
     solver = cls(
