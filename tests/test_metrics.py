@@ -436,6 +436,23 @@ def test_cli_errors(saved, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+def test_a_pt_file_that_weights_only_refuses_says_what_to_save(tmp_path, capsys):
+    """torch.load(weights_only=True) refuses NumPy arrays and non-torch files with a text that says to
+    set weights_only=False; the error says what the file holds and how to save it instead."""
+    arrays = tmp_path / "arrays.pt"
+    torch.save({"features": np.zeros((4, 2)), "labels": np.arange(4) % 2}, arrays)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK not a torch file")
+    for path, what in [
+        (arrays, "it holds NumPy arrays (numpy."),
+        (junk, "it is not a file written by torch.save"),
+    ]:
+        assert main(["metrics", str(path)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"ufm metrics: error: cannot read {path}: {what}"), line
+        assert "np.savez(path, features=..., labels=...)" in line and "weights_only=False" not in line
+
+
 def test_means_equal_to_rounding_are_refused():
     """Class means that coincide up to rounding (the rank-one minimizer: every class the same output)
     have no between-class covariance; NC1 is refused rather than reported from rounding noise."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -1053,6 +1055,17 @@ def load_features(path: str) -> dict[str, Any]:
                 data = {k: f[k] for k in f.files}
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only's refusal; torch's text says to turn it off
+        held = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = "it is not a file written by torch.save"
+        if held:
+            name = held.group(1)
+            what = f"it holds NumPy arrays ({name})" if name.startswith("numpy") else f"it holds a {name}"
+        raise ValueError(
+            f"cannot read {path}: {what}, and .pt files are read with weights_only=True (tensors and plain "
+            "containers only, so no code runs): save tensors, torch.save({'features': torch.as_tensor(H), "
+            "'labels': ...}, path), or NumPy arrays with np.savez(path, features=..., labels=...)"
+        ) from None
     except Exception as err:  # corrupt archives raise zipfile, pickle or runtime errors alike
         raise ValueError(f"cannot read {path}: {type(err).__name__}: {err}") from err
     if not isinstance(data, dict):
