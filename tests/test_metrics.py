@@ -384,7 +384,7 @@ def test_bad_outputs_and_layers():
     H, y, W, b = _data()
     with pytest.raises(ValueError, match="outputs must have shape"):
         nc_metrics(H, y, W, b, outputs=np.zeros((40, 3)))
-    with pytest.raises(ValueError, match="outputs batch 1 has non-finite"):
+    with pytest.raises(ValueError, match=r"outputs batch 1 \(rows 0..39\) has non-finite"):
         nc_metrics(H, y, outputs=np.full((40, 4), np.nan))
     with pytest.raises(ValueError, match="layers is empty"):
         nc_metrics(H, y, layers=[])
@@ -583,15 +583,22 @@ def test_batch_loop_has_no_host_sync():
 
 
 def test_bad_batches_reported_at_the_end_of_the_pass():
-    """Bad values found on the device are reported once, naming the first bad batch (no per-batch sync)."""
+    """Bad values found on the device are reported once, naming the first bad batch and its rows in the
+    pass (no per-batch sync)."""
     H, y, _, _ = _random_problem(5, 120, 4, 3)
     cases = [
         (
             lambda k, h, t: (h, torch.where(t == 2, 5, t)) if k == 2 else (h, t),
-            "out of range: found 0..5.*batch 3",
+            r"out of range: found 0..5.*batch 3 \(rows 60..89\)",
         ),
-        (lambda k, h, t: (h, t + 0.5) if k == 1 else (h, t.double()), "batch 2 has non-integer"),
-        (lambda k, h, t: (h * np.nan, t) if k == 3 else (h, t), "features batch 4 has non-finite"),
+        (
+            lambda k, h, t: (h, t + 0.5) if k == 1 else (h, t.double()),
+            r"batch 2 \(rows 30..59\) has non-integer",
+        ),
+        (
+            lambda k, h, t: (h * np.nan, t) if k == 3 else (h, t),
+            r"features batch 4 \(rows 90..119\) has non-finite",
+        ),
     ]
     for mutate, match in cases:
         acc = NCAccumulator(3)
@@ -604,9 +611,9 @@ def test_bad_batches_reported_at_the_end_of_the_pass():
     acc = NCAccumulator(3)
     acc.update(H, y)
     acc.end_first_pass()
-    acc.update(H[:60], y[:60], np.zeros((60, 3)))
-    acc.update(H[60:], y[60:], np.full((60, 3), np.inf))
-    with pytest.raises(ValueError, match="outputs batch 2 has non-finite"):
+    acc.update(H[:50], y[:50], np.zeros((50, 3)))
+    acc.update(H[50:], y[50:], np.full((70, 3), np.inf))
+    with pytest.raises(ValueError, match=r"outputs batch 2 \(rows 50..119\) has non-finite"):
         acc.result()
 
 
@@ -672,5 +679,7 @@ def test_float32_products_that_overflow_are_reported():
     H = (np.where(y[:, None] == 0, 3e37, -3e37) * (1 + 0.01 * rng.standard_normal((40, 64)))).astype(
         np.float32
     )
-    with pytest.raises(ValueError, match="batch 1 of the second pass has non-finite projections"):
+    with pytest.raises(
+        ValueError, match=r"batch 1 \(rows 0..39\) of the second pass has non-finite projections"
+    ):
         nc_metrics(H, y, np.ones((2, 64)))

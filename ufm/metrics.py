@@ -222,13 +222,22 @@ class _Faults:
     Checking a batch's values on the host (``bool(...)``, ``int(...)``) waits for a GPU to finish it;
     here each check is a device tensor holding the first failing batch (-1: none), read back once by
     :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label can never index out of
-    bounds while it waits to be reported.
+    bounds while it waits to be reported. The messages name the batch and its rows in the pass, which
+    the host knows (:meth:`seen`): the batches of :func:`nc_metrics` are its own chunks.
     """
 
     def __init__(self, device: torch.device):
         self._device = device
         self._first: dict[str, torch.Tensor] = {}
         self._lo = self._hi = None
+        self._ends = [0]  # _ends[k]: rows of the pass up to batch k
+
+    def seen(self, rows: int) -> None:
+        """The pass's next batch has ``rows`` rows."""
+        self._ends.append(self._ends[-1] + rows)
+
+    def _batch(self, k: int) -> str:
+        return f"batch {k} (rows {self._ends[k - 1]}..{self._ends[k] - 1})"
 
     def note(self, what: str, bad: torch.Tensor, batch: int) -> None:
         """``bad`` (0-d bool) is whether batch number ``batch`` failed check ``what``."""
@@ -258,18 +267,19 @@ class _Faults:
             if what == "labels out of range":
                 raise ValueError(
                     f"labels out of range: found {int(self._lo)}..{int(self._hi)}, expected 0..{C - 1}"
-                    f" (first in batch {k})"
+                    f" (first in {self._batch(k)})"
                 )
             if what == "non-integer labels":
-                raise ValueError(f"labels must be integers 0..C-1 (batch {k} has non-integer values)")
+                raise ValueError(f"labels must be integers 0..C-1 ({self._batch(k)} has non-integer values)")
             if what == "products":
                 raise ValueError(
-                    f"features batch {k} of the second pass has non-finite projections [U | W^T]^T h:"
+                    f"features {self._batch(k)} of the second pass has non-finite projections [U | W^T]^T h:"
                     " non-finite entries, or entries so large that the product overflows; rescale the features"
                 )
             beyond = " (or its class sums pass the float64 range, 1.8e308)" if what == "features" else ""
-            raise ValueError(f"{what} batch {k} has non-finite entries (NaN or inf){beyond}")
+            raise ValueError(f"{what} {self._batch(k)} has non-finite entries (NaN or inf){beyond}")
         self._first.clear()
+        self._ends = [0]
 
 
 def _numpy(name: str, x: Any) -> np.ndarray:
@@ -458,6 +468,7 @@ class NCAccumulator:
             X = X.to(self._work)  # one dtype for both passes: the basis is stored in it
         t = _as_labels(labels, X.shape[0], self._device)
         self._batch += 1
+        self._faults.seen(X.shape[0])
         if X.device.type != "cpu":
             y = self._faults.labels(t, self.C, self._batch)
             self._update_pass(X, y, outputs, [slice(0, X.shape[0])])
