@@ -457,6 +457,13 @@ def test_history_records_the_rate_each_epoch_trained_at(data):
     np.testing.assert_allclose(lrs, [0.02, 0.02, 0.02, 0.002, 0.0002], rtol=1e-12)
 
 
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")])
+def test_a_learning_rate_that_is_not_positive_is_refused(lr):
+    """One message for every bad rate (before: 0 said "> 0", a negative one ">= 0")."""
+    with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got"):
+        TrainConfig(**(TINY | dict(lr=lr)))
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [(dict(dataset="mnist:/elsewhere"), "config.dataset"), (dict(per_class=8), "config.per_class"),

@@ -49,6 +49,14 @@ def check_nonneg(name: str, value: Any) -> float:
     return v
 
 
+def check_positive(name: str, value: Any) -> float:
+    """A finite real number > 0 (learning rates, time budgets)."""
+    v = float(value)
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
 def check_label_smoothing(a: Any) -> float:
     """Label smoothing a in [0, 1): a = 1 would make every target 1/C and erase the labels."""
     v = float(a)

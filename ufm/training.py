@@ -67,6 +67,7 @@ from ._validation import (
     check_choice,
     check_label_smoothing,
     check_nonneg,
+    check_positive,
     check_positive_int,
     output_directory,
 )
@@ -256,8 +257,7 @@ class TrainConfig:
                 f"divides by lambda; the refinement solves the square loss in W_L); got "
                 f"refine_to={self.refine_to!r}, wd={self.wd!r}, loss={self.loss!r}"
             )
-        if check_nonneg("lr", self.lr) == 0:
-            raise ValueError("lr must be > 0")
+        check_positive("lr", self.lr)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.integrate import OdeSolution
 
-from .._validation import check_choice, check_nonneg, check_positive_int
+from .._validation import check_choice, check_nonneg, check_positive, check_positive_int
 from ..critical import STATIONARY_TOL, CriticalPoint, classify_point
 from ..geometry import mean_cosine
 from ..model import (
@@ -812,9 +812,7 @@ def _loss_and_stationarity(system: _System, y: np.ndarray) -> tuple[float, float
 
 def _budget(max_nfev: int | None, max_seconds: float | None) -> tuple[int, float]:
     nfev = DEFAULT_MAX_NFEV if max_nfev is None else check_positive_int("max_nfev", max_nfev)
-    seconds = DEFAULT_MAX_SECONDS if max_seconds is None else check_nonneg("max_seconds", max_seconds)
-    if seconds == 0:
-        raise ValueError("max_seconds must be > 0")
+    seconds = DEFAULT_MAX_SECONDS if max_seconds is None else check_positive("max_seconds", max_seconds)
     return nfev, seconds
 
 

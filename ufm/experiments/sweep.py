@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 
 from .._threads import limit_process_threads, usable_cores
-from .._validation import check_choice, check_positive_int
+from .._validation import check_choice, check_positive, check_positive_int
 from ..dynamics import DEFAULT_METHOD, METHODS, gradient_flow
 from ..model import UFMProblem
 from ..tables import TABLE_FORMATS, read_table
@@ -194,9 +194,8 @@ def _check_flow(settings: dict[str, Any]) -> None:
             f"dim = {settings['dim']} is below {min_dim} ({'C-1' if problem.bias else 'C'}), the minimizer's rank"
         )
     for name in ("t_max", "tol", "rtol", "atol", "max_seconds", "init_scale"):
-        value = settings[name]
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if settings[name] is not None:
+            check_positive(name, settings[name])
     if settings["max_nfev"] is not None:
         check_positive_int("max_nfev", settings["max_nfev"])
 
