@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from ufm.cli import main
 from ufm.experiments import sweep
+from ufm.experiments.store import store_path
 from ufm.experiments.sweep import RUNNERS, Runner, expand_grid, run_sweep
 from ufm.tables import read_table
 
@@ -150,6 +152,21 @@ def test_a_torn_or_deleted_table_is_exported_again_from_the_store(toy):
     res.table.unlink()
     run_sweep(config([1.0, 2.0, 3.0]), workers=1, progress=False)
     assert res.table.read_text() == text and calls() == 3
+
+
+def test_a_store_that_cannot_be_opened_is_an_error_before_any_run(toy):
+    """The store lies beside the table; where SQLite cannot make it (here a directory of its name; a
+    read-only directory or /proc alike) the sweep is a ValueError naming it, before any run (before:
+    sqlite3.OperationalError's traceback)."""
+    config, calls = toy
+    cfg = config([1.0, 2.0])
+    store = store_path(Path(cfg["out"]))
+    store.mkdir()
+    with pytest.raises(
+        ValueError, match=rf"^cannot open the sweep store {re.escape(str(store))} .*choose another"
+    ):
+        run_sweep(cfg, workers=1, progress=False)
+    assert calls() == 0
 
 
 def test_run_id_is_stable_and_depends_on_every_setting():

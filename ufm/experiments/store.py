@@ -81,8 +81,14 @@ class SweepStore:
     def __init__(self, path: Path, kind: str, columns: Mapping[str, str]):
         self.path, self.kind = Path(path), kind
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE.
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE.
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as err:  # a directory where no file can be made (read-only, /proc)
+            raise ValueError(
+                f"cannot open the sweep store {self.path} ({err}): it lies beside the table 'out', whose "
+                "directory must be writable; choose another 'out'"
+            ) from None
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
