@@ -120,8 +120,11 @@ def test_bad_module_is_a_clear_error(tmp_path, capsys, text, match):
         proofs.run_proofs(module=path)
     assert main(["prove", "--module", str(path)]) == 2
     assert "ufm prove: error:" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="not a .py file"):
+    with pytest.raises(ValueError, match=r"missing\.py' does not exist$"):
         proofs.run_proofs(module=tmp_path / "missing.py")
+    (tmp_path / "notes.txt").write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"notes\.txt' is not a \.py file$"):
+        proofs.run_proofs(module=tmp_path / "notes.txt")
 
 
 def test_check_must_return_claims():

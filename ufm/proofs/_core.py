@@ -457,6 +457,8 @@ def load_module(path: str | Path) -> list[str]:
     path = Path(path).expanduser().resolve()
     if path in _LOADED:
         return _LOADED[path]
+    if not path.exists():
+        raise ValueError(f"proof module {str(path)!r} does not exist")
     if not path.is_file() or path.suffix != ".py":
         raise ValueError(f"proof module {str(path)!r} is not a .py file")
     before = set(PROOFS)
