@@ -210,6 +210,19 @@ def test_quick_reproduce_writes_only_under_the_ignored_runs_directory(monkeypatc
         assert ignored.returncode == 0
 
 
+def test_the_modules_of_the_exports_are_reached_from_the_package():
+    """``import ufm; ufm.dynamics.gradient_flow`` as NumPy's ``np.linalg``: the modules behind the
+    exports are imported on first access (before: AttributeError unless imported by name)."""
+    code = "import sys, ufm; assert 'ufm.dynamics' not in sys.modules; print(ufm.dynamics.gradient_flow is ufm.gradient_flow)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    import ufm
+
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        ufm.nosuch  # noqa: B018
+
+
 def test_version():
     import ufm
 

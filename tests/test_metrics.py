@@ -436,6 +436,19 @@ def test_cli_errors(saved, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+def test_views_with_negative_strides_are_measured_like_their_copies():
+    """A reversed view (``H[::-1]``) is a valid NumPy array that torch cannot share; before, it raised
+    torch's "negative strides" error. Every input as such a view gives the copies' result bit for bit."""
+    H, y, W, b = _random_problem(3, 90, 7, 3)
+    outputs = H @ W.T + b
+    views = (H[::-1, ::-1], y[::-1], W[:, ::-1], b[::-1])
+    copies = [np.ascontiguousarray(v) for v in views]
+    view_outputs = outputs[::-1, ::-1]
+    assert min(min(v.strides) for v in views) < 0
+    got = nc_metrics(*views, outputs=view_outputs, layers=[W[::-1]])
+    assert got == nc_metrics(*copies, outputs=np.ascontiguousarray(view_outputs), layers=[W.copy()])
+
+
 def test_a_pt_file_that_weights_only_refuses_says_what_to_save(tmp_path, capsys):
     """torch.load(weights_only=True) refuses NumPy arrays and non-torch files with a text that says to
     set weights_only=False; the error says what the file holds and how to save it instead."""

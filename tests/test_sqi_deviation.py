@@ -7,6 +7,7 @@ W = T^T H (H^T H + n lam I)^{-1} (the exact critical point of the last layer for
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -140,6 +141,17 @@ def test_output_sum_deficit_at_a_critical_point():
     assert sqi_bounds(W, H, labels, lam).output_sum_residual == pytest.approx(
         np.sqrt(np.mean(d**2)), rel=1e-9
     )
+
+
+def test_labels_with_negative_strides_are_read_like_their_copy():
+    """``labels[::-1]`` is a view torch cannot share (before: torch's "negative strides" error)."""
+    rng = np.random.default_rng(6)
+    labels = np.repeat(np.arange(3), 4)[::-1]
+    H, W = rng.normal(size=(12, 5)), rng.normal(size=(3, 5))
+    got, expected = (dataclasses.asdict(sqi_bounds(W, H, y, 0.02)) for y in (labels, labels.copy()))
+    assert got.keys() == expected.keys()
+    for key in got:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
 def test_float32_tensor_features_are_measured_in_float64():

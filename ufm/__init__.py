@@ -67,11 +67,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "training": ("train", "TrainConfig", "TrainResult"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+# The modules of the exports, imported on first access as well (``ufm.dynamics.flow`` after ``import ufm``).
+_MODULES = {module.split(".")[0] for module in _EXPORTS}
 
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
     if name not in _WHERE:
         raise AttributeError(f"module 'ufm' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

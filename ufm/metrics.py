@@ -197,16 +197,22 @@ def _as_tensor(
         a = np.asarray(x)
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-        t = torch.from_numpy(a)
+        t = _from_numpy(a)
     device = t.device if device is None else device
     dtype = _compute_dtype(device)
     return t.to(device=device, dtype=torch.float32 if features and t.dtype in _FLOAT32_WORK else dtype)
 
 
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory; a copy of ``a`` when it has negative strides (``a[::-1]``), which
+    torch cannot view. nc_metrics passes chunks, so the copy is one chunk's."""
+    return torch.from_numpy(a if all(s >= 0 for s in a.strides) else np.ascontiguousarray(a))
+
+
 def _as_labels(y: Any, b: int, device: torch.device) -> torch.Tensor:
     """Labels (b,) on ``device``, checked for shape and dtype; their values are checked by
     :class:`_Faults` without waiting for the device."""
-    t = y.detach() if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+    t = y.detach() if isinstance(y, torch.Tensor) else _from_numpy(np.asarray(y))
     if t.ndim != 1 or t.shape[0] != b:
         raise ValueError(
             f"labels must be 1-D with one entry per feature row ({b}), got shape {tuple(t.shape)}"

@@ -167,7 +167,9 @@ def sqi_bounds(
 
     H = _float64_tensor("H", H)
     W = _float64_tensor("W", W, H.device)
-    labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    labels = (
+        labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.ascontiguousarray(labels)
+    )
     a = check_label_smoothing(label_smoothing)
     C, p = W.shape
     n = H.shape[0]
