@@ -141,6 +141,21 @@ def test_time_budget_stops_the_run():
     assert "max_seconds" in r.message
 
 
+def test_a_device_this_machine_lacks_is_refused_before_the_flow():
+    """Before: device="cuda" without CUDA was torch's AssertionError, "gpu9" a RuntimeError."""
+    import torch
+
+    problem = UFMProblem(3, 2, 0.03, 0.03)
+    start = UFMParams.random(problem, 4, rng=1)
+    cases = {"gpu9": "is not a torch device", "meta": "is not one ufm computes on"}
+    if not torch.cuda.is_available():
+        cases["cuda:0"] = "requested but torch sees no CUDA device"
+    for device, message in cases.items():
+        for method in ("ETD2", "BDF"):
+            with pytest.raises(ValueError, match=rf"^device '{device}' {message}"):
+                gradient_flow(problem, start, device=device, method=method)
+
+
 def test_bad_budgets_are_refused():
     problem = UFMProblem(3, 3, 0.03, 0.03)
     start = UFMParams.random(problem, 4, rng=1)

@@ -57,6 +57,27 @@ def check_positive(name: str, value: Any) -> float:
     return v
 
 
+def check_torch_device(device: str) -> None:
+    """A device string that torch reads and this machine has, checked before any work goes there."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err}); use 'cpu' or 'cuda'") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not one ufm computes on; use 'cpu', 'cuda' or 'mps'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA devices"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no MPS device")
+
+
 def check_label_smoothing(a: Any) -> float:
     """Label smoothing a in [0, 1): a = 1 would make every target 1/C and erase the labels."""
     v = float(a)

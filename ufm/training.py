@@ -69,6 +69,7 @@ from ._validation import (
     check_nonneg,
     check_positive,
     check_positive_int,
+    check_torch_device,
     output_directory,
 )
 from .collect import capture_activations
@@ -351,8 +352,8 @@ def network_for(config: TrainConfig, data: Dataset) -> HomogeneousNet:
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
     check_choice("device", device, ("auto", "cpu", "cuda"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    if device == "cuda":
+        check_torch_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)

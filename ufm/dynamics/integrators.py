@@ -37,6 +37,7 @@ from scipy import integrate, sparse
 from scipy.integrate import DenseOutput
 
 from .._blocks import BLOCK, add_scaled, block_slices
+from .._validation import check_torch_device
 
 __all__ = [
     "ACCURATE_METHOD", "ACCURATE_RTOL", "DEFAULT_METHOD", "Diagonal", "ETD2", "Evaluator", "FlowDiverged", "Integrator", "METHODS", "ScipyIntegrator",
@@ -214,7 +215,10 @@ class Integrator(ABC):
 
     @classmethod
     def check_device(cls, device: str) -> None:
-        if device != "cpu" and not cls.on_device:
+        if device == "cpu":
+            return
+        check_torch_device(device)
+        if not cls.on_device:
             raise ValueError(f"{cls.name} runs on the host; use device='cpu', or ETD2 on {device!r}")
 
 
