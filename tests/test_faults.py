@@ -383,6 +383,31 @@ def test_cli_range_and_flag_messages(capsys):
     huge = ["flow", "-C", "100000", "-N", "100", "-p", "100000", "--lam-w", "0.1", "--lam-h", "0.1"]
     assert main(huge) == 2
     assert "GiB of memory available; choose a smaller problem" in capsys.readouterr().err
+    # ufm solve --verify at p = 1e8 (before: numpy's MemoryError traceback), and at depth 3, p = 4e4,
+    # where building the minimizer's 40000 x 40000 layers before L-BFGS was killed by the kernel.
+    for p, depth in [("100000000", "1"), ("40000", "3")]:
+        args = [
+            "solve",
+            "-C",
+            "3",
+            "-N",
+            "2",
+            "-p",
+            p,
+            "--depth",
+            depth,
+            "--lam-w",
+            "0.01",
+            "--lam-h",
+            "0.01",
+        ]
+        assert main([*args, "--verify"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ufm solve: error: L-BFGS at C = 3, n = 6, p = {p}, depth {depth} needs about")
+    from ufm import UFMParams, UFMProblem
+
+    with pytest.raises(ValueError, match=r"^a random start at n = 6, p = 10000000000, depth 1 needs about"):
+        UFMParams.random(UFMProblem(3, 2, 0.1, 0.1), 10**10)
 
 
 def test_grids_are_bounded_before_anything_is_built(tmp_path):

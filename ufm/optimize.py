@@ -17,7 +17,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ._threads import scipy_blas_on_one_thread
-from ._validation import check_positive_int
+from ._validation import check_memory, check_positive_int
 from .critical import CriticalPoint, classify_point
 from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad, loss_and_grad_norm
 
@@ -26,6 +26,7 @@ from .model import UFMParams, UFMProblem, check_params, loss, loss_and_grad, los
 FTOL = 1e-15
 GTOL = 1e-11
 MAXITER = 20_000
+MAXCOR = 30  # L-BFGS-B's stored corrections
 # End losses of two starts within DISTINCT_RTOL (relative, floor 1e-12) count as one: L-BFGS at the
 # tolerances above ends within ~1e-14 of the critical point it converges to, and distinct local
 # minima of the models in docs/theory.md §13.7 differ by 1e-3 or more.
@@ -80,6 +81,19 @@ class MinimizeResult:
         return {"best": self.loss, "worst": self.loss_worst, "n_distinct": self.n_distinct}
 
 
+def _check_lbfgs_memory(problem: UFMProblem, p: int, n_starts: int) -> None:
+    """Refuse, before allocating, an L-BFGS run that cannot fit. Its peak is estimated as 2 MAXCOR + 10
+    + n_starts vectors of the parameters' size: L-BFGS-B's workspace (its ``wa`` array, 2 m n + 5 n +
+    11 m^2 + 8 m floats for m corrections), some 5 more for the point, the gradient and its
+    temporaries, and the starts, made up front."""
+    size = check_positive_int("p", p) * problem.n + (problem.depth - 1) * p * p + problem.C * p + problem.C
+    check_memory(
+        f"L-BFGS at C = {problem.C}, n = {problem.n}, p = {p}, depth {problem.depth}",
+        8.0 * size * (2 * MAXCOR + 10 + n_starts),
+        "choose a smaller p (or fewer classes or examples); the closed form itself needs no L-BFGS",
+    )
+
+
 def minimize_loss(
     problem: UFMProblem,
     p: int,
@@ -100,6 +114,7 @@ def minimize_loss(
         ``HESSIAN_MAX_PARAMS`` parameters); False leaves ``ends`` empty.
     """
     n_starts = check_positive_int("n_starts", n_starts)
+    _check_lbfgs_memory(problem, p, n_starts)
     rng = np.random.default_rng(seed)
     starts = [start] if start is not None else []
     starts += [UFMParams.random(problem, p, scale=init_scale, rng=rng) for _ in range(n_starts - len(starts))]
@@ -114,7 +129,7 @@ def minimize_loss(
         with scipy_blas_on_one_thread():  # L-BFGS-B's vector work beside NumPy's gradients
             res = minimize(
                 fun, x0.ravel(), jac=True, method="L-BFGS-B",
-                options={"ftol": FTOL, "gtol": GTOL, "maxiter": MAXITER, "maxfun": 2 * MAXITER, "maxcor": 30},
+                options={"ftol": FTOL, "gtol": GTOL, "maxiter": MAXITER, "maxfun": 2 * MAXITER, "maxcor": MAXCOR},
             )  # fmt: skip
         nfev += res.nfev
         runs.append((res.fun, res, x0))
@@ -163,6 +178,7 @@ def verify_optimum(problem: UFMProblem, p: int, *, n_starts: int = 4, seed: int 
     opt = problem.loss.closed_form(problem)
     if p < opt.min_dim:
         raise ValueError(f"p = {p} is below the minimizer's dimension {opt.min_dim} ({opt.geometry})")
+    _check_lbfgs_memory(problem, p, n_starts)  # before the minimizer is built in dimension p
     built = loss(problem, opt.build(p, rng=seed)) if opt.attained else None
     return OptimumCheck(opt, built, minimize_loss(problem, p, n_starts=n_starts, seed=seed))
 

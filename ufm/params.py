@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_positive_int
+from ._validation import check_memory, check_positive_int
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ class UFMParams:
     ) -> UFMParams:
         """Gaussian start: entries of H and of each W_k with standard deviation scale/sqrt(p), b = 0."""
         p = check_positive_int("p", p)
+        size = p * problem.n + (problem.depth - 1) * p * p + problem.C * (p + 1)
+        # Each block is drawn, then scaled into a second array: at most twice the parameters.
+        check_memory(f"a random start at n = {problem.n}, p = {p}, depth {problem.depth}", 16.0 * size,
+                     "choose a smaller p")  # fmt: skip
         rng = np.random.default_rng(rng)
         std = scale / np.sqrt(p)
         H = std * rng.standard_normal((p, problem.n))
