@@ -158,6 +158,9 @@ def test_bad_input():
         gradient_flow(problem, x0, t_max=-1.0)
     with pytest.raises(ValueError, match="t_eval"):
         gradient_flow(problem, x0, t_max=1.0, t_eval=[0.0, 2.0])
+    for bad in ([np.nan], [0.0, np.nan, 0.5]):  # before: NaN passed every comparison and was recorded
+        with pytest.raises(ValueError, match="t_eval must be increasing times in"):
+            gradient_flow(problem, x0, t_max=1.0, t_eval=bad)
 
 
 def test_mean_output_coordinates_are_the_chain_rule():

@@ -616,6 +616,7 @@ def _check_t_eval(t_eval, t_max: float, n_records: int) -> np.ndarray:
     t_eval = np.asarray(t_eval, dtype=float)
     if (
         t_eval.ndim != 1
+        or not np.all(np.isfinite(t_eval))
         or np.any(np.diff(t_eval) <= 0)
         or (t_eval.size and (t_eval[0] < 0 or t_eval[-1] > t_max))
     ):
