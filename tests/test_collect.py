@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ufm import collect_features, model_nc_metrics, nc_metrics
+from ufm import collect_features, model_nc_metrics, nc_metrics, nc_metrics_stream
 from ufm.collect import capture_activations
 from ufm.metrics import NCAccumulator
 
@@ -100,6 +100,29 @@ def test_model_nc_metrics_streams_like_one_shot(setup):
                 if value is not None
                 else other is None
             )
+
+
+def test_a_one_shot_loader_is_refused_and_a_callable_is_read_twice(setup):
+    """Two passes need the batches twice. Before: a generator ran the whole first pass and then said
+    "the second pass saw different data (0 vs 90 examples)"; now it is refused before any batch, and a
+    callable returning a fresh iterable is read like the DataLoader."""
+    model, loader, x, y, C = setup
+    seen = []
+
+    def batches():
+        for xb, yb in loader:
+            seen.append(len(yb))
+            yield xb, yb
+
+    with pytest.raises(
+        ValueError, match=r"^loader is a one-shot iterator \(generator\).*zero-argument callable"
+    ):
+        model_nc_metrics(model, batches())
+    assert seen == []
+    assert model_nc_metrics(model, batches) == model_nc_metrics(model, loader)
+    assert sum(seen) == 2 * len(y)
+    with pytest.raises(ValueError, match=r"^batches is a one-shot iterator"):
+        nc_metrics_stream(iter([(x, y)]), C)
 
 
 W_MEASURES = (

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._validation import check_choice
-from .metrics import NCAccumulator, NCMetrics
+from .metrics import NCAccumulator, NCMetrics, check_reiterable
 
 __all__ = ["CAPTURE", "CollectedFeatures", "capture_activations", "collect_features", "model_nc_metrics"]
 
@@ -117,7 +117,7 @@ def capture_activations(
 def _batches(model: nn.Module, loader: Iterable, captured: list[torch.Tensor], device: torch.device):
     """Run the model on each (x, y, ...) batch; yield (features, labels, outputs or None) on ``device``."""
     with torch.no_grad():
-        for k, batch in enumerate(loader):
+        for k, batch in enumerate(loader() if callable(loader) else loader):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError(f"loader batch {k} must be a (inputs, labels, ...) pair")
             x, y = batch[0], batch[1]
@@ -258,11 +258,14 @@ def model_nc_metrics(
     ``classifier=False`` (no classifier at all), those measures are None, not an error. C is then
     ``C``, else the classifier's row count, else the width of the model's (batch, C) outputs.
 
-    The loader must yield the same examples in both passes (no shuffling, or at least the same set).
+    The loader must yield the same examples in both passes (no shuffling, or at least the same set):
+    a re-iterable (a list, a DataLoader) or a zero-argument callable returning a fresh iterable; a
+    one-shot iterator (a generator) is refused.
     The model's outputs feed eps and the SQI spread (and NC4 without a classifier) when
     ``use_outputs`` and they are (batch, C). ``layers="all"`` sets rho over every parameter of
     ndim >= 2 (the weight matrices and kernels); a sequence of tensors is used as given.
     """
+    check_reiterable("loader", loader)
     layer, classifier = _resolve(model, layer, capture, classifier)
     W, b = _weights(model, classifier)
     if layers == "all":

@@ -31,7 +31,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -1020,8 +1020,20 @@ def _pow2(e: int) -> float:
     return math.ldexp(1.0, e)
 
 
+def check_reiterable(name: str, batches: Any) -> None:
+    """Refuse a one-shot iterator (a generator, ``iter(loader)``) as the batches of two passes: the
+    second pass would see none, and the error would come only after the first."""
+    if isinstance(batches, Iterator):
+        raise ValueError(
+            f"{name} is a one-shot iterator ({type(batches).__name__}), but the measurement reads the "
+            "batches twice: pass a list, a DataLoader without shuffling, or a zero-argument callable that "
+            "returns a fresh iterable"
+        )
+
+
 def _two_passes(acc: NCAccumulator, batches: Callable[[], Iterable[tuple]] | Iterable[tuple]) -> NCMetrics:
     """Feed the same batches to ``acc`` twice (class means, then the projected statistics)."""
+    check_reiterable("batches", batches)
     for _ in range(2):
         for batch in batches() if callable(batches) else batches:
             acc.update(*batch)
