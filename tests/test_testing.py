@@ -13,7 +13,7 @@ from hypothesis import find, given
 from hypothesis import strategies as st
 
 import ufm
-from ufm import nc_metrics
+from ufm import nc_metrics, simplex_etf
 from ufm.testing import (
     CollapsedFeatures,
     assert_collapsed,
@@ -121,6 +121,17 @@ def test_collapse_assertion_lists_every_failure():
     with pytest.raises(AssertionError) as info:
         assert_collapsed(nc_metrics(H, y), atol=1e-6)
     assert "nc3" not in str(info.value) and "nc1" in str(info.value)
+
+
+@pytest.mark.parametrize("atol", [float("nan"), -1.0, float("inf")])
+def test_a_tolerance_that_cannot_fail_is_refused(atol):
+    """Before: atol = NaN passed every comparison, so both assertions accepted anything (M + 1, random
+    features); a negative one failed an exact ETF with a message about unequal norms."""
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match="^atol must be a finite number >= 0"):
+        assert_simplex_etf(simplex_etf(4, 6) + 1, atol=atol)
+    with pytest.raises(ValueError, match="^atol must be a finite number >= 0"):
+        assert_collapsed(nc_metrics(rng.standard_normal((12, 5)), np.arange(12) % 4), atol=atol)
 
 
 def test_shrunk_counterexample_is_readable():

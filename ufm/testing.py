@@ -41,6 +41,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('ufm.testing needs hypothesis: pip install "ufm[testing]"') from err
 
+from ._validation import check_nonneg
 from .geometry import orthogonal_frame, simplex_etf
 from .losses import LOSSES
 from .metrics import NCMetrics
@@ -306,6 +307,7 @@ def assert_simplex_etf(M: Any, *, atol: float = 1e-8) -> None:
     equal norms, rows summing to zero, pairwise cosines -1/(C-1); norms and the sum are compared
     relative to the mean norm. The AssertionError names the first property that fails and by how much.
     """
+    atol = check_nonneg("atol", atol)  # a NaN tolerance would pass every comparison below
     M = np.asarray(M, dtype=float)
     if M.ndim != 2 or M.shape[0] < 2:
         raise AssertionError(f"a simplex ETF needs a (C, p) matrix of C >= 2 rows, got shape {M.shape}")
@@ -361,6 +363,7 @@ def assert_collapsed(metrics: NCMetrics, *, atol: float = 1e-8) -> None:
     its value."""
     if not isinstance(metrics, NCMetrics):
         raise TypeError(f"assert_collapsed takes ufm.NCMetrics, got {type(metrics).__name__}")
+    atol = check_nonneg("atol", atol)
     failed = []
     for key, meaning in COLLAPSE_MEASURES.items():
         value = getattr(metrics, key)
