@@ -237,6 +237,10 @@ def test_claim_kinds():
     for key, (claims, status) in cases.items():
         proof = Proof(key, key, "test", "x > 0", lambda rng, c=claims: c)
         assert verify(proof).status == status, key
+    # A tolerance that decides nothing is refused: inf passes every residual, NaN and -1e-12 fail every one.
+    for tol in (float("inf"), float("nan"), -1e-12):
+        with pytest.raises(ValueError, match=r"^claim 'r': tol must be a finite number >= 0"):
+            numeric("r", 1e3, tol=tol)
 
 
 @pytest.mark.parametrize("C", [2, 3, 5, 7])

@@ -78,6 +78,11 @@ class Claim:
     tol: float = NUMERIC_ATOL
     statement: Any = None
 
+    def __post_init__(self) -> None:
+        # A tolerance that decides nothing: inf passes every residual, NaN or a negative one fails all.
+        if self.kind == "numeric" and not (np.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"claim {self.label!r}: tol must be a finite number >= 0, got {self.tol!r}")
+
     def latex(self) -> str | None:
         """The claim as LaTeX (``sympy.latex``), or None for a numeric claim (a number, not a formula)."""
         if self.kind == "numeric":
