@@ -7,7 +7,7 @@ call fails at the boundary rather than as a silent NaN deep inside a solver.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,17 @@ def check_finite(name: str, array: Any) -> np.ndarray:
     if bad.any():
         raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (NaN or inf) out of {a.size}")
     return a
+
+
+def check_reiterable(name: str, batches: Any) -> None:
+    """Refuse a one-shot iterator (a generator, ``iter(loader)``) as the batches of two passes: the
+    second pass would see none, and the error would come only after the first."""
+    if isinstance(batches, Iterator):
+        raise ValueError(
+            f"{name} is a one-shot iterator ({type(batches).__name__}), but the measurement reads the "
+            "batches twice: pass a list, a DataLoader without shuffling, or a zero-argument callable that "
+            "returns a fresh iterable"
+        )
 
 
 def check_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> np.ndarray:

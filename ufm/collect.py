@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import check_choice
-from .metrics import NCAccumulator, NCMetrics, check_reiterable
+from ._validation import check_choice, check_reiterable
+from .metrics import NCAccumulator, NCMetrics
 
 __all__ = ["CAPTURE", "CollectedFeatures", "capture_activations", "collect_features", "model_nc_metrics"]
 

@@ -31,7 +31,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -41,7 +41,14 @@ import torch
 from . import _layouts
 from ._blocks import block_slices
 from ._threads import one_torch_thread, row_parts, side_by_side
-from ._validation import EqualClassMeans, check_classes, check_finite, check_labels, check_shape
+from ._validation import (
+    EqualClassMeans,
+    check_classes,
+    check_finite,
+    check_labels,
+    check_reiterable,
+    check_shape,
+)
 from .geometry import frame_distance
 
 # Relative rank tolerance factor, times max(rows, cols) * eps * s_max (NumPy's matrix_rank default):
@@ -1018,17 +1025,6 @@ def _binary_exponent(a: np.ndarray) -> int:
 def _pow2(e: int) -> float:
     """2^e as a float (exact for -1074 <= e <= 1023)."""
     return math.ldexp(1.0, e)
-
-
-def check_reiterable(name: str, batches: Any) -> None:
-    """Refuse a one-shot iterator (a generator, ``iter(loader)``) as the batches of two passes: the
-    second pass would see none, and the error would come only after the first."""
-    if isinstance(batches, Iterator):
-        raise ValueError(
-            f"{name} is a one-shot iterator ({type(batches).__name__}), but the measurement reads the "
-            "batches twice: pass a list, a DataLoader without shuffling, or a zero-argument callable that "
-            "returns a fresh iterable"
-        )
 
 
 def _two_passes(acc: NCAccumulator, batches: Callable[[], Iterable[tuple]] | Iterable[tuple]) -> NCMetrics:
