@@ -372,6 +372,10 @@ def test_cli_range_and_flag_messages(capsys):
         main(["flow", "-C", "3", "-N", "2", "-p", "3", "--lam-w", "0.1", "--lam-h", "0.1", "--seed", "-1"])
     assert exit_.value.code == 2
     assert "argument --seed: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # before: "numeric_points must be >= 1", a name the CLI lacks
+        main(["prove", "etf", "--points", "0"])
+    assert exit_.value.code == 2
+    assert "argument --points: expected an integer >= 1, got '0'" in capsys.readouterr().err
     # Before: exit 0 with a "closed form" for p >= 3 beside a flow at p = 2.
     args = ["flow", "-C", "4", "-N", "2", "-p", "2", "--lam-w", "0.1", "--lam-h", "0.1", "--t-max", "10"]
     main([*args, "--json"])

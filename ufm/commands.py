@@ -64,15 +64,22 @@ _counts = _one_or_list(int, "a count or comma-separated per-class counts (8,4,2)
 _decays = _one_or_list(float, "a decay or L comma-separated decays, W_1 first (1e-3,2e-3)")
 
 
-def _seed(text: str) -> int:
-    """``--seed``: an integer >= 0 (NumPy's generators refuse negative seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, refused with a message naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+_seed = _int_at_least(0)  # NumPy's generators refuse negative seeds
 
 
 def _add_problem_arguments(p: argparse.ArgumentParser) -> None:
@@ -435,7 +442,9 @@ def _prove(sub: argparse._SubParsersAction) -> None:
         help="a .py file that registers proofs with ufm.proofs.register (repeatable); without NAMES its "
         "proofs are run",
     )  # fmt: skip
-    p.add_argument("--points", type=int, default=3, help="K, random points per symbolic claim (default 3)")
+    p.add_argument(
+        "--points", type=_int_at_least(1), default=3, help="K, random points per symbolic claim (default 3)"
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random points (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.add_argument("--latex", action="store_true", help="print each proof's formulas as LaTeX (sympy.latex)")
