@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,20 @@ def test_solve_table_shows_both_eps_side_by_side(capsys):
     assert "eps of the smoothing" in lines[sqi + 1]
     assert float(lines[sqi].split()[-1]) == pytest.approx(SMOOTHED[True][1], rel=1e-9)
     assert float(lines[sqi + 1].split()[-1]) == pytest.approx(EPS_OF_THE_SMOOTHING, rel=1e-9)
+
+
+def test_solve_table_shows_runs_of_equal_entries_once(capsys):
+    """At C = 2000 the table printed 2000 biases and 2000 singular values on one line each (29 kB).
+    The balanced closed form with a bias (docs/theory.md §5) has b_c = 1/C and C-1 equal singular
+    values of Z beside a zero: one run each. --json keeps every entry."""
+    args = ["solve", "-C", "40", "-N", "1", "-p", "40", "--lam-w", "1e-5", "--lam-h", "1e-5"]
+    assert main(args) == 0
+    rows = {line[:40].strip(): line[40:].strip() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["b"] == "[0.025 (x 40)]"
+    assert re.fullmatch(r"\[0\.\d+ \(x 39\), 0\]", rows["singular values of Z"]), rows["singular values of Z"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["b"] == pytest.approx([1 / 40] * 40, rel=1e-12) and len(out["z_singular_values"]) == 40
 
 
 def test_solve_imbalanced_cross_entropy_is_exit_2_naming_the_counts(capsys):

@@ -8,6 +8,7 @@ library modules behind a command are imported inside its handler.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -172,13 +173,23 @@ _POINT_KEYS = (
 )  # fmt: skip
 
 
+# Entries of a list that a table shows (runs of equal entries count once); --json has every one.
+_LIST_SHOWN = 12
+
+
 def _shown(value) -> str:
+    """A value for a table: runs of list entries equal as shown (to 10 digits) as one ``v (x k)`` (C
+    equal singular values or biases), and a list still longer than _LIST_SHOWN cut to its ends."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.10g}"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
+        runs = [(text, sum(1 for _ in group)) for text, group in itertools.groupby(map(_shown, value))]
+        items = [text if k == 1 else f"{text} (x {k})" for text, k in runs]
+        if len(items) > _LIST_SHOWN:
+            items[_LIST_SHOWN - 2 : -1] = [f"... {len(value)} entries in all, every one in --json"]
+        return "[" + ", ".join(items) + "]"
     return str(value)
 
 
