@@ -4,6 +4,8 @@ divergence handling, the CLI and the weight-decay experiment, all on tiny subset
 import dataclasses
 import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -455,6 +457,20 @@ def test_history_records_the_rate_each_epoch_trained_at(data):
     result = train(TrainConfig(**TINY), dataset=data)
     lrs = result.history["lr"]
     np.testing.assert_allclose(lrs, [0.02, 0.02, 0.02, 0.002, 0.0002], rtol=1e-12)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="runs are locked with fcntl.flock")
+def test_a_second_run_into_a_directory_being_written_is_refused(data, tmp_path):
+    """Before: two `ufm train --out DIR` started together both ran, writing their files into DIR in
+    turns. The directory is locked while a run writes there; the other run is refused and writes
+    nothing, and once the lock is released the directory takes a run."""
+    out = tmp_path / "run"
+    with training._locked(out):
+        with pytest.raises(ValueError, match=rf"^another run is writing to {re.escape(str(out))} now"):
+            train(TrainConfig(**TINY), out=out, progress=False, dataset=data)
+        assert list(out.iterdir()) == []
+    assert train(TrainConfig(**TINY), out=out, progress=False, dataset=data).success
+    assert sorted(f.name for f in out.iterdir()) == sorted(training.RUN_FILES)
 
 
 @pytest.mark.parametrize("lr", [0.0, -0.1, float("nan"), float("inf")])

@@ -50,6 +50,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked (train's _locked)
+    fcntl = None
 
 from . import closed_form
 from ._threads import one_torch_thread, usable_cores
@@ -1111,6 +1117,28 @@ def _result(
     )
 
 
+@contextlib.contextmanager
+def _locked(out: Path | None):
+    """Hold an exclusive ``flock`` on the directory ``out`` (made if missing; no lock file is left)
+    while a run writes there, so that a second run into it, started meanwhile, is refused rather than
+    interleaving its files with this one's. Where ``fcntl`` is missing (Windows) nothing is locked."""
+    if out is None or fcntl is None:
+        yield
+        return
+    fd = os.open(output_directory(out), os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another run is writing to {out} now (it holds the directory's lock): wait for it to end, "
+                "or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _claim_directory(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Make ``out`` ready for a run: refuse one that holds a run (unless resuming or overwriting)."""
     if resume and overwrite:
@@ -1261,6 +1289,7 @@ def train(
     overwrite : bool
         Replace the run already in ``out`` (its RUN_FILES are deleted first). Without it (and without
         ``resume``) a directory holding a run is refused with a ValueError, and nothing in it changes.
+        A directory that another run is writing now (it holds its ``flock``) is refused either way.
     progress : bool
         Show a tqdm bar on stderr (only when stderr is a terminal).
     stop_after_epoch : int, optional
@@ -1276,11 +1305,20 @@ def train(
     device = resolve_device(config.device)
     if out is None and resume:
         raise ValueError("resume needs an output directory holding a checkpoint (--out DIR)")
-    out = None if out is None else Path(out)
-    if out is not None:
-        _claim_directory(out, resume=resume, overwrite=overwrite)
     if stop_after_epoch is not None:
         check_positive_int("stop_after_epoch", stop_after_epoch)
+    out = None if out is None else Path(out)
+    with _locked(out):
+        if out is not None:
+            _claim_directory(out, resume=resume, overwrite=overwrite)
+        return _train(config, device, out, resume, progress, stop_after_epoch, dataset, t0)
+
+
+def _train(
+    config: TrainConfig, device: torch.device, out: Path | None, resume: bool, progress: bool,
+    stop_after_epoch: int | None, dataset: Dataset | None, t0: float,
+) -> TrainResult:  # fmt: skip
+    """:func:`train` once its directory is claimed and locked."""
     dataset, data = _tensors(config, dataset, device)
     state = _TrainState.start(config, dataset, device)
     checkpoint, note = _Checkpoint(out), ""
