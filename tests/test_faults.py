@@ -562,6 +562,39 @@ def test_flow_out_is_checked_before_the_flow_and_never_overwritten(tmp_path, mon
     assert (out / "trajectory.csv").read_text() != first
 
 
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    """Before: Ctrl-C printed a KeyboardInterrupt traceback from wherever the command was (the flow's
+    integrator, a proof, an SGD step). Now one line, status 130 (128 + SIGINT, as ufm sweep), and for
+    train what it leaves behind."""
+    from ufm import training
+    from ufm.cli import main
+    from ufm.experiments import compare
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "compare_flow", interrupt)
+    assert main(["flow", "-C", "3", "-N", "2", "-p", "4", "--lam-w", "0.1", "--lam-h", "0.1"]) == 130
+    assert capsys.readouterr().err == "\nufm flow: interrupted\n"
+    out = tmp_path / "run"
+
+    def interrupt_after_a_checkpoint(*args, **kwargs):
+        out.mkdir()
+        (out / training.CHECKPOINT).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    for fake, hint in [
+        (interrupt, f"no checkpoint was written to {out} yet"),
+        (
+            interrupt_after_a_checkpoint,
+            f"{out} holds the last checkpoint; continue with the same command and --resume",
+        ),
+    ]:
+        monkeypatch.setattr(training, "train", fake)
+        assert main(["train", "--out", str(out)]) == 130
+        assert capsys.readouterr().err == f"\nufm train: interrupted; {hint}\n"
+
+
 def test_train_out_that_is_a_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")

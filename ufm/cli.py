@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         return _closed_pipe()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; status 128 + SIGINT, as ufm sweep's
+        hint = getattr(args, "on_interrupt", None)
+        print(f"\nufm {args.command}: interrupted" + (f"; {hint(args)}" if hint else ""), file=sys.stderr)
+        return 130
     except (ValueError, OSError) as err:
         print(f"ufm {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -350,7 +350,20 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the configuration (flags over TrainConfig defaults) as JSON and exit",
     )
-    p.set_defaults(run=_train)
+    p.set_defaults(run=_train, on_interrupt=_train_interrupted)
+
+
+def _train_interrupted(args: argparse.Namespace) -> str:
+    """What a stopped ``ufm train`` leaves: its last checkpoint, when it writes one."""
+    from pathlib import Path
+
+    from .training import CHECKPOINT
+
+    if not args.out:
+        return "nothing was written (no --out)"
+    if not (Path(args.out) / CHECKPOINT).is_file():
+        return f"no checkpoint was written to {args.out} yet"
+    return f"{args.out} holds the last checkpoint; continue with the same command and --resume"
 
 
 def _train(args: argparse.Namespace) -> int:
