@@ -512,7 +512,7 @@ def run_proofs(
         for path in [module] if isinstance(module, (str, Path)) else module:
             loaded += load_module(path)
     if names:
-        keys = list(dict.fromkeys(names))  # a key named twice is run once
+        keys = list(names)
     else:
         keys = loaded or list(PROOFS)
     return [verify(_lookup(k), numeric_points=numeric_points, seed=seed) for k in keys]
