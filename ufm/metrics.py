@@ -233,31 +233,31 @@ class _Faults:
     """Bad batches noted on the device and reported once, at the end of a pass.
 
     Checking a batch's values on the host (``bool(...)``, ``int(...)``) waits for a GPU to finish it;
-    here each check is a device tensor holding the first failing batch (-1: none), read back once by
-    :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label can never index out of
-    bounds while it waits to be reported. The messages name the batch and its rows in the pass, which
-    the host knows (:meth:`seen`): the batches of :func:`nc_metrics` are its own chunks.
+    here each check is a device tensor holding the first failing batch (-1: none) and its rows in the
+    pass (the host knows them, :meth:`seen`; the batches of :func:`nc_metrics` are its own chunks),
+    read back once by :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label
+    can never index out of bounds while it waits to be reported. Memory O(1) whatever the batches.
     """
 
     def __init__(self, device: torch.device):
         self._device = device
-        self._first: dict[str, torch.Tensor] = {}
+        # check -> (batch, its first row, its last row), 0-d tensors; batch -1: none failed yet
+        self._first: dict[str, tuple[torch.Tensor, ...]] = {}
         self._lo = self._hi = None
-        self._ends = [0]  # _ends[k]: rows of the pass up to batch k
+        self._start = self._stop = 0  # the current batch's rows in the pass
 
     def seen(self, rows: int) -> None:
         """The pass's next batch has ``rows`` rows."""
-        self._ends.append(self._ends[-1] + rows)
-
-    def _batch(self, k: int) -> str:
-        return f"batch {k} (rows {self._ends[k - 1]}..{self._ends[k] - 1})"
+        self._start, self._stop = self._stop, self._stop + rows
 
     def note(self, what: str, bad: torch.Tensor, batch: int) -> None:
-        """``bad`` (0-d bool) is whether batch number ``batch`` failed check ``what``."""
+        """``bad`` (0-d bool) is whether batch number ``batch`` (the current one) failed check ``what``."""
         first = self._first.get(what)
         if first is None:
-            first = torch.full((), -1, dtype=torch.int64, device=self._device)
-        self._first[what] = torch.where((first < 0) & bad, batch, first)
+            first = (torch.full((), -1, dtype=torch.int64, device=self._device),) * 3
+        fresh = (first[0] < 0) & bad
+        current = (batch, self._start, self._stop - 1)
+        self._first[what] = tuple(torch.where(fresh, value, old) for value, old in zip(current, first))
 
     def labels(self, t: torch.Tensor, C: int, batch: int) -> torch.Tensor:
         """int64 labels in 0..C-1 (clamped), noting non-integers and the range seen."""
@@ -274,25 +274,26 @@ class _Faults:
     def raise_first(self, C: int) -> None:
         """ValueError for the first check that failed (one host read per check)."""
         for what, first in self._first.items():
-            k = int(first)
+            k, start, last = torch.stack(first).tolist()
             if k < 0:
                 continue
+            batch = f"batch {k} (rows {start}..{last})"
             if what == "labels out of range":
                 raise ValueError(
                     f"labels out of range: found {int(self._lo)}..{int(self._hi)}, expected 0..{C - 1}"
-                    f" (first in {self._batch(k)})"
+                    f" (first in {batch})"
                 )
             if what == "non-integer labels":
-                raise ValueError(f"labels must be integers 0..C-1 ({self._batch(k)} has non-integer values)")
+                raise ValueError(f"labels must be integers 0..C-1 ({batch} has non-integer values)")
             if what == "products":
                 raise ValueError(
-                    f"features {self._batch(k)} of the second pass has non-finite projections [U | W^T]^T h:"
+                    f"features {batch} of the second pass has non-finite projections [U | W^T]^T h:"
                     " non-finite entries, or entries so large that the product overflows; rescale the features"
                 )
             beyond = " (or its class sums pass the float64 range, 1.8e308)" if what == "features" else ""
-            raise ValueError(f"{what} {self._batch(k)} has non-finite entries (NaN or inf){beyond}")
+            raise ValueError(f"{what} {batch} has non-finite entries (NaN or inf){beyond}")
         self._first.clear()
-        self._ends = [0]
+        self._start = self._stop = 0
 
 
 def _numpy(name: str, x: Any) -> np.ndarray:
