@@ -630,6 +630,27 @@ def test_bad_batches_reported_at_the_end_of_the_pass():
         acc.result()
 
 
+def test_a_bad_batch_is_named_by_its_rows_from_runs_of_sizes(monkeypatch):
+    """The rows come from the batch sizes kept as runs (10, 10, 10, 5: batch 3 is rows 20..29, batch 4
+    rows 30..34); past _MAX_SIZE_RUNS runs only the batch number is given, so the memory is bounded."""
+    from ufm import metrics
+
+    H, y, _, _ = _random_problem(7, 40, 4, 2)
+    for sizes, bad, named in [
+        ((10, 10, 10, 5), 2, r"features batch 3 \(rows 20..29\) has"),
+        ((10, 10, 10, 5), 3, r"features batch 4 \(rows 30..34\) has"),
+        ((5, 10, 15, 5), 3, r"features batch 4 has"),  # three runs, more than the two kept here
+    ]:
+        monkeypatch.setattr(metrics, "_MAX_SIZE_RUNS", 2)
+        acc, start = NCAccumulator(2), 0
+        for k, size in enumerate(sizes):
+            h = H[start : start + size] * (np.nan if k == bad else 1.0)
+            acc.update(h, y[start : start + size])
+            start += size
+        with pytest.raises(ValueError, match=rf"^{named} non-finite entries"):
+            acc.end_first_pass()
+
+
 def test_stream_is_bit_for_bit_invariant_under_powers_of_two():
     """The accumulator rescales the class means and W by their binary exponents (docs/theory.md §17.8), so
     streaming batches of 2^k h with W / 2^k gives the same bits as h and W (before, only the one-shot

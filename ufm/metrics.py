@@ -229,35 +229,55 @@ def _as_labels(y: Any, b: int, device: torch.device) -> torch.Tensor:
     return t.to(device=device)
 
 
+# Runs of equal batch sizes a pass keeps to name a bad batch's rows (a stream whose sizes change more
+# often is named by batch numbers only): memory bounded whatever the stream.
+_MAX_SIZE_RUNS = 1024
+
+
 class _Faults:
     """Bad batches noted on the device and reported once, at the end of a pass.
 
     Checking a batch's values on the host (``bool(...)``, ``int(...)``) waits for a GPU to finish it;
-    here each check is a device tensor holding the first failing batch (-1: none) and its rows in the
-    pass (the host knows them, :meth:`seen`; the batches of :func:`nc_metrics` are its own chunks),
-    read back once by :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label
-    can never index out of bounds while it waits to be reported. Memory O(1) whatever the batches.
+    here each check is a device tensor holding the first failing batch (-1: none), read back once by
+    :meth:`raise_first`. Labels are clamped into 0..C-1 before use, so a bad label can never index out of
+    bounds while it waits to be reported. The messages add the batch's rows in the pass (the batches of
+    :func:`nc_metrics` are its own chunks) from the batch sizes the host has seen (:meth:`seen`), kept
+    as runs of equal sizes, at most ``_MAX_SIZE_RUNS`` of them: beyond that the rows are left out.
     """
 
     def __init__(self, device: torch.device):
         self._device = device
-        # check -> (batch, its first row, its last row), 0-d tensors; batch -1: none failed yet
-        self._first: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._first: dict[str, torch.Tensor] = {}
         self._lo = self._hi = None
-        self._start = self._stop = 0  # the current batch's rows in the pass
+        self._sizes: list[list[int]] | None = []  # the pass's batch sizes as [size, count] runs
 
     def seen(self, rows: int) -> None:
         """The pass's next batch has ``rows`` rows."""
-        self._start, self._stop = self._stop, self._stop + rows
+        if self._sizes is None:
+            return
+        if self._sizes and self._sizes[-1][0] == rows:
+            self._sizes[-1][1] += 1
+        elif len(self._sizes) < _MAX_SIZE_RUNS:
+            self._sizes.append([rows, 1])
+        else:
+            self._sizes = None
+
+    def _batch(self, k: int) -> str:
+        """Batch number k (from 1) with its rows in the pass, when the sizes are known."""
+        start, before = 0, k - 1  # rows and batches before batch k
+        for size, count in self._sizes or ():
+            if before < count:
+                start += before * size
+                return f"batch {k} (rows {start}..{start + size - 1})"
+            start, before = start + size * count, before - count
+        return f"batch {k}"
 
     def note(self, what: str, bad: torch.Tensor, batch: int) -> None:
-        """``bad`` (0-d bool) is whether batch number ``batch`` (the current one) failed check ``what``."""
+        """``bad`` (0-d bool) is whether batch number ``batch`` failed check ``what``."""
         first = self._first.get(what)
         if first is None:
-            first = (torch.full((), -1, dtype=torch.int64, device=self._device),) * 3
-        fresh = (first[0] < 0) & bad
-        current = (batch, self._start, self._stop - 1)
-        self._first[what] = tuple(torch.where(fresh, value, old) for value, old in zip(current, first))
+            first = torch.full((), -1, dtype=torch.int64, device=self._device)
+        self._first[what] = torch.where((first < 0) & bad, batch, first)
 
     def labels(self, t: torch.Tensor, C: int, batch: int) -> torch.Tensor:
         """int64 labels in 0..C-1 (clamped), noting non-integers and the range seen."""
@@ -274,10 +294,10 @@ class _Faults:
     def raise_first(self, C: int) -> None:
         """ValueError for the first check that failed (one host read per check)."""
         for what, first in self._first.items():
-            k, start, last = torch.stack(first).tolist()
+            k = int(first)
             if k < 0:
                 continue
-            batch = f"batch {k} (rows {start}..{last})"
+            batch = self._batch(k)
             if what == "labels out of range":
                 raise ValueError(
                     f"labels out of range: found {int(self._lo)}..{int(self._hi)}, expected 0..{C - 1}"
@@ -293,7 +313,7 @@ class _Faults:
             beyond = " (or its class sums pass the float64 range, 1.8e308)" if what == "features" else ""
             raise ValueError(f"{what} {batch} has non-finite entries (NaN or inf){beyond}")
         self._first.clear()
-        self._start = self._stop = 0
+        self._sizes = []
 
 
 def _numpy(name: str, x: Any) -> np.ndarray:
