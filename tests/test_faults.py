@@ -390,21 +390,7 @@ def test_cli_range_and_flag_messages(capsys):
     # ufm solve --verify at p = 1e8 (before: numpy's MemoryError traceback), and at depth 3, p = 4e4,
     # where building the minimizer's 40000 x 40000 layers before L-BFGS was killed by the kernel.
     for p, depth in [("100000000", "1"), ("40000", "3")]:
-        args = [
-            "solve",
-            "-C",
-            "3",
-            "-N",
-            "2",
-            "-p",
-            p,
-            "--depth",
-            depth,
-            "--lam-w",
-            "0.01",
-            "--lam-h",
-            "0.01",
-        ]
+        args = f"solve -C 3 -N 2 -p {p} --depth {depth} --lam-w 0.01 --lam-h 0.01".split()
         assert main([*args, "--verify"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ufm solve: error: L-BFGS at C = 3, n = 6, p = {p}, depth {depth} needs about")

@@ -4,6 +4,7 @@ divergence handling, the CLI and the weight-decay experiment, all on tiny subset
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 
@@ -464,11 +465,18 @@ def test_a_second_run_into_a_directory_being_written_is_refused(data, tmp_path):
     """Before: two `ufm train --out DIR` started together both ran, writing their files into DIR in
     turns. The directory is locked while a run writes there; the other run is refused and writes
     nothing, and once the lock is released the directory takes a run."""
+    import fcntl
+
     out = tmp_path / "run"
-    with training._locked(out):
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # the other run's lock, taken here without ufm's helper
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ValueError, match=rf"^another run is writing to {re.escape(str(out))} now"):
             train(TrainConfig(**TINY), out=out, progress=False, dataset=data)
         assert list(out.iterdir()) == []
+    finally:
+        os.close(held)
     assert train(TrainConfig(**TINY), out=out, progress=False, dataset=data).success
     assert sorted(f.name for f in out.iterdir()) == sorted(training.RUN_FILES)
 
